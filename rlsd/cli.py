@@ -1,0 +1,112 @@
+"""`rlsd` command line: parse, call, report. No training logic lives here.
+
+    rlsd train [CONFIG.yaml] [--section.field VALUE ...] [--debug]
+    rlsd --version
+
+User mistakes (bad config, missing file, unknown task, bad data) print one line and exit with
+code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, help_rows, load_config
+from .data import DataError
+
+USER_ERRORS = (ConfigError, DataError, FileExistsError)
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separate dotted overrides (`--a.b VALUE` or `--a.b=VALUE`) from the other arguments."""
+    rest: list[str] = []
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        key = token[2:].split("=", 1)[0]
+        if not (token.startswith("--") and "." in key):
+            rest.append(token)
+            i += 1
+        elif "=" in token:
+            out[key] = token.split("=", 1)[1]
+            i += 1
+        elif i + 1 < len(argv):
+            out[key] = argv[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"command line: {token} needs a value")
+    return rest, out
+
+
+def fields_help() -> str:
+    lines = ["config fields (set in YAML or override with --section.field VALUE):"]
+    for key, default, text in help_rows():
+        lines.append(f"  {key}  [default: {default}]")
+        lines.extend(textwrap.wrap(text, 90, initial_indent="      ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlsd", description="Self-distilled RLVR training.")
+    parser.add_argument("--version", action="version", version=f"rlsd {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    train = sub.add_parser("train", help="train a model (RLSD by default)",
+                           epilog=fields_help(), formatter_class=argparse.RawTextHelpFormatter,
+                           description="Train with the given YAML recipe (default: the CPU "
+                           "quick start, configs/quickstart.yaml) and dotted overrides.")
+    train.add_argument("config", nargs="?", help="YAML recipe")
+    train.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from .trainer import train  # heavy imports (torch, transformers) only when training
+
+    cfg = load_config(args.config, overrides)
+    run_dir = train(cfg)
+    metrics_file = run_dir / "metrics.jsonl"
+    from .tracking import read_jsonl
+
+    rows = read_jsonl(metrics_file)
+    tail = rows[-5:]
+    acc = sum(r["reward/accuracy"] for r in tail) / len(tail)
+    print(f"finished {len(rows)} steps; accuracy over the last {len(tail)} steps: {acc:.3f}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = split_overrides(argv)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    args = parser.parse_args(rest)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return cmd_train(args, overrides)
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"rlsd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Typed run configuration: sections, YAML loading, dotted overrides, validation.
+
+Every field is declared once, with its help text, here. `rlsd train --help` is generated from these
+declarations, and the resolved config (all fields, defaults included) is saved with every run.
+The defaults are the CPU quick-start recipe (`configs/quickstart.yaml` spells them out).
+
+Errors name the field at fault (`train.steps: must be >= 1, got 0`) and, for YAML files, the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import keyword
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration mistake; the message names the field (and file) at fault."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
+        high: float | None = None) -> Any:
+    """Declare a config field with its one help text and its allowed values or range."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
+              "operators": ["+", "-"], "allow_parentheses": False, "allow_negation": False}
+ANSWER_LINE = "End your reply with a final line of the form 'Answer: <answer>'."
+STUDENT_TEMPLATE = "{{ prompt }}\n" + ANSWER_LINE
+TEACHER_TEMPLATE = ("{{ prompt }}\n\nHere is a reference solution:\n{{ solution or answer }}\n\n"
+                    "After understanding the reference solution, solve the problem in your own "
+                    "way.\n" + ANSWER_LINE)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("smollm2-135m-instruct", "Built-in alias, local HF model directory, HF id "
+                    "already in the local cache (never downloaded), or a .gguf file.")
+    dtype: str = opt("auto", "Weights and compute dtype; auto = float32 on CPU, bfloat16 on CUDA.",
+                     choices=("auto", "float32", "bfloat16"))
+    device: str = opt("auto", "Where to train; auto = CUDA when available, else CPU.",
+                      choices=("auto", "cpu", "cuda"))
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default).", low=0)
+    lora: bool = opt(True, "Train a LoRA adapter (peft) instead of all weights.")
+    lora_r: int = opt(16, "LoRA rank.", low=1)
+    lora_alpha: float = opt(32.0, "LoRA scaling numerator (scale = alpha / r).", low=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA input.", low=0, high=1)
+    lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj", "down_proj"], "Module names that get adapters.")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("reasoning_gym", "Where records come from: a reasoning-gym task family, or "
+                      "a JSONL/CSV/Parquet file.", choices=("reasoning_gym", "file"))
+    task: str = opt("basic_arithmetic", "reasoning-gym task family (source=reasoning_gym).")
+    task_params: dict = opt(ARITHMETIC, "Parameters passed to the reasoning-gym task's config.")
+    size: int = opt(4096, "Number of reasoning-gym items to generate.", low=1)
+    seed: int = opt(0, "Seed of the reasoning-gym generator (the data itself).")
+    path: str = opt("", "Data file (source=file): .jsonl, .csv or .parquet.")
+    prompt_column: str = opt("prompt", "Column holding the question (source=file).")
+    answer_column: str = opt("answer", "Column holding the reference answer (source=file).")
+    solution_column: str = opt("solution", "Optional column holding a worked reference solution "
+                               "(privileged context for the teacher).")
+    system_prompt: str = opt("", "System message for chat models; empty = the template's default.")
+    prompt_template: str = opt(STUDENT_TEMPLATE, "Jinja template of the student's user message. "
+                               "Variables: prompt, answer, solution, and the record's metadata.")
+    teacher_template: str = opt(TEACHER_TEMPLATE, "Jinja template of the teacher's user message: "
+                                "the same question plus the privileged context.")
+    max_prompt_tokens: int = opt(512, "Longest prompt allowed (tokens); longer ones are an error.",
+                                 low=1)
+
+
+@dataclass
+class RewardConfig:
+    verifiers: list = opt(["answer_exact"], "Reward functions, summed with `weights`: built-in "
+                          "names (answer_exact, answer_numeric, reasoning_gym, format) or "
+                          "'module:function' / 'file.py:function'. The first one defines accuracy.")
+    weights: list = opt([], "One weight per verifier; empty = all 1.")
+    answer_marker: str = opt("Answer:", "The final answer is the text after the last occurrence "
+                             "of this marker (answer_exact, answer_numeric, format).")
+    numeric_tolerance: float = opt(1e-6, "Absolute tolerance of answer_numeric.", low=0)
+    none_value: float = opt(0.0, "Reward given when a verifier cannot judge (returns None).")
+
+
+@dataclass
+class RolloutConfig:
+    num_generations: int = opt(4, "Samples per prompt (the group size G).", low=2)
+    max_new_tokens: int = opt(64, "Longest completion (tokens).", low=1)
+    temperature: float = opt(1.0, "Sampling temperature.", low=1e-3)
+    top_p: float = opt(1.0, "Nucleus sampling mass (1 = off).", low=1e-3, high=1.0)
+    top_k: int = opt(0, "Top-k sampling (0 = off).", low=0)
+    batch_size: int = opt(0, "Sequences generated at once (0 = the whole step).", low=0)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = opt("rlsd", "Training method.", choices=("grpo", "rlsd"))
+    scale_std: bool = opt(True, "Divide group advantages by the group's std (False = Dr. GRPO).")
+    adv_eps: float = opt(1e-6, "Added to the group std before dividing.", low=0)
+    eps_low: float = opt(0.2, "PPO clip: ratio lower bound is 1 - eps_low.", low=0, high=1)
+    eps_high: float = opt(0.28, "PPO clip: ratio upper bound is 1 + eps_high.", low=0)
+    loss_agg: str = opt("token_mean", "How per-token losses become one number: mean over all "
+                        "completion tokens of the batch.", choices=("token_mean",))
+
+
+@dataclass
+class RlsdConfig:
+    lambda_: float = opt(0.5, "Mix of teacher credit into uniform credit: m = 1 - lambda + "
+                         "lambda * w (0 = GRPO).", low=0, high=1)
+    eps_w: float = opt(0.2, "Teacher weights w = exp(sign(A) * Delta) are clipped to "
+                       "[1 - eps_w, 1 + eps_w].", low=0, high=1)
+    lambda_warmup_steps: int = opt(0, "Linear warm-up of lambda from 0 over this many steps "
+                                   "(0 = none).", low=0)
+    lambda_decay_steps: int = opt(0, "Linear decay of lambda to 0 over this many steps after the "
+                                  "warm-up (0 = none; the reference recipe uses 60).", low=0)
+
+
+@dataclass
+class TeacherConfig:
+    mode: str = opt("live", "Teacher weights: live = the current policy; frozen = the initial "
+                    "policy (LoRA: adapter disabled).", choices=("live", "frozen"))
+    batch_size: int = opt(0, "Sequences per teacher forward pass (0 = train.micro_batch_size).",
+                          low=0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(30, "Optimizer steps.", low=1)
+    prompts_per_step: int = opt(8, "Prompts per step (B); each is sampled G times.", low=1)
+    micro_batch_size: int = opt(8, "Sequences per forward/backward pass (gradient "
+                                "accumulation covers the rest of the step).", low=1)
+    lr: float = opt(1e-4, "AdamW learning rate (constant).", low=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", low=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping by global norm (0 = off).", low=0)
+    seed: int = opt(0, "Seed of data order, sampling and initialisation.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs", "Parent directory of run directories.")
+    run_name: str = opt("", "Run directory name; empty = '<method>-<task>-<timestamp>'.")
+    save_every: int = opt(20, "Checkpoint every N steps (and always at the end; 0 = end only).",
+                          low=0)
+    log_samples: int = opt(8, "Completions per step written to samples.jsonl (0 = all).", low=0)
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rlsd: RlsdConfig = field(default_factory=RlsdConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        self.explicit: dict[str, str] = {}  # dotted key the user set -> where (file or CLI)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_name(key: str) -> str:
+    """YAML/CLI key -> dataclass field (`lambda` is a Python keyword, stored as `lambda_`)."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def _key_name(name: str) -> str:
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the type of the field's default."""
+    kind = type(default)
+    if isinstance(value, str) and kind in (int, float):
+        try:  # PyYAML reads "3e-5" as a string
+            number = float(value)
+            value = int(number) if kind is int and number.is_integer() and "." not in value \
+                else number
+        except ValueError:
+            pass
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: cannot parse {value!r}: {exc}") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if kind is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if kind is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if kind is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {kind.__name__}")  # pragma: no cover
+
+
+def set_field(cfg: Config, dotted: str, value: Any, source: str = "command line") -> None:
+    """Set `section.field` on cfg from a raw value, with type checks; errors name the key."""
+    parts = dotted.split(".")
+    where = f"{source}: {dotted}"
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"{where}: unknown key (sections: {', '.join(SECTIONS)})")
+    section = getattr(cfg, parts[0])
+    name = _field_name(parts[1])
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        known = ", ".join(_key_name(n) for n in fields)
+        raise ConfigError(f"{where}: unknown field (fields of {parts[0]}: {known})")
+    setattr(section, name, _coerce(value, getattr(section, name), where))
+    cfg.explicit[f"{parts[0]}.{_key_name(name)}"] = source
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a Config from defaults, an optional YAML file, then dotted overrides; validate it."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: {section}: expected a mapping of fields")
+            for key, value in values.items():
+                set_field(cfg, f"{section}.{key}", value, source=str(path))
+    for dotted, value in (overrides or {}).items():
+        set_field(cfg, dotted, value)
+    validate(cfg)
+    return cfg
+
+
+def _check_range(section_name: str, section: Any, explicit: dict[str, str]) -> None:
+    for f in dataclasses.fields(section):
+        value, meta = getattr(section, f.name), f.metadata
+        key = f"{section_name}.{_key_name(f.name)}"
+        where = f"{explicit[key]}: {key}" if key in explicit else key
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{where}: must be one of {', '.join(meta['choices'])}; "
+                              f"got {value!r}")
+        if meta.get("low") is not None and value < meta["low"]:
+            raise ConfigError(f"{where}: must be >= {meta['low']}, got {value}")
+        if meta.get("high") is not None and value > meta["high"]:
+            raise ConfigError(f"{where}: must be <= {meta['high']}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse invalid values and bad combinations before anything heavy happens."""
+    for name in SECTIONS:
+        _check_range(name, getattr(cfg, name), cfg.explicit)
+    if cfg.data.source == "file" and not cfg.data.path:
+        raise ConfigError("data.path: required when data.source is 'file'")
+    if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.verifiers):
+        raise ConfigError(f"reward.weights: {len(cfg.reward.weights)} weights for "
+                          f"{len(cfg.reward.verifiers)} verifiers")
+    if not cfg.reward.verifiers:
+        raise ConfigError("reward.verifiers: at least one verifier is needed")
+    if cfg.algorithm.name != "rlsd":
+        wrong = sorted(k for k in cfg.explicit if k.startswith("rlsd."))
+        if wrong:
+            raise ConfigError(f"{wrong[0]}: only applies to algorithm.name=rlsd, "
+                              f"not {cfg.algorithm.name}")
+    if cfg.teacher.mode != "live" and cfg.algorithm.name == "grpo":
+        if "teacher.mode" in cfg.explicit:
+            raise ConfigError("teacher.mode: GRPO uses no teacher; drop the setting or use "
+                              "algorithm.name=rlsd")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The resolved config as plain YAML-ready data (keys as users write them)."""
+    return {name: {_key_name(f.name): getattr(getattr(cfg, name), f.name)
+                   for f in dataclasses.fields(getattr(cfg, name))} for name in SECTIONS}
+
+
+def help_rows() -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, for `rlsd train --help`."""
+    rows = []
+    for name in SECTIONS:
+        for f in dataclasses.fields(_section_types()[name]):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            text = f.metadata["help"]
+            if f.metadata.get("choices"):
+                text += f" One of: {', '.join(f.metadata['choices'])}."
+            rows.append((f"{name}.{_key_name(f.name)}", repr(default), text))
+    return rows
+

@@ -1,0 +1,192 @@
+"""Records, their sources, prompt rendering and the seeded order in which training sees them.
+
+A record is a question (`prompt`), its reference `answer`, an optional worked `solution` (the
+privileged context shown only to the teacher) and free-form `metadata` (for reasoning-gym, what
+its scorer needs). Sources: a reasoning-gym task family, or a JSONL / CSV / Parquet file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from .config import ConfigError, DataConfig
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file, line and field at fault."""
+
+
+@dataclass
+class Record:
+    prompt: str
+    answer: str
+    solution: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def reasoning_gym_records(task: str, params: dict, size: int, seed: int) -> list[Record]:
+    """Generate `size` items of a reasoning-gym task family (deterministic in `seed`)."""
+    import reasoning_gym
+
+    try:
+        dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **params)
+    except (TypeError, ValueError, AssertionError) as exc:
+        if "not registered" in str(exc):
+            raise ConfigError(f"data.task: unknown reasoning-gym task {task!r}") from None
+        raise ConfigError(f"data.task_params: rejected by reasoning-gym task {task!r}: "
+                          f"{exc}") from None
+    records = []
+    for item in dataset:
+        meta = {"source": "reasoning_gym", "task": task, "entry": item}
+        records.append(Record(str(item["question"]), str(item["answer"]), "", meta))
+    return records
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs of a JSONL, CSV or Parquet file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            rows = []
+            with path.open(encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{lineno}: expected a JSON object")
+                    rows.append((lineno, row))
+            return rows
+        if suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as fh:
+                return [(i + 2, row) for i, row in enumerate(csv.DictReader(fh))]
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DataError(f"{path}: reading Parquet needs pyarrow "
+                                "(pip install pyarrow)") from None
+            return [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .csv or .parquet)")
+
+
+def file_records(path: str, prompt_col: str, answer_col: str, solution_col: str) -> list[Record]:
+    """Load records from a data file; a missing or empty column is an error naming the line."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: data file not found")
+    records = []
+    for lineno, row in _read_rows(file):
+        for col in (prompt_col, answer_col):
+            if row.get(col) is None or not str(row[col]).strip():
+                raise DataError(f"{file}:{lineno}: field {col!r} is missing or empty")
+        meta = {k: v for k, v in row.items() if k not in (prompt_col, answer_col, solution_col)}
+        records.append(Record(str(row[prompt_col]), str(row[answer_col]),
+                              str(row.get(solution_col) or ""), meta))
+    if not records:
+        raise DataError(f"{file}: no records")
+    return records
+
+
+def load_records(cfg: DataConfig) -> list[Record]:
+    if cfg.source == "reasoning_gym":
+        return reasoning_gym_records(cfg.task, cfg.task_params, cfg.size, cfg.seed)
+    return file_records(cfg.path, cfg.prompt_column, cfg.answer_column, cfg.solution_column)
+
+
+class PromptRenderer:
+    """Renders the student's and the teacher's prompt of a record to token ids.
+
+    The user message comes from a Jinja template; the tokenizer's chat template (when it has one)
+    wraps it with the system message and the assistant header. The completion is later appended
+    as ids, never re-tokenized, so student and teacher score exactly the same tokens.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any):
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        try:
+            self.student = env.from_string(cfg.prompt_template)
+            self.teacher = env.from_string(cfg.teacher_template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(f"data.prompt_template/teacher_template: {exc}") from None
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    def _user_text(self, template: jinja2.Template, record: Record, which: str) -> str:
+        values = {**record.metadata, "prompt": record.prompt, "answer": record.answer,
+                  "solution": record.solution}
+        try:
+            return template.render(**values)
+        except jinja2.UndefinedError as exc:
+            raise ConfigError(f"data.{which}: {exc.message}") from None
+
+    def _ids(self, text: str) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            messages = [{"role": "user", "content": text}]
+            if self.cfg.system_prompt:
+                messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return tok(text, add_special_tokens=True)["input_ids"]
+
+    def student_text(self, record: Record) -> str:
+        return self._user_text(self.student, record, "prompt_template")
+
+    def student_ids(self, record: Record) -> list[int]:
+        return self._checked(self._ids(self.student_text(record)), record)
+
+    def teacher_ids(self, record: Record) -> list[int]:
+        text = self._user_text(self.teacher, record, "teacher_template")
+        return self._checked(self._ids(text), record)
+
+    def _checked(self, ids: list[int], record: Record) -> list[int]:
+        if len(ids) > self.cfg.max_prompt_tokens:
+            raise DataError(f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens="
+                            f"{self.cfg.max_prompt_tokens}: {record.prompt[:60]!r}")
+        return ids
+
+
+class PromptStream:
+    """Endless, seeded, reshuffled-every-epoch order over records, with a resumable cursor."""
+
+    def __init__(self, n_records: int, seed: int):
+        self.n, self.seed = n_records, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle(self.epoch)
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffle(self.epoch)

@@ -1,0 +1,49 @@
+"""Config: YAML + overrides, typed coercion, validation naming the field, the quick start."""
+
+from pathlib import Path
+
+import pytest
+
+from rlsd.config import Config, ConfigError, load_config, to_dict
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_quickstart_recipe_is_the_default():
+    assert to_dict(load_config(ROOT / "configs" / "quickstart.yaml")) == to_dict(Config())
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\n  lr: 3e-5\nrlsd:\n  lambda: 0.25\n")
+    cfg = load_config(path, {"train.steps": "9", "model.lora_target_modules": "q_proj,v_proj",
+                             "data.task_params": "{min_terms: 3}"})
+    assert cfg.train.steps == 9 and cfg.train.lr == 3e-5 and cfg.rlsd.lambda_ == 0.25
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.task_params == {"min_terms": 3}
+    assert to_dict(cfg)["rlsd"]["lambda"] == 0.25
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train: 3\n", "train: expected a mapping"),
+    ("trian:\n  steps: 3\n", "trian.steps: unknown key"),
+    ("train:\n  steps: three\n", "train.steps: expected an integer"),
+    ("rlsd:\n  eps_w: 1.5\n", "rlsd.eps_w: must be <= 1"),
+    ("- a\n", "the top level must be a mapping"),
+    ("a: [\n", "not valid YAML"),
+])
+def test_bad_yaml_names_file_and_field(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert message in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_bad_combinations_are_refused():
+    with pytest.raises(ConfigError, match="data.path: required"):
+        load_config(None, {"data.source": "file"})
+    with pytest.raises(ConfigError, match="reward.weights: 2 weights for 1 verifiers"):
+        load_config(None, {"reward.weights": "[1, 2]"})
+    with pytest.raises(ConfigError, match="teacher.mode: GRPO uses no teacher"):
+        load_config(None, {"algorithm.name": "grpo", "teacher.mode": "frozen"})

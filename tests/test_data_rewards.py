@@ -1,0 +1,125 @@
+"""Data sources, prompt rendering, the preflight, and the built-in verifiers."""
+
+import json
+
+import pytest
+
+from rlsd.config import ConfigError, DataConfig, RewardConfig
+from rlsd.data import DataError, PromptRenderer, PromptStream, Record, file_records, load_records
+from rlsd.preflight import check_teacher_prompts
+from rlsd.rewards import build_reward, extract_after_marker, extract_last_number
+from rlsd.rewards.builtin import answer_exact, answer_format, answer_numeric, reasoning_gym_score
+
+from .conftest import TESTS_DIR, build_tokenizer
+
+
+def test_reasoning_gym_records_are_deterministic():
+    cfg = DataConfig(size=5)
+    a, b = load_records(cfg), load_records(cfg)
+    assert [r.prompt for r in a] == [r.prompt for r in b] and len(a) == 5
+    assert a[0].prompt.startswith("Calculate") and a[0].metadata["entry"]["answer"] == a[0].answer
+
+
+def test_jsonl_and_csv_files(tmp_path):
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"q": "1+1?", "a": 2, "sol": "1+1=2", "level": 1}) + "\n\n")
+    rec = file_records(str(jl), "q", "a", "sol")[0]
+    assert (rec.prompt, rec.answer, rec.solution, rec.metadata) == ("1+1?", "2", "1+1=2",
+                                                                   {"level": 1})
+    csv = tmp_path / "d.csv"
+    csv.write_text("prompt,answer\nwhat?,7\n")
+    assert file_records(str(csv), "prompt", "answer", "solution")[0].answer == "7"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", b'{"prompt": "x", "answer": "1"}\n{oops\n', "bad.jsonl:2: invalid JSON"),
+    ("bad2.jsonl", b'{"prompt": "", "answer": "1"}\n', "bad2.jsonl:1: field 'prompt'"),
+    ("bad.csv", b"prompt,answer\nx,\n", "bad.csv:2: field 'answer'"),
+    ("bin.jsonl", b'{"prompt": "\xff", "answer": "1"}\n', "not UTF-8"),
+    ("d.txt", b"x", "unsupported file type"),
+    ("empty.jsonl", b"\n", "no records"),
+])
+def test_bad_files_name_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        file_records(str(path), "prompt", "answer", "solution")
+
+
+def test_renderer_and_preflight():
+    tok = build_tokenizer()
+    rec = Record("Calculate 2 + 3.", "5")
+    renderer = PromptRenderer(DataConfig(), tok)
+    student = tok.decode(renderer.student_ids(rec))
+    teacher = tok.decode(renderer.teacher_ids(rec))
+    assert student.startswith("<|im_start|>user\nCalculate 2 + 3.") and "reference" not in student
+    assert "Here is a reference solution:\n5" in teacher
+    assert student.endswith("<|im_start|>assistant\n") and teacher.endswith("assistant\n")
+    check_teacher_prompts(renderer, tok, [rec])
+    same = PromptRenderer(DataConfig(teacher_template="{{ prompt }}\n" "End your reply with a "
+                                     "final line of the form 'Answer: <answer>'."), tok)
+    with pytest.raises(ConfigError, match="same prompt as the student"):
+        check_teacher_prompts(same, tok, [rec])
+    blind = PromptRenderer(DataConfig(teacher_template="{{ prompt }} (think hard)"), tok)
+    with pytest.raises(ConfigError, match="does not contain the reference"):
+        check_teacher_prompts(blind, tok, [rec])
+    with pytest.raises(ConfigError, match="data.prompt_template"):
+        PromptRenderer(DataConfig(prompt_template="{{ nope }}"), tok).student_ids(rec)
+    with pytest.raises(DataError, match="exceeds data.max_prompt_tokens=3"):
+        PromptRenderer(DataConfig(max_prompt_tokens=3), tok).student_ids(rec)
+
+
+def test_prompt_stream_is_seeded_and_resumable():
+    a = PromptStream(5, seed=1)
+    first = a.next(7)
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4]
+    state = a.state_dict()
+    rest = a.next(6)
+    b = PromptStream(5, seed=1)
+    b.load_state_dict(state)
+    assert b.next(6) == rest and PromptStream(5, seed=1).next(7) == first
+
+
+def test_extraction_on_messy_outputs():
+    assert extract_after_marker("work...\nAnswer: **-45**.\n\nHope this helps", "Answer:") == "-45"
+    assert extract_after_marker("Answer: 1\nAnswer:  $12$ ", "Answer:") == "12"
+    assert extract_after_marker("no marker here 12", "Answer:") is None
+    assert extract_last_number("total 1,234.5 and then 7/2") == pytest.approx(3.5)
+    assert float(extract_last_number("it is -1,234")) == -1234
+    assert extract_last_number("none") is None
+
+
+def test_builtin_verifiers():
+    outs = ["So Answer: 19", "Answer: 19.0", "I think 19", "Answer: twenty"]
+    assert answer_exact([], outs, ["19"] * 4) == [1.0, 0.0, 0.0, 0.0]
+    assert answer_numeric([], outs, ["19"] * 4) == [1.0, 1.0, 0.0, 0.0]
+    assert answer_numeric([], ["Answer: 3"], ["three"]) == [None]
+    assert answer_format([], ["x\nAnswer: 4", "Answer:", "Answer: 4\nmore"]) == [1.0, 0.0, 0.0]
+
+
+def test_reasoning_gym_scorer_is_binary():
+    rec = load_records(DataConfig(size=1))[0]
+    meta = [rec.metadata] * 3
+    outs = [f"Answer: {rec.answer}", f"Answer: {rec.answer}0", "nothing"]
+    assert reasoning_gym_score([], outs, meta) == [1.0, 0.0, 0.0]
+    assert reasoning_gym_score([], ["Answer: 1"], [{}]) == [None]
+
+
+def test_combined_reward_weights_errors_and_custom_functions():
+    fn = build_reward(RewardConfig(verifiers=["answer_exact", "format"], weights=[1.0, 0.5]))
+    rewards, correct, metrics = fn(["p", "p"], ["Answer: 5", "5"], {"answer": ["5", "5"],
+                                                                   "solution": ["", ""],
+                                                                   "metadata": [{}, {}]})
+    assert rewards == [1.5, 0.0] and correct == [True, False]
+    assert metrics["reward/format/mean"] == 0.5 and metrics["reward/errors"] == 0
+    crash = build_reward(RewardConfig(verifiers=[f"{TESTS_DIR / 'rewards_for_tests.py'}:"
+                                                 "crashing_reward"], none_value=-1.0))
+    rewards, correct, metrics = crash(["p"], ["x"], {"answer": ["1"]})
+    assert rewards == [-1.0] and correct == [False] and metrics["reward/errors"] == 1
+    async_fn = build_reward(RewardConfig(verifiers=[f"{TESTS_DIR / 'rewards_for_tests.py'}:"
+                                                    "async_reward"]))
+    assert async_fn(["p", "p"], ["has 7", "no"], {"answer": ["7", "7"]})[0] == [1.0, 0.0]
+    with pytest.raises(ConfigError, match="neither a built-in verifier"):
+        build_reward(RewardConfig(verifiers=["nope"]))
+    with pytest.raises(ConfigError, match="cannot import"):
+        build_reward(RewardConfig(verifiers=["no_such_module_xyz:f"]))
