@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import textwrap
+import warnings
 from typing import Any
 
 from . import __version__
@@ -67,10 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from .trainer import train  # heavy imports (torch, transformers) only when training
+def quiet_libraries(debug: bool) -> None:
+    """Keep the terminal for our progress bar: no library progress bars or chatter."""
+    import transformers
 
-    cfg = load_config(args.config, overrides)
+    if not debug:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    cfg = load_config(args.config, overrides)  # validated before anything heavy is imported
+    quiet_libraries(args.debug)
+    from .trainer import train
+
     run_dir = train(cfg)
     metrics_file = run_dir / "metrics.jsonl"
     from .tracking import read_jsonl

@@ -139,7 +139,8 @@ class TrainConfig:
     prompts_per_step: int = opt(8, "Prompts per step (B); each is sampled G times.", low=1)
     micro_batch_size: int = opt(8, "Sequences per forward/backward pass (gradient "
                                 "accumulation covers the rest of the step).", low=1)
-    lr: float = opt(1e-4, "AdamW learning rate (constant).", low=0)
+    lr: float = opt(5e-4, "AdamW learning rate (constant; 5e-4 suits LoRA, ~1e-5 full "
+                    "fine-tuning).", low=0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", low=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping by global norm (0 = off).", low=0)
     seed: int = opt(0, "Seed of data order, sampling and initialisation.")
@@ -316,6 +317,18 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """The resolved config as plain YAML-ready data (keys as users write them)."""
     return {name: {_key_name(f.name): getattr(getattr(cfg, name), f.name)
                    for f in dataclasses.fields(getattr(cfg, name))} for name in SECTIONS}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (templates) as readable `|` blocks."""
+
+
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, width=100)
 
 
 def help_rows() -> list[tuple[str, str, str]]:

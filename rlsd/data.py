@@ -106,6 +106,15 @@ def load_records(cfg: DataConfig) -> list[Record]:
     return file_records(cfg.path, cfg.prompt_column, cfg.answer_column, cfg.solution_column)
 
 
+def chat_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of a conversation rendered by the tokenizer's chat template."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns an encoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 class PromptRenderer:
     """Renders the student's and the teacher's prompt of a record to token ids.
 
@@ -138,10 +147,7 @@ class PromptRenderer:
             messages = [{"role": "user", "content": text}]
             if self.cfg.system_prompt:
                 messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
+            return chat_ids(tok, messages, add_generation_prompt=True)
         return tok(text, add_special_tokens=True)["input_ids"]
 
     def student_text(self, record: Record) -> str:

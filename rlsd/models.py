@@ -77,23 +77,24 @@ def cache_gguf_as_safetensors(gguf: Path, target: Path) -> Path:
     return target
 
 
-def resolve_model_path(name: str) -> tuple[Path | str, str | None]:
-    """(directory or HF id, gguf file name or None) for a config's model.name."""
+def resolve_model_path(name: str) -> Path | str:
+    """The local directory (or cached HF id) that holds a config's model.name."""
     if name in ALIASES:
         gguf = find_packaged_gguf(ALIASES[name])
-        return cache_gguf_as_safetensors(gguf, cache_root() / name), None
+        return cache_gguf_as_safetensors(gguf, cache_root() / name)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ConfigError(f"model.name: GGUF file not found: {path}")
-        return path.parent, path.name
+        key = f"{path.stem}-{path.stat().st_size}"  # a changed file gets a fresh cache entry
+        return cache_gguf_as_safetensors(path, cache_root() / key)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.name: {path} is a directory without config.json")
-        return path, None
+        return path
     if path.exists() or name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name: {name!r} is not a model directory or .gguf file")
-    return name, None  # an HF id: must already be in the local cache
+    return name  # an HF id: must already be in the local cache
 
 
 def pick_device(cfg: ModelConfig) -> torch.device:
@@ -114,11 +115,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     """(model, tokenizer), LoRA-wrapped when cfg.lora; tokenizer pads on the left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, gguf = resolve_model_path(cfg.name)
-    kwargs = {"gguf_file": gguf} if gguf else {"local_files_only": True}
+    where = resolve_model_path(cfg.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
     except OSError as exc:
         raise ConfigError(f"model.name: cannot load {cfg.name!r} from local files (rlsd never "
                           f"downloads): {str(exc).splitlines()[0]}") from None

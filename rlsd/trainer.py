@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 
 from .algorithms import clipped_policy_loss, group_advantages, lambda_at, rlsd_token_advantages
 from .checkpoint import save_checkpoint
-from .config import Config, to_dict
+from .config import Config, to_yaml
 from .data import PromptRenderer, PromptStream, Record, load_records
 from .logprobs import TokenScorer
 from .models import load_model, pick_device, pick_dtype, stop_token_ids
@@ -96,7 +95,7 @@ def setup(cfg: Config) -> Run:
         teacher = Teacher(cfg.teacher.mode, accelerator.unwrap_model(scorer), cfg.model.lora,
                           cfg.teacher.batch_size or cfg.train.micro_batch_size)
     run_dir = make_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, records, renderer,
                reward_fn, PromptStream(len(records), cfg.train.seed),
                stop_token_ids(model, tokenizer), run_dir,
@@ -269,8 +268,9 @@ def progress_bar(enabled: bool):
         TimeRemainingColumn
 
     return Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-                    TextColumn("reward {task.fields[reward]:.3f}  acc {task.fields[acc]:.3f}  "
-                               "{task.fields[sps]:.1f} s/step"), TimeRemainingColumn(),
+                    TextColumn("reward {task.fields[reward]:.3f}  accuracy {task.fields[acc]:.3f} "
+                               "(last 5 steps)  {task.fields[sps]:.1f} s/step"),
+                    TimeRemainingColumn(),
                     disable=not enabled)
 
 
@@ -285,8 +285,11 @@ def train(cfg: Config) -> Path:
                 metrics = train_step(run, step)
                 run.metrics.write(metrics)
                 run.history.append(metrics)
-                bar.update(task, advance=1, reward=metrics["reward/mean"],
-                           acc=metrics["reward/accuracy"], sps=metrics["perf/step_seconds"])
+                recent = run.history[-5:]  # single steps are noisy: show a moving average
+                bar.update(task, advance=1,
+                           reward=sum(m["reward/mean"] for m in recent) / len(recent),
+                           acc=sum(m["reward/accuracy"] for m in recent) / len(recent),
+                           sps=metrics["perf/step_seconds"])
                 every = cfg.output.save_every
                 if step == steps or (every and step % every == 0):
                     save_checkpoint(run.run_dir, step, run.lm, run.optimizer,

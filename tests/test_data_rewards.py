@@ -123,3 +123,15 @@ def test_combined_reward_weights_errors_and_custom_functions():
         build_reward(RewardConfig(verifiers=["nope"]))
     with pytest.raises(ConfigError, match="cannot import"):
         build_reward(RewardConfig(verifiers=["no_such_module_xyz:f"]))
+
+
+def test_preflight_refuses_a_chat_template_that_changes_the_assistant_header():
+    tok = build_tokenizer()
+    tok.chat_template = tok.chat_template.replace(
+        "<|im_start|>assistant\n{% endif %}",
+        "{% if 'reference' in messages[-1]['content'] %}<|im_start|>assistant (informed)\n"
+        "{% else %}<|im_start|>assistant\n{% endif %}{% endif %}")
+    renderer = PromptRenderer(DataConfig(), tok)
+    with pytest.raises(ConfigError, match="data.teacher_template: the rendered prompt does not "
+                                          "end with the chat template's assistant header"):
+        check_teacher_prompts(renderer, tok, [Record("Calculate 2 + 3.", "5")])
