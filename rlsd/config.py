@@ -32,6 +32,7 @@ def opt(default: Any, help: str, choices: tuple | None = None, low: float | None
     return field(default=default, metadata=meta)
 
 
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")  # see algorithms/policy_loss.py
 ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
               "operators": ["+", "-"], "allow_parentheses": False, "allow_negation": False}
 ANSWER_LINE = "End your reply with a final line of the form 'Answer: <answer>'."
@@ -104,13 +105,20 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = opt("rlsd", "Training method.", choices=("grpo", "rlsd"))
+    name: str = opt("rlsd", "Training method: grpo (verifier only), rlsd (verifier sets the "
+                    "direction, the self-teacher the per-token size), opsd (self-distillation "
+                    "only), grpo_opsd (GRPO loss + opsd.beta x OPSD loss).",
+                    choices=("grpo", "rlsd", "opsd", "grpo_opsd"))
+    baseline: str = opt("mean", "Group baseline: the group mean (GRPO) or the mean of the other "
+                        "samples (RLOO).", choices=("mean", "leave_one_out"))
     scale_std: bool = opt(True, "Divide group advantages by the group's std (False = Dr. GRPO).")
     adv_eps: float = opt(1e-6, "Added to the group std before dividing.", low=0)
     eps_low: float = opt(0.2, "PPO clip: ratio lower bound is 1 - eps_low.", low=0, high=1)
     eps_high: float = opt(0.28, "PPO clip: ratio upper bound is 1 + eps_high.", low=0)
-    loss_agg: str = opt("token_mean", "How per-token losses become one number: mean over all "
-                        "completion tokens of the batch.", choices=("token_mean",))
+    loss_agg: str = opt("token_mean", "How per-token losses become one number: token_mean (all "
+                        "completion tokens of the step), seq_mean_token_mean (mean per "
+                        "completion, then over completions), constant (sum / (N x "
+                        "max_new_tokens), Dr. GRPO).", choices=AGGREGATIONS)
 
 
 @dataclass
@@ -123,6 +131,17 @@ class RlsdConfig:
                                    "(0 = none).", low=0)
     lambda_decay_steps: int = opt(0, "Linear decay of lambda to 0 over this many steps after the "
                                   "warm-up (0 = none; the reference recipe uses 60).", low=0)
+    negative_only: bool = opt(False, "Reweight only completions with a negative advantage.")
+    thought_only: bool = opt(False, "Reweight only tokens inside the reasoning span (between "
+                             "thought_open and thought_close, matched as token ids).")
+    thought_open: str = opt("<think>", "Tag that opens the reasoning span (thought_only).")
+    thought_close: str = opt("</think>", "Tag that closes the reasoning span (thought_only).")
+
+
+@dataclass
+class OpsdConfig:
+    beta: float = opt(1.0, "Weight of the OPSD loss added to the GRPO loss (grpo_opsd only).",
+                      low=0)
 
 
 @dataclass
@@ -164,6 +183,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rlsd: RlsdConfig = field(default_factory=RlsdConfig)
+    opsd: OpsdConfig = field(default_factory=OpsdConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -302,15 +322,18 @@ def validate(cfg: Config) -> None:
                           f"{len(cfg.reward.verifiers)} verifiers")
     if not cfg.reward.verifiers:
         raise ConfigError("reward.verifiers: at least one verifier is needed")
-    if cfg.algorithm.name != "rlsd":
-        wrong = sorted(k for k in cfg.explicit if k.startswith("rlsd."))
-        if wrong:
-            raise ConfigError(f"{wrong[0]}: only applies to algorithm.name=rlsd, "
-                              f"not {cfg.algorithm.name}")
-    if cfg.teacher.mode != "live" and cfg.algorithm.name == "grpo":
-        if "teacher.mode" in cfg.explicit:
-            raise ConfigError("teacher.mode: GRPO uses no teacher; drop the setting or use "
-                              "algorithm.name=rlsd")
+    method = cfg.algorithm.name
+    for prefix, allowed in (("rlsd.", ("rlsd",)), ("opsd.", ("grpo_opsd",))):
+        wrong = sorted(k for k in cfg.explicit if k.startswith(prefix))
+        if wrong and method not in allowed:
+            raise ConfigError(f"{wrong[0]}: only applies to algorithm.name="
+                              f"{' or '.join(allowed)}, not {method}")
+    if method == "grpo" and "teacher.mode" in cfg.explicit:
+        raise ConfigError("teacher.mode: GRPO uses no teacher; drop the setting or choose a "
+                          "method with a teacher (rlsd, opsd, grpo_opsd)")
+    if cfg.rlsd.thought_only and not (cfg.rlsd.thought_open and cfg.rlsd.thought_close):
+        raise ConfigError("rlsd.thought_open/thought_close: both tags are needed for "
+                          "thought_only")
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .algorithms import clipped_policy_loss, group_advantages, lambda_at, rlsd_token_advantages
+from .algorithms import (clipped_policy_loss, group_advantages, lambda_at, loss_normaliser,
+                         opsd_token_advantages, reasoning_span_mask, rlsd_token_advantages)
 from .checkpoint import save_checkpoint
 from .config import Config, to_yaml
 from .data import PromptRenderer, PromptStream, Record, load_records
@@ -90,7 +91,7 @@ def setup(cfg: Config) -> Run:
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     teacher = None
-    if cfg.algorithm.name == "rlsd":
+    if cfg.algorithm.name != "grpo":
         check_teacher_prompts(renderer, tokenizer, records[:8])
         teacher = Teacher(cfg.teacher.mode, accelerator.unwrap_model(scorer), cfg.model.lora,
                           cfg.teacher.batch_size or cfg.train.micro_batch_size)
@@ -125,21 +126,28 @@ def score(run: Run, recs: list[Record], batch: Batch) -> tuple[list[str], torch.
 
 def token_credit(run: Run, step: int, adv: torch.Tensor, logps: torch.Tensor,
                  teacher_logps: torch.Tensor | None, mask: torch.Tensor,
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token advantages (N, T): RLSD's teacher-weighted credit, or GRPO's uniform credit."""
-    if teacher_logps is None:
+                 span: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token advantages (N, T) of the configured method, and its credit metrics."""
+    method = run.cfg.algorithm.name
+    if method == "grpo":
         return adv.unsqueeze(1) * mask, {}
-    r = run.cfg.rlsd
-    lam = lambda_at(step, r.lambda_, r.lambda_warmup_steps, r.lambda_decay_steps)
-    return rlsd_token_advantages(adv, logps, teacher_logps, mask, lam, r.eps_w)
+    if method == "rlsd":
+        r = run.cfg.rlsd
+        lam = lambda_at(step, r.lambda_, r.lambda_warmup_steps, r.lambda_decay_steps)
+        return rlsd_token_advantages(adv, logps, teacher_logps, mask, lam, r.eps_w,
+                                     r.negative_only, span)
+    distill, metrics = opsd_token_advantages(logps, teacher_logps, mask)
+    if method == "opsd":
+        return distill, metrics
+    return adv.unsqueeze(1) * mask + run.cfg.opsd.beta * distill, metrics  # grpo_opsd
 
 
 def policy_update(run: Run, step: int, batch: Batch, adv: torch.Tensor,
                   teacher_logps: torch.Tensor | None, normaliser: float,
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+                  span: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Accumulate gradients over micro-batches of `batch`, step the optimizer.
 
-    `normaliser` is the completion-token count of the whole step (skipped rows included).
+    `normaliser` is the loss denominator of the whole step (skipped rows included).
     Returns the detached log-probs (N, T) and metrics.
     """
     cfg, device = run.cfg, run.device
@@ -153,7 +161,8 @@ def policy_update(run: Run, step: int, batch: Batch, adv: torch.Tensor,
         ids, attn = join(p_ids, p_mask, batch.completion_ids[rows], batch.completion_mask[rows])
         logps = run.scorer(ids.to(device), attn.to(device), c_mask)  # (mb, T)
         t_logps = None if teacher_logps is None else teacher_logps[rows].to(device)
-        token_adv, _ = token_credit(run, step, adv[rows].to(device), logps, t_logps, c_mask)
+        token_adv, _ = token_credit(run, step, adv[rows].to(device), logps, t_logps, c_mask,
+                                    None if span is None else span[rows].to(device))
         loss, m = clipped_policy_loss(logps, logps.detach(), token_adv, c_mask,
                                       cfg.algorithm.eps_low, cfg.algorithm.eps_high,
                                       cfg.algorithm.loss_agg, normaliser)
@@ -174,9 +183,9 @@ def policy_update(run: Run, step: int, batch: Batch, adv: torch.Tensor,
 
 def credit_diagnostics(run: Run, step: int, adv: torch.Tensor, logps: torch.Tensor,
                        teacher_logps: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
-    """RLSD statistics over every trained token of the step (not means of micro-batch means)."""
-    token_adv, metrics = token_credit(run, step, adv, logps, teacher_logps, mask)
+                       span: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Teacher statistics over every trained token of the step (not means of micro-batch means)."""
+    token_adv, metrics = token_credit(run, step, adv, logps, teacher_logps, mask, span)
     delta = (teacher_logps - logps) * mask
     metrics["teacher/kl"] = -(delta.sum() / mask.sum().clamp(min=1)).item()
     for name, rows in (("correct", correct), ("incorrect", ~correct)):
@@ -185,56 +194,94 @@ def credit_diagnostics(run: Run, step: int, adv: torch.Tensor, logps: torch.Tens
     return token_adv, metrics
 
 
+def span_mask_for(run: Run, batch: Batch) -> torch.Tensor | None:
+    """The reasoning-span mask when rlsd.thought_only is set (tags matched as token ids)."""
+    r = run.cfg.rlsd
+    if run.cfg.algorithm.name != "rlsd" or not r.thought_only:
+        return None
+    tags = [run.tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in (r.thought_open, r.thought_close)]
+    return reasoning_span_mask(batch.completion_ids, batch.completion_mask, *tags)
+
+
+def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
+    """(N,) rows that carry a gradient: every row for distillation, else non-zero advantages.
+
+    Rows of all-equal groups have A = 0 and, with no KL term, exactly zero gradient under
+    grpo / rlsd: skipping them before the teacher and the policy forward is exact.
+    """
+    if run.cfg.algorithm.name in ("opsd", "grpo_opsd"):
+        return torch.ones_like(adv, dtype=torch.bool)
+    return adv != 0
+
+
+def teacher_pass(run: Run, recs: list[Record], rows: torch.Tensor, trained: Batch,
+                 ) -> torch.Tensor | None:
+    """Teacher log-probs (n, T) of the trained rows' completions after the teacher prompts."""
+    if run.teacher is None or not rows.any():
+        return None
+    group = run.cfg.rollout.num_generations
+    prompts = [run.renderer.teacher_ids(recs[i // group]) for i in rows.nonzero().flatten()]
+    t_ids, t_mask = left_pad(prompts, run.tokenizer.pad_token_id)
+    return run.teacher.logprobs(t_ids, t_mask, trained.completion_ids, trained.completion_mask,
+                                run.device)
+
+
 def train_step(run: Run, step: int) -> dict[str, Any]:
-    cfg, t0 = run.cfg, time.perf_counter()
-    group = cfg.rollout.num_generations
+    cfg, times = run.cfg, {"start": time.perf_counter()}
     recs = [run.records[i] for i in run.stream.next(cfg.train.prompts_per_step)]
     batch = rollout(run, step, recs)
-    t_gen = time.perf_counter()
+    times["generate"] = time.perf_counter()
     texts, rewards, correct, metrics = score(run, recs, batch)
-    adv, adv_metrics = group_advantages(rewards, group, cfg.algorithm.scale_std,
-                                        cfg.algorithm.adv_eps)
+    adv, adv_metrics = group_advantages(rewards, cfg.rollout.num_generations,
+                                        cfg.algorithm.scale_std, cfg.algorithm.adv_eps,
+                                        cfg.algorithm.baseline)
     metrics.update(adv_metrics)
-    t_reward = time.perf_counter()
-    active = adv != 0  # rows of groups with a learning signal
-    trained = batch.select(active)
-    teacher_logps, credit = None, None
-    if run.teacher is not None and active.any():
-        teacher_prompts = [run.renderer.teacher_ids(r) for r in recs for _ in range(group)]
-        t_ids, t_mask = left_pad([teacher_prompts[i] for i in active.nonzero().flatten()],
-                                 run.tokenizer.pad_token_id)
-        teacher_logps = run.teacher.logprobs(t_ids, t_mask, trained.completion_ids,
-                                             trained.completion_mask, run.device)
-    t_teacher = time.perf_counter()
-    if active.any():
-        normaliser = float(batch.completion_mask.sum())
-        logps, upd = policy_update(run, step, trained, adv[active], teacher_logps, normaliser)
+    times["reward"] = time.perf_counter()
+    rows = trained_rows(run, adv)
+    trained = batch.select(rows)
+    teacher_logps = teacher_pass(run, recs, rows, trained)
+    times["teacher"] = time.perf_counter()
+    credit = None
+    if rows.any():
+        span = span_mask_for(run, trained)
+        normaliser = loss_normaliser(cfg.algorithm.loss_agg, batch.completion_mask,
+                                     cfg.rollout.max_new_tokens)
+        logps, upd = policy_update(run, step, trained, adv[rows], teacher_logps, normaliser, span)
         metrics.update(upd)
         mask = trained.completion_mask.float()
         metrics["policy/entropy"] = -(logps * mask).sum().item() / max(mask.sum().item(), 1)
         if teacher_logps is not None:
-            credit, rlsd_metrics = credit_diagnostics(
-                run, step, adv[active], logps, teacher_logps, mask,
-                torch.tensor(correct)[active])
-            metrics.update(rlsd_metrics)
-    metrics["train/skipped_update"] = float(not active.any())
-    t_end = time.perf_counter()
+            credit, teacher_metrics = credit_diagnostics(
+                run, step, adv[rows], logps, teacher_logps, mask, torch.tensor(correct)[rows],
+                span)
+            metrics.update(teacher_metrics)
+    metrics["train/skipped_update"] = float(not rows.any())
+    times["train"] = time.perf_counter()
+    metrics.update(step_metrics(run, step, batch, rewards, correct, times))
+    write_samples(run, step, recs, texts, rewards, correct, adv, batch, rows, credit)
+    return metrics
+
+
+def step_metrics(run: Run, step: int, batch: Batch, rewards: torch.Tensor, correct: list[bool],
+                 times: dict[str, float]) -> dict[str, float]:
     lengths = batch.completion_mask.sum(1).float()
-    metrics.update({
+    gen_seconds = times["generate"] - times["start"]
+    return {
         "step": step,
         "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
         "reward/accuracy": sum(correct) / len(correct),
         "completion/length_mean": lengths.mean().item(),
         "completion/length_max": lengths.max().item(),
         "completion/truncated_frac": 1.0 - stopped(batch, run.stop_ids).float().mean().item(),
-        "perf/generate_seconds": t_gen - t0, "perf/reward_seconds": t_reward - t_gen,
-        "perf/teacher_seconds": t_teacher - t_reward, "perf/train_seconds": t_end - t_teacher,
-        "perf/step_seconds": t_end - t0,
-        "perf/completion_tokens_per_second": lengths.sum().item() / max(t_gen - t0, 1e-9),
+        "perf/generate_seconds": gen_seconds,
+        "perf/reward_seconds": times["reward"] - times["generate"],
+        "perf/teacher_seconds": times["teacher"] - times["reward"],
+        "perf/train_seconds": times["train"] - times["teacher"],
+        "perf/step_seconds": times["train"] - times["start"],
+        "perf/completion_tokens_per_second": lengths.sum().item() / max(gen_seconds, 1e-9),
         "perf/peak_mem_mb": peak_memory_mb(run.device),
-    })
-    write_samples(run, step, recs, texts, rewards, correct, adv, batch, active, credit)
-    return metrics
+    }
 
 
 def stopped(batch: Batch, stop_ids: list[int]) -> torch.Tensor:
@@ -246,7 +293,8 @@ def stopped(batch: Batch, stop_ids: list[int]) -> torch.Tensor:
 def write_samples(run: Run, step: int, recs: list[Record], texts: list[str],
                   rewards: torch.Tensor, correct: list[bool], adv: torch.Tensor, batch: Batch,
                   active: torch.Tensor, credit: torch.Tensor | None) -> None:
-    """Log completions with their rewards; RLSD rows also get per-token credit multipliers."""
+    """Log completions with their rewards; trained rows with a teacher also get per-token credit
+    (the token advantages, and for RLSD the multipliers m_t)."""
     group = run.cfg.rollout.num_generations
     limit = run.cfg.output.log_samples or len(texts)
     credit_row = {int(row): k for k, row in enumerate(active.nonzero().flatten())}
@@ -257,9 +305,10 @@ def write_samples(run: Run, step: int, recs: list[Record], texts: list[str],
                   "completion": texts[i], "reward": rewards[i].item(), "correct": correct[i],
                   "advantage": adv[i].item(), "token_ids": ids}
         if credit is not None and i in credit_row:
-            k = credit_row[i]
-            multiplier = credit[k][: len(ids)] / adv[i]
-            sample["credit_multiplier"] = [round(v, 4) for v in multiplier.tolist()]
+            token_adv = credit[credit_row[i]][: len(ids)]
+            sample["token_advantage"] = [round(v, 5) for v in token_adv.tolist()]
+            if run.cfg.algorithm.name == "rlsd" and adv[i] != 0:
+                sample["credit_multiplier"] = [round(v, 4) for v in (token_adv / adv[i]).tolist()]
         run.samples.write(sample)
 
 

@@ -17,7 +17,7 @@ def trainable(run):
     return {n: p.detach().clone() for n, p in run.scorer.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("method", ["grpo", "rlsd"])
+@pytest.mark.parametrize("method", ["grpo", "rlsd", "opsd", "grpo_opsd"])
 def test_two_steps_train_and_write_outputs(tiny_overrides, method):
     cfg = load_config(None, {**tiny_overrides, "algorithm.name": method, "output.run_name": method,
                              "output.save_every": "1"})
@@ -28,6 +28,8 @@ def test_two_steps_train_and_write_outputs(tiny_overrides, method):
         assert math.isfinite(row["loss/policy"]) and row["train/skipped_update"] == 0.0
         assert 0 <= row["reward/mean"] <= 1 and row["perf/peak_mem_mb"] > 0
         assert ("rlsd/weight_mean" in row) == (method == "rlsd")
+        assert ("opsd/reverse_kl" in row) == (method in ("opsd", "grpo_opsd"))
+        assert ("teacher/kl" in row) == (method != "grpo")
     if method == "rlsd":
         assert 0.8 <= rows[0]["rlsd/weight_mean"] <= 1.2
     samples = (run_dir / "samples.jsonl").read_text().splitlines()

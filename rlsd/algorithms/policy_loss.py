@@ -4,27 +4,47 @@ Per token, with ratio rho_t = exp(logp_t - old_logp_t) and token advantage A_t:
 
     l_t = -min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t)
 
-Aggregation `token_mean`: sum of l_t over every completion token of the *whole step's batch*,
-divided by that batch's token count (`normaliser`). Passing the normaliser in, rather than
-dividing by each micro-batch's own count, makes gradient accumulation exact: the sum of the
-micro-batch losses equals the loss of the full batch. With one optimisation pass per rollout
-batch, old_logps are the detached current log-probs, so rho = 1 and the clip is inactive; no
-extra forward pass is run for them.
+Aggregation over the step's batch of N completions (lengths |y_i|, at most T_max tokens):
+
+    token_mean            sum_i sum_t l_it / sum_i |y_i|          (DAPO; the default)
+    seq_mean_token_mean   (1/N) sum_i (1/|y_i|) sum_t l_it        (the original GRPO)
+    constant              sum_i sum_t l_it / (N * T_max)          (Dr. GRPO)
+
+The denominators are those of the *whole step* (`loss_normaliser`), passed in rather than taken
+from each micro-batch, so gradient accumulation is exact: the micro-batch losses sum to the loss
+of the full batch, and rows skipped for having zero advantage still count. With one optimisation
+pass per rollout batch, old_logps are the detached current log-probs, so rho = 1 and the clip is
+inactive; no extra forward pass is run for them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..config import AGGREGATIONS
+
+
+def loss_normaliser(mode: str, completion_mask: torch.Tensor, max_new_tokens: int) -> float:
+    """The denominator of `mode` for a step whose completions have this (N, T) mask."""
+    if mode == "token_mean":
+        return float(completion_mask.sum().clamp(min=1))
+    if mode == "seq_mean_token_mean":
+        return float(completion_mask.shape[0])
+    if mode == "constant":
+        return float(completion_mask.shape[0] * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r} (one of {', '.join(AGGREGATIONS)})")
+
 
 def aggregate(per_token: torch.Tensor, completion_mask: torch.Tensor, mode: str,
-              normaliser: float | None = None) -> torch.Tensor:
-    """Reduce (N, T) per-token values to a scalar; `normaliser` defaults to this batch's."""
+              normaliser: float | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
+    """Reduce (N, T) per-token values to a scalar; `normaliser` defaults to this batch's own."""
     mask = completion_mask.to(per_token.dtype)
-    if mode == "token_mean":
-        denom = mask.sum().clamp(min=1) if normaliser is None else normaliser
-        return (per_token * mask).sum() / denom
-    raise ValueError(f"unknown loss aggregation {mode!r}")
+    if normaliser is None:
+        normaliser = loss_normaliser(mode, completion_mask, max_new_tokens or mask.shape[1])
+    if mode == "seq_mean_token_mean":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_seq.sum() / normaliser
+    return (per_token * mask).sum() / normaliser
 
 
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, token_adv: torch.Tensor,

@@ -5,13 +5,17 @@ the same model, shown privileged context (the teacher), decides how much credit 
 
     Delta_t = stopgrad(log P_T(y_t) - log P_S(y_t))
     w_t     = clip(exp(sign(A) * Delta_t), 1 - eps_w, 1 + eps_w)
-    m_t     = (1 - lambda) + lambda * w_t
+    m_t     = (1 - lambda) + lambda * w_t        on reweighted tokens, else 1
     A_t     = A * m_t
 
 m_t > 0, so no token's advantage changes sign. lambda = 0 gives m_t = 1 exactly (GRPO). Nothing is
 renormalised after reweighting (as in the reference code). Tokens outside `completion_mask` get
-A_t = 0. Lambda schedule (step counted from 1): linear warm-up over W steps, then linear decay to 0
-over D steps; W = D = 0 keeps lambda constant.
+A_t = 0. Options of the reference implementation:
+- `negative_only`: only sequences with A < 0 are reweighted; the others keep m_t = 1.
+- `thought_only`: only tokens inside the reasoning span are reweighted (`span_mask`, built by
+  `reasoning_span_mask`); the tag tokens and everything outside keep m_t = 1.
+Lambda schedule (step counted from 1): linear warm-up over W steps, then linear decay to 0 over
+D steps; W = D = 0 keeps lambda constant.
 """
 
 from __future__ import annotations
@@ -28,10 +32,42 @@ def lambda_at(step: int, lam: float, warmup: int = 0, decay: int = 0) -> float:
     return lam
 
 
+def _find(ids: list[int], pattern: list[int], start: int) -> int:
+    """First index >= start where `pattern` occurs in `ids`, or -1."""
+    n = len(pattern)
+    for i in range(start, len(ids) - n + 1):
+        if ids[i:i + n] == pattern:
+            return i
+    return -1
+
+
+def reasoning_span_mask(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                        open_ids: list[int], close_ids: list[int]) -> torch.Tensor:
+    """(N, T) True on tokens strictly between the open and close tag id sequences.
+
+    Matching is on token ids, never on re-tokenized text. Several spans per completion are
+    allowed; an unclosed span runs to the end of the completion.
+    """
+    out = torch.zeros_like(completion_mask, dtype=torch.bool)
+    for row in range(completion_ids.shape[0]):
+        length = int(completion_mask[row].sum())
+        ids = completion_ids[row, :length].tolist()
+        pos = 0
+        while (start := _find(ids, open_ids, pos)) >= 0:
+            inner = start + len(open_ids)
+            end = _find(ids, close_ids, inner)
+            stop = length if end < 0 else end
+            out[row, inner:stop] = True
+            pos = length if end < 0 else end + len(close_ids)
+    return out
+
+
 def rlsd_token_advantages(seq_adv: torch.Tensor, logps: torch.Tensor,
                           teacher_logps: torch.Tensor, completion_mask: torch.Tensor,
-                          lam: float, eps_w: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """seq_adv (N,), logps / teacher_logps / completion_mask (N, T) -> token advantages (N, T).
+                          lam: float, eps_w: float, negative_only: bool = False,
+                          span_mask: torch.Tensor | None = None,
+                          ) -> tuple[torch.Tensor, dict[str, float]]:
+    """seq_adv (N,), logps / teacher_logps / masks (N, T) -> token advantages (N, T).
 
     `logps` may carry gradient; the credit is computed from detached values only.
     """
@@ -40,11 +76,15 @@ def rlsd_token_advantages(seq_adv: torch.Tensor, logps: torch.Tensor,
     sign = torch.sign(seq_adv).unsqueeze(1)  # (N, 1)
     raw = torch.exp(sign * delta)  # (N, T)
     weight = raw.clamp(1.0 - eps_w, 1.0 + eps_w)
-    multiplier = (1.0 - lam) + lam * weight  # (N, T)
+    reweighted = (mask > 0) & (sign != 0)  # (N, T) tokens whose credit the teacher sets
+    if negative_only:
+        reweighted = reweighted & (sign < 0)
+    if span_mask is not None:
+        reweighted = reweighted & span_mask.bool()
+    multiplier = torch.where(reweighted, (1.0 - lam) + lam * weight, torch.ones_like(weight))
     token_adv = seq_adv.unsqueeze(1) * multiplier * mask  # (N, T)
 
-    active = (mask > 0) & (sign != 0)  # tokens whose credit the teacher can change
-    n_active = active.sum().clamp(min=1)
+    n_active = reweighted.sum().clamp(min=1)
     n_tokens = mask.sum().clamp(min=1)
 
     def mean_over(x: torch.Tensor, where: torch.Tensor, count: torch.Tensor) -> float:
@@ -56,9 +96,16 @@ def rlsd_token_advantages(seq_adv: torch.Tensor, logps: torch.Tensor,
         "rlsd/lambda": lam,
         "rlsd/delta_mean": d_mean,
         "rlsd/delta_std": d_var ** 0.5,
-        "rlsd/weight_mean": mean_over(weight, active, n_active),
-        "rlsd/clip_low_frac": mean_over((raw < 1.0 - eps_w).to(mask.dtype), active, n_active),
-        "rlsd/clip_high_frac": mean_over((raw > 1.0 + eps_w).to(mask.dtype), active, n_active),
+        "rlsd/weight_mean": mean_over(weight, reweighted, n_active),
+        "rlsd/clip_low_frac": mean_over((raw < 1.0 - eps_w).to(mask.dtype), reweighted, n_active),
+        "rlsd/clip_high_frac": mean_over((raw > 1.0 + eps_w).to(mask.dtype), reweighted,
+                                         n_active),
         "rlsd/adv_abs_mean": mean_over(token_adv.abs(), mask > 0, n_tokens),
+        "rlsd/reweighted_frac": mean_over(reweighted.to(mask.dtype), mask > 0, n_tokens),
     }
+    if span_mask is not None:
+        for name, where in (("thought", span_mask.bool()), ("answer", ~span_mask.bool())):
+            where = where & (mask > 0)
+            metrics[f"rlsd/multiplier_mean_{name}"] = mean_over(multiplier, where,
+                                                                where.sum().clamp(min=1))
     return token_adv, metrics

@@ -1,0 +1,157 @@
+"""The method options: RLOO, loss aggregations, negative_only, thought_only, OPSD, GRPO+OPSD."""
+
+import math
+
+import pytest
+import torch
+
+from rlsd.algorithms import (aggregate, clipped_policy_loss, group_advantages, loss_normaliser,
+                             opsd_token_advantages, reasoning_span_mask, rlsd_token_advantages)
+from rlsd.config import ConfigError, load_config
+
+from .test_algorithms import naive_rlsd, rlsd_case
+
+
+def test_leave_one_out_baseline_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    adv, _ = group_advantages(rewards, 4, scale_std=False, baseline="leave_one_out")
+    # r_i minus the mean of the other three: 1 - 0, 0 - 1/3, ...
+    torch.testing.assert_close(adv, torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    grpo, _ = group_advantages(rewards, 4, scale_std=False)
+    torch.testing.assert_close(adv, grpo * 4 / 3)  # RLOO = G/(G-1) x mean baseline
+    with pytest.raises(ValueError, match="unknown baseline"):
+        group_advantages(rewards, 4, baseline="median")
+
+
+def test_aggregations_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(7 / 3)
+    # per-sequence means 1.5 and 4.0, averaged over 2 sequences
+    assert aggregate(per_token, mask, "seq_mean_token_mean").item() == pytest.approx(2.75)
+    # Dr. GRPO: sum 7 over N x T_max = 2 x 4
+    assert aggregate(per_token, mask, "constant", max_new_tokens=4).item() == pytest.approx(7 / 8)
+    assert loss_normaliser("token_mean", mask, 4) == 3
+    assert loss_normaliser("seq_mean_token_mean", mask, 4) == 2
+    assert loss_normaliser("constant", mask, 4) == 8
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "constant"])
+def test_split_batches_sum_to_the_full_batch_loss(mode):
+    gen = torch.Generator().manual_seed(0)
+    per_token = torch.randn(6, 5, generator=gen)
+    mask = torch.rand(6, 5, generator=gen) > 0.3
+    mask[:, 0] = True
+    norm = loss_normaliser(mode, mask, 5)
+    whole = aggregate(per_token, mask, mode, norm)
+    parts = sum(aggregate(per_token[i:i + 2], mask[i:i + 2], mode, norm) for i in (0, 2, 4))
+    torch.testing.assert_close(parts, whole)
+    torch.testing.assert_close(whole, aggregate(per_token, mask, mode, max_new_tokens=5))
+
+
+def test_negative_only_reweights_only_negative_sequences():
+    seq_adv, logps, teacher, mask = rlsd_case()
+    token_adv, metrics = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.5, 0.2,
+                                               negative_only=True)
+    torch.testing.assert_close(token_adv[0], torch.full((4,), 2.0))  # A > 0 keeps m = 1
+    torch.testing.assert_close(token_adv[1], torch.tensor([-(0.5 + 0.5 * math.exp(-0.1)),
+                                                           -1.1, -0.9, 0.0]))
+    assert metrics["rlsd/reweighted_frac"] == pytest.approx(3 / 7)
+
+
+def test_reasoning_span_mask_by_hand():
+    o, c = [7, 8], [9]  # "<think>" is two ids here, "</think>" one
+    ids = torch.tensor([[7, 8, 1, 2, 9, 3, 0],      # closed span: tokens 2, 3
+                        [5, 7, 8, 1, 2, 3, 0],      # unclosed: runs to the end (3 tokens)
+                        [7, 8, 1, 9, 7, 8, 2],      # two spans
+                        [1, 2, 3, 4, 0, 0, 0]])     # no span
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0], [1] * 7, [1, 1, 1, 1, 0, 0, 0]],
+                        dtype=torch.bool)
+    want = torch.tensor([[0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 0, 0, 0, 1],
+                         [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(reasoning_span_mask(ids, mask, o, c), want)
+
+
+def test_thought_only_keeps_tags_and_answer_at_one():
+    seq_adv, logps, teacher, mask = rlsd_case()
+    span = torch.tensor([[False, True, True, False], [False, True, True, False]])
+    token_adv, metrics = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.5, 0.2,
+                                               span_mask=span)
+    want = torch.tensor([[2.0, 1.8, 2.2, 2.0], [-1.0, -1.1, -0.9, 0.0]])
+    torch.testing.assert_close(token_adv, want)
+    assert metrics["rlsd/multiplier_mean_answer"] == pytest.approx(1.0)
+    assert metrics["rlsd/multiplier_mean_thought"] == pytest.approx((0.9 + 1.1 + 1.1 + 0.9) / 4)
+
+
+def test_options_match_the_naive_loop_on_random_inputs():
+    gen = torch.Generator().manual_seed(5)
+    seq_adv = torch.randn(6, generator=gen, dtype=torch.float64)
+    logps = -torch.rand(6, 8, generator=gen, dtype=torch.float64) * 3
+    teacher = logps + torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    mask = torch.rand(6, 8, generator=gen) > 0.2
+    span = torch.rand(6, 8, generator=gen) > 0.5
+    got, _ = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.6, 0.3, negative_only=True,
+                                   span_mask=span)
+    full = naive_rlsd(seq_adv, logps, teacher, mask, 0.6, 0.3)
+    keep = (seq_adv < 0).unsqueeze(1) & span
+    want = torch.where(keep, full, seq_adv.unsqueeze(1) * mask)
+    torch.testing.assert_close(got, want)
+
+
+def test_opsd_advantages_by_hand_and_zero_for_identical_teacher():
+    logps = torch.tensor([[-1.0, -2.0, -0.5]])
+    teacher = torch.tensor([[-0.5, -3.0, -9.0]])
+    mask = torch.tensor([[True, True, False]])
+    adv, metrics = opsd_token_advantages(logps, teacher, mask)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, -1.0, 0.0]]))
+    assert metrics["opsd/reverse_kl"] == pytest.approx(0.25)  # mean of log S - log T = (-.5 + 1)/2
+    zero, _ = opsd_token_advantages(logps, logps.clone(), mask)
+    assert torch.equal(zero, torch.zeros_like(zero))
+    loss, _ = clipped_policy_loss(logps, logps, zero, mask, 0.2, 0.28)
+    assert loss.item() == 0.0
+
+
+def test_opsd_sampled_gradient_is_the_exact_reverse_kl_gradient():
+    """Averaged over y ~ S exactly (by enumeration), the surrogate's gradient equals grad KL(S||T);
+    the naive loss mean(log S - sg(log T)) does not."""
+    theta = torch.tensor([0.3, -1.2, 0.8, 0.1, -0.4], dtype=torch.float64, requires_grad=True)
+    log_t = torch.log_softmax(torch.tensor([1.0, 0.2, -0.5, 0.3, 0.9], dtype=torch.float64), 0)
+    log_s = torch.log_softmax(theta, 0)
+    exact = torch.autograd.grad((log_s.exp() * (log_s - log_t)).sum(), theta)[0]
+    surrogate = torch.zeros(5, dtype=torch.float64)
+    naive = torch.zeros(5, dtype=torch.float64)
+    for y in range(5):
+        lp = torch.log_softmax(theta, 0)[y].view(1, 1)
+        adv, _ = opsd_token_advantages(lp, log_t[y].view(1, 1), torch.ones(1, 1, dtype=bool))
+        loss, _ = clipped_policy_loss(lp, lp.detach(), adv, torch.ones(1, 1, dtype=bool), 0.2, 0.28)
+        weight = log_s[y].exp().detach()
+        surrogate += weight * torch.autograd.grad(loss, theta)[0]
+        naive_loss = torch.log_softmax(theta, 0)[y] - log_t[y]
+        naive += weight * torch.autograd.grad(naive_loss, theta)[0]
+    torch.testing.assert_close(surrogate, exact)
+    assert not torch.allclose(naive, exact)
+
+
+def test_distillation_loss_gradcheck_float64():
+    gen = torch.Generator().manual_seed(2)
+    logps = (-torch.rand(2, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    teacher = -torch.rand(2, 3, generator=gen, dtype=torch.float64)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+
+    adv, _ = opsd_token_advantages(logps, teacher, mask)  # stop-gradient: a constant
+    old = logps.detach() + torch.tensor([[0.01, -0.3, 0.02], [0.4, 0.0, -0.05]], dtype=torch.float64)
+
+    def loss_fn(x):  # ratios inside and outside the clip range
+        return clipped_policy_loss(x, old, adv, mask, 0.2, 0.28)[0]
+
+    assert torch.autograd.gradcheck(loss_fn, (logps,))
+
+
+def test_method_options_are_refused_for_other_methods():
+    with pytest.raises(ConfigError, match="opsd.beta: only applies to algorithm.name=grpo_opsd"):
+        load_config(None, {"algorithm.name": "rlsd", "opsd.beta": "0.5"})
+    with pytest.raises(ConfigError, match="rlsd.negative_only: only applies"):
+        load_config(None, {"algorithm.name": "opsd", "rlsd.negative_only": "true"})
+    with pytest.raises(ConfigError, match="algorithm.loss_agg: must be one of"):
+        load_config(None, {"algorithm.loss_agg": "sum"})
+    assert load_config(None, {"algorithm.name": "grpo_opsd", "opsd.beta": "0.1"}).opsd.beta == 0.1
