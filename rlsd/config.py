@@ -107,14 +107,17 @@ class RolloutConfig:
 class AlgorithmConfig:
     name: str = opt("rlsd", "Training method: grpo (verifier only), rlsd (verifier sets the "
                     "direction, the self-teacher the per-token size), opsd (self-distillation "
-                    "only), grpo_opsd (GRPO loss + opsd.beta x OPSD loss).",
-                    choices=("grpo", "rlsd", "opsd", "grpo_opsd"))
+                    "only), grpo_opsd (GRPO loss + opsd.beta x OPSD loss), opd (distillation "
+                    "from an external teacher).",
+                    choices=("grpo", "rlsd", "opsd", "grpo_opsd", "opd"))
     baseline: str = opt("mean", "Group baseline: the group mean (GRPO) or the mean of the other "
                         "samples (RLOO).", choices=("mean", "leave_one_out"))
     scale_std: bool = opt(True, "Divide group advantages by the group's std (False = Dr. GRPO).")
     adv_eps: float = opt(1e-6, "Added to the group std before dividing.", low=0)
     eps_low: float = opt(0.2, "PPO clip: ratio lower bound is 1 - eps_low.", low=0, high=1)
     eps_high: float = opt(0.28, "PPO clip: ratio upper bound is 1 + eps_high.", low=0)
+    kl_coef: float = opt(0.0, "Weight of a k3 KL penalty to the frozen initial policy (0 = off; "
+                         "with it on, no row can be skipped).", low=0)
     loss_agg: str = opt("token_mean", "How per-token losses become one number: token_mean (all "
                         "completion tokens of the step), seq_mean_token_mean (mean per "
                         "completion, then over completions), constant (sum / (N x "
@@ -147,7 +150,13 @@ class OpsdConfig:
 @dataclass
 class TeacherConfig:
     mode: str = opt("live", "Teacher weights: live = the current policy; frozen = the initial "
-                    "policy (LoRA: adapter disabled).", choices=("live", "frozen"))
+                    "policy (LoRA: adapter disabled); sync = a snapshot of the policy refreshed "
+                    "every sync_every steps; external = teacher.model (OPD only).",
+                    choices=("live", "frozen", "sync", "external"))
+    sync_every: int = opt(20, "Steps between refreshes of the sync teacher (the reference "
+                          "recipe: 20).", low=1)
+    model: str = opt("", "The external teacher (mode=external): alias, HF directory or .gguf; "
+                     "its tokenizer must equal the student's.")
     batch_size: int = opt(0, "Sequences per teacher forward pass (0 = train.micro_batch_size).",
                           low=0)
 
@@ -158,6 +167,10 @@ class TrainConfig:
     prompts_per_step: int = opt(8, "Prompts per step (B); each is sampled G times.", low=1)
     micro_batch_size: int = opt(8, "Sequences per forward/backward pass (gradient "
                                 "accumulation covers the rest of the step).", low=1)
+    ppo_epochs: int = opt(1, "Passes over each rollout batch (> 1 computes the old log-probs "
+                          "with one extra forward pass).", low=1)
+    mini_batches: int = opt(1, "Optimizer steps per pass: the batch is split into this many "
+                            "parts.", low=1)
     lr: float = opt(5e-4, "AdamW learning rate (constant; 5e-4 suits LoRA, ~1e-5 full "
                     "fine-tuning).", low=0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", low=0)
@@ -311,6 +324,17 @@ def _check_range(section_name: str, section: Any, explicit: dict[str, str]) -> N
             raise ConfigError(f"{where}: must be <= {meta['high']}, got {value}")
 
 
+def _changed_keys(cfg: Config) -> set[str]:
+    """Keys the user set to something other than the default (restating a default is fine)."""
+    defaults, values = to_dict(Config()), to_dict(cfg)
+    changed = set()
+    for key in cfg.explicit:
+        section, name = key.split(".")
+        if values[section][name] != defaults[section][name]:
+            changed.add(key)
+    return changed
+
+
 def validate(cfg: Config) -> None:
     """Refuse invalid values and bad combinations before anything heavy happens."""
     for name in SECTIONS:
@@ -323,14 +347,30 @@ def validate(cfg: Config) -> None:
     if not cfg.reward.verifiers:
         raise ConfigError("reward.verifiers: at least one verifier is needed")
     method = cfg.algorithm.name
+    changed = _changed_keys(cfg)  # set by the user *and* different from the default
     for prefix, allowed in (("rlsd.", ("rlsd",)), ("opsd.", ("grpo_opsd",))):
-        wrong = sorted(k for k in cfg.explicit if k.startswith(prefix))
+        wrong = sorted(k for k in changed if k.startswith(prefix))
         if wrong and method not in allowed:
             raise ConfigError(f"{wrong[0]}: only applies to algorithm.name="
                               f"{' or '.join(allowed)}, not {method}")
-    if method == "grpo" and "teacher.mode" in cfg.explicit:
+    mode = cfg.teacher.mode
+    if method == "grpo" and "teacher.mode" in changed:
         raise ConfigError("teacher.mode: GRPO uses no teacher; drop the setting or choose a "
-                          "method with a teacher (rlsd, opsd, grpo_opsd)")
+                          "method with a teacher (rlsd, opsd, grpo_opsd, opd)")
+    if (method == "opd") != (mode == "external"):
+        raise ConfigError("teacher.mode: opd distils from an external teacher (teacher.mode="
+                          "external with teacher.model); the other methods use the model itself"
+                          if method == "opd" else "teacher.mode: external is only for "
+                          "algorithm.name=opd")
+    if mode == "external" and not cfg.teacher.model:
+        raise ConfigError("teacher.model: required with teacher.mode=external")
+    for key, needed in (("teacher.model", "external"), ("teacher.sync_every", "sync")):
+        if key in changed and mode != needed:
+            raise ConfigError(f"{key}: only applies to teacher.mode={needed}, not {mode}")
+    rows = cfg.train.prompts_per_step * cfg.rollout.num_generations
+    if cfg.train.mini_batches > rows:
+        raise ConfigError(f"train.mini_batches: {cfg.train.mini_batches} parts of a batch of "
+                          f"{rows} completions")
     if cfg.rlsd.thought_only and not (cfg.rlsd.thought_open and cfg.rlsd.thought_close):
         raise ConfigError("rlsd.thought_open/thought_close: both tags are needed for "
                           "thought_only")

@@ -50,9 +50,11 @@ def completion_mask_from(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor
 
 @torch.no_grad()
 def sample_completions(model: torch.nn.Module, prompts: list[list[int]], cfg: RolloutConfig,
-                       pad_id: int, stop_ids: list[int], device: torch.device) -> Batch:
-    """Sample cfg.num_generations completions per prompt; returns the grouped, padded batch."""
-    group = cfg.num_generations
+                       pad_id: int, stop_ids: list[int], device: torch.device,
+                       greedy: bool = False) -> Batch:
+    """Sample cfg.num_generations completions per prompt (one, decoded greedily, if `greedy`);
+    returns the grouped, padded batch."""
+    group = 1 if greedy else cfg.num_generations
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids = prompt_ids.repeat_interleave(group, 0)  # (N, P)
     prompt_mask = prompt_mask.repeat_interleave(group, 0)
@@ -63,9 +65,10 @@ def sample_completions(model: torch.nn.Module, prompts: list[list[int]], cfg: Ro
     for start in range(0, prompt_ids.shape[0], chunk):
         ids = prompt_ids[start:start + chunk].to(device)
         mask = prompt_mask[start:start + chunk].to(device)
+        sampling = {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p,
+                                      "top_k": cfg.top_k or None}
         out = model.generate(
-            input_ids=ids, attention_mask=mask.long(), do_sample=True,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None,
+            input_ids=ids, attention_mask=mask.long(), do_sample=not greedy, **sampling,
             max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=stop_ids,
         )
         outs.append(out[:, ids.shape[1]:].cpu())

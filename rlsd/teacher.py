@@ -1,10 +1,14 @@
-"""The self-teacher: the policy's network shown the privileged context, scoring sampled ids.
+"""The teacher: who scores the student's sampled ids, and with which weights.
 
-Modes:
-- `live`: the current policy. No extra memory; Delta then measures only what the privileged
-  context changes.
-- `frozen`: the initial policy. With LoRA it is the base model with the adapter disabled (no copy,
-  no memory); with full fine-tuning a frozen copy of the initial weights is kept.
+Modes (`teacher.mode`):
+- `live`: the current policy, shown the privileged context. No extra memory; Delta then measures
+  only what the privileged context changes. The reference code's default.
+- `frozen`: the initial policy. With LoRA it is the base model with the adapter disabled (no
+  copy, no memory); with full fine-tuning a frozen copy of the initial weights is kept.
+- `sync`: a frozen snapshot of the policy, refreshed every `sync_every` steps (at steps 1,
+  1 + N, 1 + 2N, ...). With LoRA the snapshot is a second copy of the adapter weights, swapped in
+  for scoring; with full fine-tuning, a model copy whose weights are overwritten at each refresh.
+- `external`: another model (OPD), with the same tokenizer, on the student's plain prompt.
 
 The teacher only ever needs the log-probs of the sampled tokens, computed without autograd.
 """
@@ -22,21 +26,60 @@ from .rollout import join
 
 
 class Teacher:
-    def __init__(self, mode: str, scorer: TokenScorer, lora: bool, batch_size: int):
+    def __init__(self, mode: str, scorer: TokenScorer, lora: bool, batch_size: int,
+                 sync_every: int = 0, external: TokenScorer | None = None):
         self.mode, self.lora, self.batch_size = mode, lora, batch_size
-        self.scorer = scorer
-        self.frozen_copy: TokenScorer | None = None
-        if mode == "frozen" and not lora:
+        self.scorer, self.sync_every, self.external = scorer, sync_every, external
+        self.copy: TokenScorer | None = None  # full fine-tuning: frozen / sync model copy
+        self.snapshot: dict[str, torch.Tensor] | None = None  # LoRA sync: adapter copy
+        self.synced_at = 0
+        if mode in ("frozen", "sync") and not lora:
             lm = copy.deepcopy(scorer.lm).eval().requires_grad_(False)
-            self.frozen_copy = TokenScorer(lm, scorer.temperature, scorer.chunk_rows)
+            self.copy = TokenScorer(lm, scorer.temperature, scorer.chunk_rows)
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.scorer.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def maybe_sync(self, step: int) -> bool:
+        """In sync mode, refresh the snapshot at steps 1, 1 + N, ...; True when it refreshed."""
+        if self.mode != "sync" or (step - 1) % self.sync_every:
+            return False
+        if self.lora:
+            self.snapshot = {n: p.detach().clone() for n, p in self._trainable().items()}
+        else:
+            for target, source in zip(self.copy.parameters(), self.scorer.parameters()):
+                target.copy_(source)
+        self.synced_at = step
+        return True
+
+    @contextlib.contextmanager
+    def _swapped_in(self) -> Iterator[None]:
+        """Temporarily load the LoRA snapshot into the policy's adapter weights."""
+        params = self._trainable()
+        current = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.snapshot[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(current[n])
 
     @contextlib.contextmanager
     def _weights(self) -> Iterator[TokenScorer]:
-        if self.mode == "frozen" and self.lora:
+        if self.mode == "external":
+            yield self.external
+        elif self.mode == "frozen" and self.lora:
             with self.scorer.lm.disable_adapter():
                 yield self.scorer
+        elif self.mode == "sync" and self.lora:
+            with self._swapped_in():
+                yield self.scorer
         else:
-            yield self.frozen_copy or self.scorer
+            yield self.copy or self.scorer
 
     @torch.no_grad()
     def logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -19,17 +19,17 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .algorithms import (clipped_policy_loss, group_advantages, lambda_at, loss_normaliser,
-                         opsd_token_advantages, reasoning_span_mask, rlsd_token_advantages)
+from .algorithms import group_advantages
 from .checkpoint import save_checkpoint
-from .config import Config, to_yaml
+from .config import Config, ConfigError, ModelConfig, to_yaml
 from .data import PromptRenderer, PromptStream, Record, load_records
 from .logprobs import TokenScorer
 from .models import load_model, pick_device, pick_dtype, stop_token_ids
 from .preflight import check_teacher_prompts
 from .rewards import build_reward
-from .rollout import Batch, join, left_pad, sample_completions
-from .teacher import Teacher, trim_left
+from .rollout import Batch, left_pad, sample_completions
+from .teacher import Teacher
+from .update import Rows, optimise, span_mask_for, token_credit
 from .tracking import JsonlWriter, peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Run:
     tokenizer: Any
     optimizer: torch.optim.Optimizer
     teacher: Teacher | None
+    reference: Teacher | None  # frozen initial policy for the KL penalty (algorithm.kl_coef)
     records: list[Record]
     renderer: PromptRenderer
     reward_fn: Any
@@ -75,6 +76,19 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def load_external_teacher(cfg: Config, tokenizer: Any, device: torch.device) -> TokenScorer:
+    """The OPD teacher: another model, frozen, whose tokenizer must equal the student's."""
+    lm, teacher_tokenizer = load_model(
+        ModelConfig(name=cfg.teacher.model, dtype=cfg.model.dtype, device=cfg.model.device,
+                    lora=False), pick_dtype(cfg.model, device))
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"teacher.model: its tokenizer differs from the student's (vocabulary "
+                          f"of {len(teacher_tokenizer)} vs {len(tokenizer)} tokens); the teacher "
+                          "must score exactly the student's token ids")
+    lm = lm.to(device).eval().requires_grad_(False)
+    return TokenScorer(lm, temperature=cfg.rollout.temperature)
+
+
 def setup(cfg: Config) -> Run:
     """Load data and model, build optimizer and teacher, run the preflight, open the run dir."""
     if cfg.model.threads:
@@ -92,13 +106,22 @@ def setup(cfg: Config) -> Run:
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     teacher = None
     if cfg.algorithm.name != "grpo":
-        check_teacher_prompts(renderer, tokenizer, records[:8])
+        external = None
+        if cfg.teacher.mode == "external":
+            external = load_external_teacher(cfg, tokenizer, accelerator.device)
+        else:
+            check_teacher_prompts(renderer, tokenizer, records[:8])
         teacher = Teacher(cfg.teacher.mode, accelerator.unwrap_model(scorer), cfg.model.lora,
-                          cfg.teacher.batch_size or cfg.train.micro_batch_size)
+                          cfg.teacher.batch_size or cfg.train.micro_batch_size,
+                          cfg.teacher.sync_every, external)
+    reference = None
+    if cfg.algorithm.kl_coef > 0:
+        reference = Teacher("frozen", accelerator.unwrap_model(scorer), cfg.model.lora,
+                            cfg.teacher.batch_size or cfg.train.micro_batch_size)
     run_dir = make_run_dir(cfg)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, records, renderer,
-               reward_fn, PromptStream(len(records), cfg.train.seed),
+    return Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
+               renderer, reward_fn, PromptStream(len(records), cfg.train.seed),
                stop_token_ids(model, tokenizer), run_dir,
                JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl"))
 
@@ -124,68 +147,11 @@ def score(run: Run, recs: list[Record], batch: Batch) -> tuple[list[str], torch.
     return texts, torch.tensor(rewards, dtype=torch.float32), correct, metrics
 
 
-def token_credit(run: Run, step: int, adv: torch.Tensor, logps: torch.Tensor,
-                 teacher_logps: torch.Tensor | None, mask: torch.Tensor,
-                 span: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token advantages (N, T) of the configured method, and its credit metrics."""
-    method = run.cfg.algorithm.name
-    if method == "grpo":
-        return adv.unsqueeze(1) * mask, {}
-    if method == "rlsd":
-        r = run.cfg.rlsd
-        lam = lambda_at(step, r.lambda_, r.lambda_warmup_steps, r.lambda_decay_steps)
-        return rlsd_token_advantages(adv, logps, teacher_logps, mask, lam, r.eps_w,
-                                     r.negative_only, span)
-    distill, metrics = opsd_token_advantages(logps, teacher_logps, mask)
-    if method == "opsd":
-        return distill, metrics
-    return adv.unsqueeze(1) * mask + run.cfg.opsd.beta * distill, metrics  # grpo_opsd
-
-
-def policy_update(run: Run, step: int, batch: Batch, adv: torch.Tensor,
-                  teacher_logps: torch.Tensor | None, normaliser: float,
-                  span: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Accumulate gradients over micro-batches of `batch`, step the optimizer.
-
-    `normaliser` is the loss denominator of the whole step (skipped rows included).
-    Returns the detached log-probs (N, T) and metrics.
-    """
-    cfg, device = run.cfg, run.device
-    n, mb = adv.shape[0], cfg.train.micro_batch_size
-    all_logps, loss_sum, clipped = [], 0.0, 0.0
-    run.scorer.train()
-    for s in range(0, n, mb):
-        rows = slice(s, s + mb)
-        p_ids, p_mask = trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
-        c_mask = batch.completion_mask[rows].to(device)
-        ids, attn = join(p_ids, p_mask, batch.completion_ids[rows], batch.completion_mask[rows])
-        logps = run.scorer(ids.to(device), attn.to(device), c_mask)  # (mb, T)
-        t_logps = None if teacher_logps is None else teacher_logps[rows].to(device)
-        token_adv, _ = token_credit(run, step, adv[rows].to(device), logps, t_logps, c_mask,
-                                    None if span is None else span[rows].to(device))
-        loss, m = clipped_policy_loss(logps, logps.detach(), token_adv, c_mask,
-                                      cfg.algorithm.eps_low, cfg.algorithm.eps_high,
-                                      cfg.algorithm.loss_agg, normaliser)
-        run.accelerator.backward(loss)
-        loss_sum += loss.item()
-        clipped += m["policy/clip_frac"] * c_mask.sum().item()
-        all_logps.append(logps.detach().cpu())
-    grad_norm = 0.0
-    if cfg.train.max_grad_norm > 0:
-        params = [p for p in run.scorer.parameters() if p.requires_grad]
-        grad_norm = float(run.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    tokens = max(batch.completion_mask.sum().item(), 1)  # clip fraction over trained tokens
-    return torch.cat(all_logps), {"loss/policy": loss_sum, "policy/grad_norm": grad_norm,
-                                  "policy/clip_frac": clipped / tokens}
-
-
 def credit_diagnostics(run: Run, step: int, adv: torch.Tensor, logps: torch.Tensor,
                        teacher_logps: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,
                        span: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
     """Teacher statistics over every trained token of the step (not means of micro-batch means)."""
-    token_adv, metrics = token_credit(run, step, adv, logps, teacher_logps, mask, span)
+    token_adv, metrics = token_credit(run.cfg, step, adv, logps, teacher_logps, mask, span)
     delta = (teacher_logps - logps) * mask
     metrics["teacher/kl"] = -(delta.sum() / mask.sum().clamp(min=1)).item()
     for name, rows in (("correct", correct), ("incorrect", ~correct)):
@@ -194,37 +160,30 @@ def credit_diagnostics(run: Run, step: int, adv: torch.Tensor, logps: torch.Tens
     return token_adv, metrics
 
 
-def span_mask_for(run: Run, batch: Batch) -> torch.Tensor | None:
-    """The reasoning-span mask when rlsd.thought_only is set (tags matched as token ids)."""
-    r = run.cfg.rlsd
-    if run.cfg.algorithm.name != "rlsd" or not r.thought_only:
-        return None
-    tags = [run.tokenizer(t, add_special_tokens=False)["input_ids"]
-            for t in (r.thought_open, r.thought_close)]
-    return reasoning_span_mask(batch.completion_ids, batch.completion_mask, *tags)
-
-
 def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
-    """(N,) rows that carry a gradient: every row for distillation, else non-zero advantages.
+    """(N,) rows that carry a gradient: every row for distillation or with a KL penalty, else
+    the rows with non-zero advantage.
 
     Rows of all-equal groups have A = 0 and, with no KL term, exactly zero gradient under
     grpo / rlsd: skipping them before the teacher and the policy forward is exact.
     """
-    if run.cfg.algorithm.name in ("opsd", "grpo_opsd"):
+    if run.cfg.algorithm.name in ("opsd", "grpo_opsd", "opd") or run.cfg.algorithm.kl_coef > 0:
         return torch.ones_like(adv, dtype=torch.bool)
     return adv != 0
 
 
-def teacher_pass(run: Run, recs: list[Record], rows: torch.Tensor, trained: Batch,
-                 ) -> torch.Tensor | None:
-    """Teacher log-probs (n, T) of the trained rows' completions after the teacher prompts."""
-    if run.teacher is None or not rows.any():
+def scored_by(run: Run, scorer: Teacher | None, plain_prompt: bool, recs: list[Record],
+              rows: torch.Tensor, trained: Batch) -> torch.Tensor | None:
+    """Log-probs (n, T) of the trained rows' completions under a teacher or the reference, after
+    the teacher prompt (privileged context) or the student's plain prompt."""
+    if scorer is None or not rows.any():
         return None
     group = run.cfg.rollout.num_generations
-    prompts = [run.renderer.teacher_ids(recs[i // group]) for i in rows.nonzero().flatten()]
+    render = run.renderer.student_ids if plain_prompt else run.renderer.teacher_ids
+    prompts = [render(recs[i // group]) for i in rows.nonzero().flatten()]
     t_ids, t_mask = left_pad(prompts, run.tokenizer.pad_token_id)
-    return run.teacher.logprobs(t_ids, t_mask, trained.completion_ids, trained.completion_mask,
-                                run.device)
+    return scorer.logprobs(t_ids, t_mask, trained.completion_ids, trained.completion_mask,
+                           run.device)
 
 
 def train_step(run: Run, step: int) -> dict[str, Any]:
@@ -239,22 +198,26 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     metrics.update(adv_metrics)
     times["reward"] = time.perf_counter()
     rows = trained_rows(run, adv)
-    trained = batch.select(rows)
-    teacher_logps = teacher_pass(run, recs, rows, trained)
+    data = Rows(batch.select(rows), adv[rows])
+    if run.teacher is not None:
+        run.teacher.maybe_sync(step)
+        if run.teacher.mode == "sync":
+            metrics["teacher/synced_at"] = float(run.teacher.synced_at)
+        external = run.teacher.mode == "external"  # OPD's teacher sees the plain prompt
+        data.teacher_logps = scored_by(run, run.teacher, external, recs, rows, data.batch)
+    data.ref_logps = scored_by(run, run.reference, True, recs, rows, data.batch)
     times["teacher"] = time.perf_counter()
     credit = None
     if rows.any():
-        span = span_mask_for(run, trained)
-        normaliser = loss_normaliser(cfg.algorithm.loss_agg, batch.completion_mask,
-                                     cfg.rollout.max_new_tokens)
-        logps, upd = policy_update(run, step, trained, adv[rows], teacher_logps, normaliser, span)
+        data.span = span_mask_for(cfg, run.tokenizer, data.batch)
+        logps, upd = optimise(run, step, batch, rows, data)
         metrics.update(upd)
-        mask = trained.completion_mask.float()
+        mask = data.batch.completion_mask.float()
         metrics["policy/entropy"] = -(logps * mask).sum().item() / max(mask.sum().item(), 1)
-        if teacher_logps is not None:
+        if data.teacher_logps is not None:
             credit, teacher_metrics = credit_diagnostics(
-                run, step, adv[rows], logps, teacher_logps, mask, torch.tensor(correct)[rows],
-                span)
+                run, step, data.adv, logps, data.teacher_logps, mask,
+                torch.tensor(correct)[rows], data.span)
             metrics.update(teacher_metrics)
     metrics["train/skipped_update"] = float(not rows.any())
     times["train"] = time.perf_counter()

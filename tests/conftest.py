@@ -37,10 +37,11 @@ def build_tokenizer(vocab_size: int = 400):
     return fast
 
 
-def build_model_dir(path: Path, vocab: int | None = None, seed: int = 0) -> Path:
+def build_model_dir(path: Path, vocab: int | None = None, seed: int = 0,
+                    tokenizer_vocab: int = 400) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(tokenizer_vocab)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab or len(tokenizer), hidden_size=32,
                          intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -83,3 +83,14 @@ def test_debug_shows_the_traceback(tiny_overrides):
 
     with pytest.raises(ConfigError):
         main(["train", "--debug", *argv(tiny_overrides), "--train.steps", "0"])
+
+
+@pytest.mark.parametrize("method", ["grpo", "rlsd", "opsd", "grpo_opsd", "opd"])
+def test_two_steps_of_every_method_through_the_cli(method, tiny_overrides, tiny_model_dir):
+    extra = {"algorithm.name": method, "output.run_name": method}
+    if method == "opd":  # the tiny model itself serves as the external teacher
+        extra.update({"teacher.mode": "external", "teacher.model": str(tiny_model_dir)})
+    assert main(["train", *argv({**tiny_overrides, **extra})]) == 0
+    run_dir = tiny_overrides["output.dir"] + f"/{method}"
+    rows = [json.loads(x) for x in open(f"{run_dir}/metrics.jsonl")]
+    assert len(rows) == 2 and all(r["train/skipped_update"] == 0 for r in rows)

@@ -47,3 +47,17 @@ def test_bad_combinations_are_refused():
         load_config(None, {"reward.weights": "[1, 2]"})
     with pytest.raises(ConfigError, match="teacher.mode: GRPO uses no teacher"):
         load_config(None, {"algorithm.name": "grpo", "teacher.mode": "frozen"})
+
+
+@pytest.mark.parametrize("method", ["grpo", "rlsd", "opsd", "grpo_opsd"])
+def test_saved_config_reloads_to_the_same_config(tmp_path, method):
+    from rlsd.config import to_yaml
+
+    cfg = load_config(None, {"algorithm.name": method, "train.lr": "3e-5"})
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert to_dict(load_config(path)) == to_dict(cfg)
+
+
+def test_restating_a_default_is_not_refused():
+    load_config(None, {"algorithm.name": "grpo", "rlsd.lambda": "0.5", "teacher.mode": "live"})

@@ -155,3 +155,49 @@ def test_method_options_are_refused_for_other_methods():
     with pytest.raises(ConfigError, match="algorithm.loss_agg: must be one of"):
         load_config(None, {"algorithm.loss_agg": "sum"})
     assert load_config(None, {"algorithm.name": "grpo_opsd", "opsd.beta": "0.1"}).opsd.beta == 0.1
+
+
+def test_k3_kl_by_hand():
+    from rlsd.update import k3_kl
+
+    logps = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.0, -1.0]])
+    # r = 0 -> 0; r = 1 -> e - 2
+    torch.testing.assert_close(k3_kl(logps, ref), torch.tensor([[0.0, math.e - 2.0]]))
+
+
+def _count_forwards(run):
+    calls = []
+    original = run.scorer.forward
+    run.scorer.forward = lambda *a, **k: calls.append(
+        ("grad" if torch.is_grad_enabled() else "no_grad", a[0].shape[0])) or original(*a, **k)
+    return calls
+
+
+def test_one_pass_runs_no_extra_forward_and_epochs_reuse_old_logps(tiny_overrides):
+    from rlsd.trainer import setup, train_step
+
+    base = {**tiny_overrides, "algorithm.name": "grpo", "algorithm.kl_coef": "0.1"}
+    run = setup(load_config(None, {**base, "output.run_name": "one"}))
+    calls = _count_forwards(run)
+    metrics = train_step(run, 1)
+    # 8 rows (KL on: none skipped) in micro-batches of 4: the reference pass, the training pass,
+    # and no extra pass for the "old" log-probs
+    assert calls == [("no_grad", 4)] * 2 + [("grad", 4)] * 2
+    assert metrics["policy/kl_ref"] == 0.0  # LoRA starts at the reference exactly
+    assert "train/optimizer_steps" not in metrics
+
+    run = setup(load_config(None, {**base, "output.run_name": "many", "train.ppo_epochs": "2",
+                                   "train.mini_batches": "2"}))
+    calls = _count_forwards(run)
+    metrics = train_step(run, 1)
+    assert metrics["train/optimizer_steps"] == 4.0
+    # reference, then one no-grad pass for the old log-probs, then 2 epochs x 2 mini-batches
+    assert calls == [("no_grad", 4)] * 4 + [("grad", 4)] * 4
+    second = train_step(run, 2)
+    assert second["policy/kl_ref"] > 0  # the policy has moved away from the reference
+
+
+def test_kl_penalty_is_refused_nowhere_and_mini_batches_are_bounded():
+    with pytest.raises(ConfigError, match="train.mini_batches: 40 parts of a batch of 32"):
+        load_config(None, {"train.mini_batches": "40"})

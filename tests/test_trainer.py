@@ -8,7 +8,8 @@ import torch
 
 from rlsd.config import load_config
 from rlsd.rollout import Batch
-from rlsd.trainer import policy_update, setup, train
+from rlsd.trainer import setup, train
+from rlsd.update import Rows, policy_update
 
 PERF = ("perf/",)
 
@@ -81,7 +82,7 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_overrides):
         batch = Batch(torch.randint(3, 200, (8, 4), generator=gen), torch.ones(8, 4, dtype=bool),
                       c_ids, c_mask)
         adv = torch.randn(8, generator=gen)
-        policy_update(run, 1, batch, adv, None, float(c_mask.sum()))
+        policy_update(run, 1, Rows(batch, adv), float(c_mask.sum()))
         return captured
 
     one, eight = gradient(8), gradient(1)

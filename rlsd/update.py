@@ -1,0 +1,168 @@
+"""The policy update of one step: per-token credit, the loss, micro-batches, epochs, mini-batches.
+
+With `train.ppo_epochs = 1` and `train.mini_batches = 1` (the default) the step makes one
+optimisation pass, so the "old" log-probs of the PPO ratio are the detached current ones and no
+extra forward pass runs. Otherwise the old log-probs are computed once, without gradient, before
+the first update (the extra forward is then needed and used), and the teacher's credit is
+computed from them, so it stays fixed across the passes over one rollout batch.
+
+Optional KL penalty to the frozen initial policy (`algorithm.kl_coef`), per token with the k3
+estimator (Schulman 2020): kl_t = exp(r_t) - r_t - 1, r_t = log P_ref(y_t) - log P(y_t); it is
+added to the policy loss with the same aggregation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .algorithms import (aggregate, clipped_policy_loss, lambda_at, loss_normaliser,
+                         opsd_token_advantages, reasoning_span_mask, rlsd_token_advantages)
+from .config import Config
+from .rollout import Batch, join
+from .teacher import trim_left
+
+
+@dataclass
+class Rows:
+    """The rows of a step that carry a gradient, with everything their loss needs."""
+
+    batch: Batch
+    adv: torch.Tensor  # (n,) sequence advantages
+    teacher_logps: torch.Tensor | None = None  # (n, T)
+    ref_logps: torch.Tensor | None = None  # (n, T) frozen initial policy, for the KL penalty
+    old_logps: torch.Tensor | None = None  # (n, T) only with several passes per batch
+    span: torch.Tensor | None = None  # (n, T) reasoning span, for rlsd.thought_only
+
+    def select(self, idx: torch.Tensor) -> "Rows":
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[idx]
+
+        return Rows(self.batch.select(idx), self.adv[idx], pick(self.teacher_logps),
+                    pick(self.ref_logps), pick(self.old_logps), pick(self.span))
+
+
+def token_credit(cfg: Config, step: int, adv: torch.Tensor, logps: torch.Tensor,
+                 teacher_logps: torch.Tensor | None, mask: torch.Tensor,
+                 span: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token advantages (N, T) of the configured method, and its credit metrics."""
+    method = cfg.algorithm.name
+    if method == "grpo":
+        return adv.unsqueeze(1) * mask, {}
+    if method == "rlsd":
+        r = cfg.rlsd
+        lam = lambda_at(step, r.lambda_, r.lambda_warmup_steps, r.lambda_decay_steps)
+        return rlsd_token_advantages(adv, logps, teacher_logps, mask, lam, r.eps_w,
+                                     r.negative_only, span)
+    distill, metrics = opsd_token_advantages(logps, teacher_logps, mask)
+    if method in ("opsd", "opd"):
+        return distill, metrics
+    return adv.unsqueeze(1) * mask + cfg.opsd.beta * distill, metrics  # grpo_opsd
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference) on sampled tokens (>= 0)."""
+    r = ref_logps - logps
+    return torch.exp(r) - r - 1.0
+
+
+def span_mask_for(cfg: Config, tokenizer: Any, batch: Batch) -> torch.Tensor | None:
+    """The reasoning-span mask when rlsd.thought_only is set (tags matched as token ids)."""
+    r = cfg.rlsd
+    if cfg.algorithm.name != "rlsd" or not r.thought_only:
+        return None
+    tags = [tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in (r.thought_open, r.thought_close)]
+    return reasoning_span_mask(batch.completion_ids, batch.completion_mask, *tags)
+
+
+def _scoring_inputs(batch: Batch, rows: slice, device: torch.device):
+    p_ids, p_mask = trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
+    ids, attn = join(p_ids, p_mask, batch.completion_ids[rows], batch.completion_mask[rows])
+    return ids.to(device), attn.to(device), batch.completion_mask[rows].to(device)
+
+
+@torch.no_grad()
+def current_logps(run: Any, batch: Batch) -> torch.Tensor:
+    """Log-probs (n, T) under the current policy, without gradient (the PPO "old" log-probs)."""
+    out, mb = [], run.cfg.train.micro_batch_size
+    for s in range(0, batch.completion_ids.shape[0], mb):
+        out.append(run.scorer(*_scoring_inputs(batch, slice(s, s + mb), run.device)).cpu())
+    return torch.cat(out)
+
+
+def policy_update(run: Any, step: int, data: Rows, normaliser: float,
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step: accumulate gradients over micro-batches of `data`, then step.
+
+    `normaliser` is the loss denominator of the rows this step covers (skipped rows included).
+    Returns the detached log-probs (n, T) and metrics.
+    """
+    cfg, device = run.cfg, run.device
+    alg, mb = cfg.algorithm, cfg.train.micro_batch_size
+    all_logps, sums = [], {"loss/policy": 0.0, "policy/kl_ref": 0.0, "clipped": 0.0}
+    run.scorer.train()
+    for s in range(0, data.adv.shape[0], mb):
+        part = data.select(torch.arange(s, min(s + mb, data.adv.shape[0])))
+        ids, attn, c_mask = _scoring_inputs(part.batch, slice(None), device)
+        logps = run.scorer(ids, attn, c_mask)  # (mb, T)
+        old = logps.detach() if part.old_logps is None else part.old_logps.to(device)
+
+        def to_dev(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+
+        token_adv, _ = token_credit(cfg, step, part.adv.to(device), old,
+                                    to_dev(part.teacher_logps), c_mask, to_dev(part.span))
+        loss, m = clipped_policy_loss(logps, old, token_adv, c_mask, alg.eps_low, alg.eps_high,
+                                      alg.loss_agg, normaliser)
+        if part.ref_logps is not None:
+            kl = aggregate(k3_kl(logps, part.ref_logps.to(device)), c_mask, alg.loss_agg,
+                           normaliser)
+            loss = loss + alg.kl_coef * kl
+            sums["policy/kl_ref"] += kl.item()
+        run.accelerator.backward(loss)
+        sums["loss/policy"] += loss.item()
+        sums["clipped"] += m["policy/clip_frac"] * c_mask.sum().item()
+        all_logps.append(logps.detach().cpu())
+    grad_norm = 0.0
+    if cfg.train.max_grad_norm > 0:
+        params = [p for p in run.scorer.parameters() if p.requires_grad]
+        grad_norm = float(run.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = max(data.batch.completion_mask.sum().item(), 1)  # clip fraction over trained tokens
+    metrics = {"loss/policy": sums["loss/policy"], "policy/grad_norm": grad_norm,
+               "policy/clip_frac": sums["clipped"] / tokens}
+    if data.ref_logps is not None:
+        metrics["policy/kl_ref"] = sums["policy/kl_ref"]
+    return torch.cat(all_logps), metrics
+
+
+def optimise(run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows,
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """All optimizer steps of one rollout batch: `ppo_epochs` passes over `mini_batches` parts.
+
+    `batch` is the whole step's batch, `rows` (N,) marks the rows in `data`. Mini-batches split
+    the whole batch in order; each one's loss denominator counts all its rows, trained or not.
+    Returns the log-probs (n, T) the credit was computed from, and metrics averaged over updates.
+    """
+    cfg = run.cfg
+    mode, max_new = cfg.algorithm.loss_agg, cfg.rollout.max_new_tokens
+    epochs, parts = cfg.train.ppo_epochs, cfg.train.mini_batches
+    if epochs == 1 and parts == 1:
+        return policy_update(run, step, data, loss_normaliser(mode, batch.completion_mask,
+                                                              max_new))
+    data.old_logps = current_logps(run, data.batch)
+    position = rows.long().cumsum(0) - 1  # where each row of the batch sits in `data`
+    history = []
+    for _ in range(epochs):
+        for chunk in torch.arange(rows.shape[0]).tensor_split(parts):
+            chosen = chunk[rows[chunk]]
+            if chosen.numel():
+                norm = loss_normaliser(mode, batch.completion_mask[chunk], max_new)
+                history.append(policy_update(run, step, data.select(position[chosen]), norm)[1])
+    metrics = {k: sum(m[k] for m in history) / len(history) for k in history[0]}
+    metrics["train/optimizer_steps"] = float(len(history))
+    return data.old_logps, metrics
