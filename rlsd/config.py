@@ -143,6 +143,15 @@ class RlsdConfig:
 
 @dataclass
 class OpsdConfig:
+    divergence: str = opt("sampled", "Per-token divergence to the teacher (opsd, grpo_opsd, "
+                          "opd): sampled = estimate on the sampled tokens only (policy-gradient "
+                          "form); full = exact KL over the vocabulary (chunked); topk = over the "
+                          "teacher's top-k tokens plus one tail bucket.",
+                          choices=("sampled", "full", "topk"))
+    direction: str = opt("reverse", "reverse = KL(student || teacher) (mode-seeking, the OPSD "
+                         "default); forward = KL(teacher || student).",
+                         choices=("reverse", "forward"))
+    topk: int = opt(32, "Teacher tokens kept per position (divergence=topk).", low=1)
     beta: float = opt(1.0, "Weight of the OPSD loss added to the GRPO loss (grpo_opsd only).",
                       low=0)
 
@@ -348,11 +357,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("reward.verifiers: at least one verifier is needed")
     method = cfg.algorithm.name
     changed = _changed_keys(cfg)  # set by the user *and* different from the default
-    for prefix, allowed in (("rlsd.", ("rlsd",)), ("opsd.", ("grpo_opsd",))):
+    for prefix, allowed in (("rlsd.", ("rlsd",)), ("opsd.beta", ("grpo_opsd",)),
+                            ("opsd.", ("opsd", "grpo_opsd", "opd"))):
         wrong = sorted(k for k in changed if k.startswith(prefix))
         if wrong and method not in allowed:
             raise ConfigError(f"{wrong[0]}: only applies to algorithm.name="
                               f"{' or '.join(allowed)}, not {method}")
+    if "opsd.topk" in changed and cfg.opsd.divergence != "topk":
+        raise ConfigError("opsd.topk: only applies to opsd.divergence=topk")
     mode = cfg.teacher.mode
     if method == "grpo" and "teacher.mode" in changed:
         raise ConfigError("teacher.mode: GRPO uses no teacher; drop the setting or choose a "

@@ -14,29 +14,73 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .algorithms.distill import token_divergence
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, scale: float,
+            softcap: float) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float() * scale  # (rows, V)
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  scale: float, softcap: float) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float() * scale  # (rows, V)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = _logits(hidden, weight, scale, softcap)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (rows,)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def _chunk_logps_kl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    scale: float, softcap: float, t_vals: torch.Tensor,
+                    t_ids: torch.Tensor | None, reverse: bool,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = torch.log_softmax(_logits(hidden, weight, scale, softcap), dim=-1)  # (rows, V)
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked, token_divergence(logp, t_vals, t_ids, reverse)
+
+
 def gather_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     chunk_rows: int = 256, scale: float = 1.0, softcap: float = 0.0,
-                    ) -> torch.Tensor:
-    """hidden (M, H), lm-head weight (V, H), targets (M,) -> log-probs (M,) in float32."""
-    out = []
+                    teacher: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                    reverse: bool = True):
+    """hidden (M, H), lm-head weight (V, H), targets (M,) -> log-probs (M,) in float32.
+
+    With `teacher` = (values (M, k), ids (M, k) or None), also the per-token KL to it (M,).
+    """
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    picked, kls = [], []
     for start in range(0, hidden.shape[0], chunk_rows):
-        args = (hidden[start:start + chunk_rows], weight, targets[start:start + chunk_rows],
-                scale, softcap)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+        rows = slice(start, start + chunk_rows)
+        args = (hidden[rows], weight, targets[rows], scale, softcap)
+        if teacher is not None:
+            t_ids = None if teacher[1] is None else teacher[1][rows]
+            args = (*args, teacher[0][rows], t_ids, reverse)
+        fn = _chunk_logps if teacher is None else _chunk_logps_kl
+        out = checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+        picked.append(out if teacher is None else out[0])
+        kls.append(None if teacher is None else out[1])
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logps = torch.cat(picked) if picked else empty
+    return logps if teacher is None else (logps, torch.cat(kls) if kls else empty)
+
+
+@torch.no_grad()
+def support_logprobs(hidden: torch.Tensor, weight: torch.Tensor, topk: int, chunk_rows: int = 256,
+                     scale: float = 1.0, softcap: float = 0.0,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs over the whole vocabulary (topk = 0: (M, V), ids None) or the top-k tokens'
+    log-probs and ids ((M, k) each), chunked."""
+    vals, ids = [], []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logp = torch.log_softmax(_logits(hidden[start:start + chunk_rows], weight, scale,
+                                         softcap), dim=-1)
+        if topk:
+            top = logp.topk(topk, dim=-1)
+            vals.append(top.values)
+            ids.append(top.indices)
         else:
-            out.append(_chunk_logps(*args))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+            vals.append(logp)
+    return torch.cat(vals), (torch.cat(ids) if topk else None)
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -62,24 +106,63 @@ class TokenScorer(nn.Module):
         softcap = float(getattr(base.config, "final_logit_softcapping", None) or 0.0)
         return base.get_decoder(), base.get_output_embeddings(), softcap
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                completion_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids (N, P + T): left-padded prompt, then completion ids whose validity is
-        completion_mask (N, T). Returns log-probs (N, T) of the completion ids, 0 where masked.
-        """
-        decoder, head, softcap = self._parts()
-        width = completion_mask.shape[1]
-        prompt_width = input_ids.shape[1] - width
+    def _completion_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (M, H) that predict the valid completion tokens, and those ids (M,)."""
+        decoder = self._parts()[0]
+        prompt_width = input_ids.shape[1] - completion_mask.shape[1]
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids_for(attention_mask),
                          use_cache=False).last_hidden_state  # (N, P + T, H)
         predicting = hidden[:, prompt_width - 1:-1]  # (N, T, H): position t predicts token t
         valid = completion_mask.bool()
-        targets = input_ids[:, prompt_width:][valid]  # (M,)
-        picked = gather_logprobs(predicting[valid], head.weight, targets, self.chunk_rows,
-                                 1.0 / self.temperature, softcap)
-        out = torch.zeros(completion_mask.shape, dtype=torch.float32, device=hidden.device)
-        return out.masked_scatter(valid, picked)
+        return predicting[valid], input_ids[:, prompt_width:][valid]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                completion_mask: torch.Tensor,
+                teacher: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                reverse: bool = True):
+        """input_ids (N, P + T): left-padded prompt, then completion ids whose validity is
+        completion_mask (N, T). Returns log-probs (N, T) of the completion ids, 0 where masked.
+
+        With `teacher` = (values (N, T, k), ids (N, T, k) or None) from `support`, also returns
+        the per-token KL (N, T) between this model and that teacher distribution.
+        """
+        _, head, softcap = self._parts()
+        hidden, targets = self._completion_hidden(input_ids, attention_mask, completion_mask)
+        valid = completion_mask.bool()
+        flat = None
+        if teacher is not None:
+            flat = (teacher[0][valid], None if teacher[1] is None else teacher[1][valid])
+        result = gather_logprobs(hidden, head.weight, targets, self.chunk_rows,
+                                 1.0 / self.temperature, softcap, flat, reverse)
+
+        def unflatten(values: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(completion_mask.shape, dtype=torch.float32, device=hidden.device)
+            return out.masked_scatter(valid, values)
+
+        if teacher is None:
+            return unflatten(result)
+        return unflatten(result[0]), unflatten(result[1])
+
+    @torch.no_grad()
+    def support(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                completion_mask: torch.Tensor, topk: int,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per completion position, log-probs over the vocabulary (topk = 0: (N, T, V)) or the
+        top-k (values and ids, (N, T, k) each); zeros at masked positions."""
+        _, head, softcap = self._parts()
+        hidden, _ = self._completion_hidden(input_ids, attention_mask, completion_mask)
+        vals, ids = support_logprobs(hidden, head.weight, topk, self.chunk_rows,
+                                     1.0 / self.temperature, softcap)
+        valid = completion_mask.bool()
+        full_vals = vals.new_zeros(*completion_mask.shape, vals.shape[-1])
+        full_vals[valid] = vals
+        if ids is None:
+            return full_vals, None
+        full_ids = ids.new_zeros(*completion_mask.shape, ids.shape[-1])
+        full_ids[valid] = ids
+        return full_vals, full_ids
 
 
 def naive_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

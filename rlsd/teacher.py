@@ -84,9 +84,13 @@ class Teacher:
     @torch.no_grad()
     def logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                  completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                 device: torch.device) -> torch.Tensor:
-        """Teacher log-probs (N, T) of the completion ids after the teacher's own prompts."""
-        out = []
+                 device: torch.device, topk: int | None = None):
+        """Teacher log-probs (N, T) of the completion ids after the teacher's own prompts.
+
+        With `topk` (0 = the whole vocabulary) also the teacher's distribution at every
+        completion position: values (N, T, k or V) and ids (N, T, k) or None.
+        """
+        outs = []
         with self._weights() as scorer:
             was_training = scorer.training
             scorer.eval()
@@ -94,10 +98,18 @@ class Teacher:
                 rows = slice(s, s + self.batch_size)
                 p_ids, p_mask = trim_left(prompt_ids[rows], prompt_mask[rows])
                 ids, mask = join(p_ids, p_mask, completion_ids[rows], completion_mask[rows])
-                out.append(scorer(ids.to(device), mask.to(device),
-                                  completion_mask[rows].to(device)).cpu())
+                args = (ids.to(device), mask.to(device), completion_mask[rows].to(device))
+                part = [scorer(*args).cpu()]
+                if topk is not None:
+                    part += [None if x is None else x.cpu() for x in scorer.support(*args, topk)]
+                outs.append(part)
             scorer.train(was_training)
-        return torch.cat(out)
+        logps = torch.cat([o[0] for o in outs])
+        if topk is None:
+            return logps
+        vals = torch.cat([o[1] for o in outs])
+        ids = None if outs[0][2] is None else torch.cat([o[2] for o in outs])
+        return logps, vals, ids
 
 
 def trim_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,10 +172,20 @@ def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
     return adv != 0
 
 
+def support_size(cfg: Config) -> int | None:
+    """The teacher distribution the exact divergences need: None (sampled tokens only),
+    0 (the whole vocabulary) or k (the top k)."""
+    if cfg.algorithm.name not in ("opsd", "grpo_opsd", "opd") or \
+            cfg.opsd.divergence == "sampled":
+        return None
+    return cfg.opsd.topk if cfg.opsd.divergence == "topk" else 0
+
+
 def scored_by(run: Run, scorer: Teacher | None, plain_prompt: bool, recs: list[Record],
-              rows: torch.Tensor, trained: Batch) -> torch.Tensor | None:
+              rows: torch.Tensor, trained: Batch, topk: int | None = None):
     """Log-probs (n, T) of the trained rows' completions under a teacher or the reference, after
-    the teacher prompt (privileged context) or the student's plain prompt."""
+    the teacher prompt (privileged context) or the student's plain prompt; with `topk`, also
+    the teacher's distribution (see Teacher.logprobs)."""
     if scorer is None or not rows.any():
         return None
     group = run.cfg.rollout.num_generations
@@ -183,7 +193,7 @@ def scored_by(run: Run, scorer: Teacher | None, plain_prompt: bool, recs: list[R
     prompts = [render(recs[i // group]) for i in rows.nonzero().flatten()]
     t_ids, t_mask = left_pad(prompts, run.tokenizer.pad_token_id)
     return scorer.logprobs(t_ids, t_mask, trained.completion_ids, trained.completion_mask,
-                           run.device)
+                           run.device, topk)
 
 
 def train_step(run: Run, step: int) -> dict[str, Any]:
@@ -204,7 +214,11 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         if run.teacher.mode == "sync":
             metrics["teacher/synced_at"] = float(run.teacher.synced_at)
         external = run.teacher.mode == "external"  # OPD's teacher sees the plain prompt
-        data.teacher_logps = scored_by(run, run.teacher, external, recs, rows, data.batch)
+        scored = scored_by(run, run.teacher, external, recs, rows, data.batch, support_size(cfg))
+        if isinstance(scored, tuple):
+            data.teacher_logps, data.support_vals, data.support_ids = scored
+        else:
+            data.teacher_logps = scored
     data.ref_logps = scored_by(run, run.reference, True, recs, rows, data.batch)
     times["teacher"] = time.perf_counter()
     credit = None

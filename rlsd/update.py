@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from .algorithms import (aggregate, clipped_policy_loss, lambda_at, loss_normaliser,
-                         opsd_token_advantages, reasoning_span_mask, rlsd_token_advantages)
+                         opsd_token_advantages, reasoning_span_mask, rlsd_token_advantages,
+                         sampled_forward_token_advantages)
 from .config import Config
 from .rollout import Batch, join
 from .teacher import trim_left
@@ -35,13 +36,16 @@ class Rows:
     ref_logps: torch.Tensor | None = None  # (n, T) frozen initial policy, for the KL penalty
     old_logps: torch.Tensor | None = None  # (n, T) only with several passes per batch
     span: torch.Tensor | None = None  # (n, T) reasoning span, for rlsd.thought_only
+    support_vals: torch.Tensor | None = None  # (n, T, k or V) teacher log-probs (full / topk)
+    support_ids: torch.Tensor | None = None  # (n, T, k) their token ids (topk)
 
     def select(self, idx: torch.Tensor) -> "Rows":
         def pick(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x[idx]
 
         return Rows(self.batch.select(idx), self.adv[idx], pick(self.teacher_logps),
-                    pick(self.ref_logps), pick(self.old_logps), pick(self.span))
+                    pick(self.ref_logps), pick(self.old_logps), pick(self.span),
+                    pick(self.support_vals), pick(self.support_ids))
 
 
 def token_credit(cfg: Config, step: int, adv: torch.Tensor, logps: torch.Tensor,
@@ -57,6 +61,10 @@ def token_credit(cfg: Config, step: int, adv: torch.Tensor, logps: torch.Tensor,
         return rlsd_token_advantages(adv, logps, teacher_logps, mask, lam, r.eps_w,
                                      r.negative_only, span)
     distill, metrics = opsd_token_advantages(logps, teacher_logps, mask)
+    if cfg.opsd.direction == "forward":
+        distill = sampled_forward_token_advantages(logps, teacher_logps, mask)
+    if cfg.opsd.divergence != "sampled":  # the exact divergence is its own loss term
+        distill = torch.zeros_like(distill)
     if method in ("opsd", "opd"):
         return distill, metrics
     return adv.unsqueeze(1) * mask + cfg.opsd.beta * distill, metrics  # grpo_opsd
@@ -107,7 +115,14 @@ def policy_update(run: Any, step: int, data: Rows, normaliser: float,
     for s in range(0, data.adv.shape[0], mb):
         part = data.select(torch.arange(s, min(s + mb, data.adv.shape[0])))
         ids, attn, c_mask = _scoring_inputs(part.batch, slice(None), device)
-        logps = run.scorer(ids, attn, c_mask)  # (mb, T)
+        exact_kl = None
+        if part.support_vals is None:
+            logps = run.scorer(ids, attn, c_mask)  # (mb, T)
+        else:  # opsd.divergence full / topk: the exact per-token KL from the same pass
+            support = (part.support_vals.to(device),
+                       None if part.support_ids is None else part.support_ids.to(device))
+            logps, exact_kl = run.scorer(ids, attn, c_mask, support,
+                                         cfg.opsd.direction == "reverse")
         old = logps.detach() if part.old_logps is None else part.old_logps.to(device)
 
         def to_dev(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -117,6 +132,10 @@ def policy_update(run: Any, step: int, data: Rows, normaliser: float,
                                     to_dev(part.teacher_logps), c_mask, to_dev(part.span))
         loss, m = clipped_policy_loss(logps, old, token_adv, c_mask, alg.eps_low, alg.eps_high,
                                       alg.loss_agg, normaliser)
+        if exact_kl is not None:
+            kl = aggregate(exact_kl, c_mask, alg.loss_agg, normaliser)
+            loss = loss + (cfg.opsd.beta if alg.name == "grpo_opsd" else 1.0) * kl
+            sums["opsd/kl_exact"] = sums.get("opsd/kl_exact", 0.0) + kl.item()
         if part.ref_logps is not None:
             kl = aggregate(k3_kl(logps, part.ref_logps.to(device)), c_mask, alg.loss_agg,
                            normaliser)
@@ -137,6 +156,8 @@ def policy_update(run: Any, step: int, data: Rows, normaliser: float,
                "policy/clip_frac": sums["clipped"] / tokens}
     if data.ref_logps is not None:
         metrics["policy/kl_ref"] = sums["policy/kl_ref"]
+    if "opsd/kl_exact" in sums:
+        metrics["opsd/kl_exact"] = sums["opsd/kl_exact"]
     return torch.cat(all_logps), metrics
 
 

@@ -201,3 +201,102 @@ def test_one_pass_runs_no_extra_forward_and_epochs_reuse_old_logps(tiny_override
 def test_kl_penalty_is_refused_nowhere_and_mini_batches_are_bounded():
     with pytest.raises(ConfigError, match="train.mini_batches: 40 parts of a batch of 32"):
         load_config(None, {"train.mini_batches": "40"})
+
+
+def test_full_and_topk_divergence_by_hand():
+    from rlsd.algorithms import token_divergence
+
+    s = torch.tensor([[0.5, 0.5]]).log()
+    t = torch.tensor([[0.25, 0.75]]).log()
+    rev = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    fwd = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert token_divergence(s, t, None).item() == pytest.approx(rev)
+    assert token_divergence(s, t, None, reverse=False).item() == pytest.approx(fwd)
+    s3 = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    t_top = torch.tensor([[0.6]]).log()  # the teacher's top-1 token is id 0; tail 0.4
+    want = 0.5 * math.log(0.5 / 0.6) + 0.5 * math.log(0.5 / 0.4)
+    assert token_divergence(s3, t_top, torch.tensor([[0]])).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_topk_with_k_equal_to_vocab_is_the_full_kl_and_gradchecks():
+    from rlsd.algorithms import token_divergence
+
+    gen = torch.Generator().manual_seed(4)
+    s = torch.log_softmax(torch.randn(5, 7, generator=gen, dtype=torch.float64), -1)
+    t = torch.log_softmax(torch.randn(5, 7, generator=gen, dtype=torch.float64), -1)
+    top = t.topk(7, dim=-1)
+    for reverse in (True, False):
+        torch.testing.assert_close(token_divergence(s, top.values, top.indices, reverse),
+                                   token_divergence(s, t, None, reverse))
+    logits = torch.randn(3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    t3 = torch.log_softmax(torch.randn(3, 6, generator=gen, dtype=torch.float64), -1)
+    top3 = t3.topk(3, dim=-1)
+    for ids, vals in ((None, t3), (top3.indices, top3.values)):
+        for reverse in (True, False):
+            assert torch.autograd.gradcheck(
+                lambda x: token_divergence(torch.log_softmax(x, -1), vals, ids, reverse),
+                (logits,))
+
+
+def test_sampled_forward_kl_gradient_matches_by_enumeration():
+    from rlsd.algorithms import sampled_forward_token_advantages
+
+    theta = torch.tensor([0.3, -1.2, 0.8, 0.1], dtype=torch.float64, requires_grad=True)
+    log_t = torch.log_softmax(torch.tensor([1.0, 0.2, -0.5, 0.3], dtype=torch.float64), 0)
+    log_s = torch.log_softmax(theta, 0)
+    exact = torch.autograd.grad((log_t.exp() * (log_t - log_s)).sum(), theta)[0]
+    estimate = torch.zeros(4, dtype=torch.float64)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    for y in range(4):
+        lp = torch.log_softmax(theta, 0)[y].view(1, 1)
+        adv = sampled_forward_token_advantages(lp, log_t[y].view(1, 1), one)
+        loss, _ = clipped_policy_loss(lp, lp.detach(), adv, one, 0.2, 0.28)
+        estimate += log_s[y].exp().detach() * torch.autograd.grad(loss, theta)[0]
+    torch.testing.assert_close(estimate, exact)
+
+
+def test_scorer_exact_kl_matches_full_logits(tiny_model_dir):
+    from rlsd.algorithms import token_divergence
+    from rlsd.config import ModelConfig
+    from rlsd.logprobs import TokenScorer, position_ids_for
+    from rlsd.models import load_model
+
+    from .test_logprobs import scoring_inputs
+
+    model, tok = load_model(ModelConfig(name=str(tiny_model_dir), lora=False), torch.float32)
+    ids, attn, c_mask = scoring_inputs(tok, torch.Generator().manual_seed(3))
+    student = TokenScorer(model, chunk_rows=4)
+    gen = torch.Generator().manual_seed(9)
+    teacher_full = torch.log_softmax(torch.randn(*c_mask.shape, model.config.vocab_size,
+                                                 generator=gen), -1)
+    logps, kl = student(ids, attn, c_mask, (teacher_full, None), True)
+    logits = model(input_ids=ids, attention_mask=attn,
+                   position_ids=position_ids_for(attn)).logits[:, -7:-1]
+    want = token_divergence(torch.log_softmax(logits, -1), teacher_full, None) * c_mask
+    torch.testing.assert_close(kl, want, rtol=1e-4, atol=1e-5)
+    vals, top_ids = student.support(ids, attn, c_mask, topk=5)
+    assert vals.shape == (3, 6, 5) and (vals[~c_mask] == 0).all()
+    _, self_kl = student(ids, attn, c_mask, student.support(ids, attn, c_mask, topk=0), True)
+    assert self_kl.abs().max() < 1e-5  # teacher = student: zero divergence
+
+
+@pytest.mark.parametrize("extra", [
+    {"algorithm.name": "opsd", "opsd.divergence": "full"},
+    {"algorithm.name": "opsd", "opsd.divergence": "topk", "opsd.topk": "8",
+     "opsd.direction": "forward"},
+    {"algorithm.name": "grpo_opsd", "opsd.divergence": "topk", "opsd.beta": "0.5"},
+    {"algorithm.name": "opsd", "opsd.direction": "forward"},
+])
+def test_divergence_modes_train(tiny_overrides, extra):
+    from rlsd.trainer import setup, train_step
+
+    run = setup(load_config(None, {**tiny_overrides, **extra}))
+    before = {n: p.detach().clone() for n, p in run.scorer.named_parameters() if p.requires_grad}
+    first = train_step(run, 1)
+    second = train_step(run, 2)
+    if extra.get("opsd.divergence", "sampled") != "sampled":
+        # an exact KL is never negative (the sampled estimate can be)
+        assert first["opsd/kl_exact"] > 0 and second["opsd/kl_exact"] > 0
+    moved = any(not torch.equal(before[n], p) for n, p in run.scorer.named_parameters()
+                if p.requires_grad)
+    assert moved and math.isfinite(second["loss/policy"])

@@ -1,9 +1,10 @@
 """Pure functions of the training objective: tensors in, tensors and a metrics dict out."""
 
 from .advantages import group_advantages
-from .distill import opsd_token_advantages
+from .distill import opsd_token_advantages, sampled_forward_token_advantages, token_divergence
 from .policy_loss import aggregate, clipped_policy_loss, loss_normaliser
 from .rlsd import lambda_at, reasoning_span_mask, rlsd_token_advantages
 
 __all__ = ["aggregate", "clipped_policy_loss", "group_advantages", "lambda_at", "loss_normaliser",
-           "opsd_token_advantages", "reasoning_span_mask", "rlsd_token_advantages"]
+           "opsd_token_advantages", "reasoning_span_mask", "rlsd_token_advantages",
+           "sampled_forward_token_advantages", "token_divergence"]
