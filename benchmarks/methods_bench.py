@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("step", "generate", "teacher", "train")
 
 
-def child(method: str, steps: int) -> None:
+def child(method: str, steps: int, extra: dict[str, str]) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -38,8 +38,10 @@ def child(method: str, steps: int) -> None:
     quiet_libraries(debug=False)
     overrides = {"algorithm.name": method, "train.lr": "0", "train.steps": str(steps + 1),
                  "output.dir": tempfile.mkdtemp(), "output.progress": "false"}
-    if method == "opd":
-        overrides.update({"teacher.mode": "external", "teacher.model": "smollm2-135m-instruct"})
+    overrides.update(extra)
+    if method == "opd":  # a teacher of the same size: a second copy of the student's model
+        overrides.update({"teacher.mode": "external",
+                          "teacher.model": extra.get("model.name", "smollm2-135m-instruct")})
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     trainer.trained_rows = lambda run, adv: torch.ones_like(adv, dtype=torch.bool)
     run = trainer.setup(cfg)
@@ -54,14 +56,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", default="grpo,rlsd,opsd,grpo_opsd,opd")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every method, e.g. model.dtype=bfloat16")
     parser.add_argument("--child")
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.set)
     if args.child:
-        return child(args.child, args.steps)
+        return child(args.child, args.steps, extra)
     results = {}
     for method in args.methods.split(","):
+        sets = [x for item in args.set for x in ("--set", item)]
         proc = subprocess.run([sys.executable, __file__, "--child", method, "--steps",
-                               str(args.steps)], capture_output=True, text=True,
+                               str(args.steps), *sets], capture_output=True, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -78,10 +84,17 @@ def main() -> None:
                      f"{r['train']:.1f} | {r['peak_mem_mb']:.0f} | {ratio} |")
     table = "\n".join(lines)
     print(table)
-    stem = ROOT / "benchmarks" / "results" / f"methods-{platform.node()[:20]}-{date.today()}"
+    import torch
+
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"cpu{os.cpu_count()}"
+    stem = ROOT / "benchmarks" / "results" / (
+        f"methods-{machine.replace(' ', '_')}-{date.today()}")
     command = "python benchmarks/methods_bench.py " + " ".join(sys.argv[1:])
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "cpu_count": os.cpu_count(), "results": results}, indent=2))
+        {"command": command, "machine": machine, "host": platform.node(), "results": results},
+        indent=2))
     stem.with_suffix(".md").write_text(f"`{command}`\n\n{table}\n")
 
 

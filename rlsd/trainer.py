@@ -65,14 +65,14 @@ class Run:
         return self.accelerator.unwrap_model(self.scorer).lm
 
 
-def make_run_dir(cfg: Config) -> Path:
+def run_dir_for(cfg: Config) -> Path:
+    """The run directory; refused if it already holds a run (nothing is ever overwritten)."""
     name = cfg.output.run_name or "{}-{}-{}".format(
         cfg.algorithm.name, cfg.data.task if cfg.data.source == "reasoning_gym" else "file",
         datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(cfg.output.dir) / name
     if (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"{run_dir}: already holds a run; choose another output.run_name")
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return run_dir
 
 
@@ -91,6 +91,7 @@ def load_external_teacher(cfg: Config, tokenizer: Any, device: torch.device) -> 
 
 def setup(cfg: Config) -> Run:
     """Load data and model, build optimizer and teacher, run the preflight, open the run dir."""
+    run_dir = run_dir_for(cfg)  # checked before the slow work, created after it succeeded
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.train.seed)
@@ -115,10 +116,11 @@ def setup(cfg: Config) -> Run:
                           cfg.teacher.batch_size or cfg.train.micro_batch_size,
                           cfg.teacher.sync_every, external)
     reference = None
-    if cfg.algorithm.kl_coef > 0:
-        reference = Teacher("frozen", accelerator.unwrap_model(scorer), cfg.model.lora,
-                            cfg.teacher.batch_size or cfg.train.micro_batch_size)
-    run_dir = make_run_dir(cfg)
+    if cfg.algorithm.kl_coef > 0:  # the frozen initial policy; shares a frozen teacher's copy
+        reference = teacher if teacher is not None and teacher.mode == "frozen" else Teacher(
+            "frozen", accelerator.unwrap_model(scorer), cfg.model.lora,
+            cfg.teacher.batch_size or cfg.train.micro_batch_size)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
                renderer, reward_fn, PromptStream(len(records), cfg.train.seed),

@@ -60,4 +60,7 @@ def test_saved_config_reloads_to_the_same_config(tmp_path, method):
 
 
 def test_restating_a_default_is_not_refused():
-    load_config(None, {"algorithm.name": "grpo", "rlsd.lambda": "0.5", "teacher.mode": "live"})
+    cfg = load_config(None, {"algorithm.name": "grpo", "rlsd.lambda": "0.5",
+                             "teacher.mode": "live"})
+    assert cfg.algorithm.name == "grpo" and cfg.rlsd.lambda_ == 0.5
+    assert set(cfg.explicit) == {"algorithm.name", "rlsd.lambda", "teacher.mode"}
