@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .algorithms import group_advantages
+from .algorithms import group_advantages, span_split
 from .checkpoint import save_checkpoint
 from .config import Config, ConfigError, ModelConfig, to_yaml
 from .data import PromptRenderer, PromptStream, Record, load_records
@@ -29,7 +29,7 @@ from .preflight import check_teacher_prompts
 from .rewards import build_reward
 from .rollout import Batch, left_pad, sample_completions
 from .teacher import Teacher
-from .update import Rows, optimise, span_mask_for, token_credit
+from .update import Rows, optimise, reasoning_span, token_credit
 from .tracking import JsonlWriter, peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,10 @@ def credit_diagnostics(run: Run, step: int, adv: torch.Tensor, logps: torch.Tens
                        span: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
     """Teacher statistics over every trained token of the step (not means of micro-batch means)."""
     token_adv, metrics = token_credit(run.cfg, step, adv, logps, teacher_logps, mask, span)
+    if span is not None and not run.cfg.rlsd.thought_only:  # where did the teacher's credit go?
+        signed = adv != 0
+        multiplier = token_adv[signed] / adv[signed].unsqueeze(1)
+        metrics.update(span_split(multiplier, span[signed], mask[signed]))
     delta = (teacher_logps - logps) * mask
     metrics["teacher/kl"] = -(delta.sum() / mask.sum().clamp(min=1)).item()
     for name, rows in (("correct", correct), ("incorrect", ~correct)):
@@ -225,7 +229,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     times["teacher"] = time.perf_counter()
     credit = None
     if rows.any():
-        data.span = span_mask_for(cfg, run.tokenizer, data.batch)
+        data.span = reasoning_span(cfg, run.tokenizer, data.batch)
         logps, upd = optimise(run, step, batch, rows, data)
         metrics.update(upd)
         mask = data.batch.completion_mask.float()

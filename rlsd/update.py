@@ -35,7 +35,7 @@ class Rows:
     teacher_logps: torch.Tensor | None = None  # (n, T)
     ref_logps: torch.Tensor | None = None  # (n, T) frozen initial policy, for the KL penalty
     old_logps: torch.Tensor | None = None  # (n, T) only with several passes per batch
-    span: torch.Tensor | None = None  # (n, T) reasoning span, for rlsd.thought_only
+    span: torch.Tensor | None = None  # (n, T) reasoning span (rlsd)
     support_vals: torch.Tensor | None = None  # (n, T, k or V) teacher log-probs (full / topk)
     support_ids: torch.Tensor | None = None  # (n, T, k) their token ids (topk)
 
@@ -59,7 +59,7 @@ def token_credit(cfg: Config, step: int, adv: torch.Tensor, logps: torch.Tensor,
         r = cfg.rlsd
         lam = lambda_at(step, r.lambda_, r.lambda_warmup_steps, r.lambda_decay_steps)
         return rlsd_token_advantages(adv, logps, teacher_logps, mask, lam, r.eps_w,
-                                     r.negative_only, span)
+                                     r.negative_only, span if r.thought_only else None)
     distill, metrics = opsd_token_advantages(logps, teacher_logps, mask)
     if cfg.opsd.direction == "forward":
         distill = sampled_forward_token_advantages(logps, teacher_logps, mask)
@@ -76,10 +76,11 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(r) - r - 1.0
 
 
-def span_mask_for(cfg: Config, tokenizer: Any, batch: Batch) -> torch.Tensor | None:
-    """The reasoning-span mask when rlsd.thought_only is set (tags matched as token ids)."""
+def reasoning_span(cfg: Config, tokenizer: Any, batch: Batch) -> torch.Tensor | None:
+    """RLSD's reasoning-span mask (tags matched as token ids): it restricts the credit under
+    rlsd.thought_only, and splits the credit diagnostics in every RLSD run."""
     r = cfg.rlsd
-    if cfg.algorithm.name != "rlsd" or not r.thought_only:
+    if cfg.algorithm.name != "rlsd":
         return None
     tags = [tokenizer(t, add_special_tokens=False)["input_ids"]
             for t in (r.thought_open, r.thought_close)]

@@ -90,3 +90,35 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_overrides):
     for name in one:
         torch.testing.assert_close(one[name], eight[name], rtol=1e-4, atol=1e-8)
     assert any(g.abs().sum() > 0 for g in one.values())
+
+
+@pytest.mark.parametrize("thought_only", ["false", "true"])
+def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatch, thought_only):
+    from rlsd import trainer
+    from rlsd.rollout import completion_mask_from, left_pad
+
+    cfg = load_config(None, {**tiny_overrides, "rlsd.thought_only": thought_only,
+                             "output.run_name": f"span{thought_only}"})
+    run = setup(cfg)
+    tok = run.tokenizer
+    think = tok("<think>", add_special_tokens=False)["input_ids"]
+    close = tok("</think>", add_special_tokens=False)["input_ids"]
+    body = tok("12 + 7", add_special_tokens=False)["input_ids"]
+    answer = tok("Answer: 19", add_special_tokens=False)["input_ids"]
+
+    def fixed_rollout(run, step, recs):
+        prompts, _ = left_pad([run.renderer.student_ids(r) for r in recs], tok.pad_token_id)
+        rows = [think + body[: 1 + i % 3] + close + answer + [tok.eos_token_id]
+                for i in range(len(recs) * 4)]
+        c_ids, _ = left_pad([r[::-1] for r in rows], tok.pad_token_id)
+        c_ids = c_ids.flip(1)  # right-padded
+        c_mask = completion_mask_from(c_ids, run.stop_ids)
+        p_ids = prompts.repeat_interleave(4, 0)
+        return Batch(p_ids, p_ids != tok.pad_token_id, c_ids, c_mask)
+
+    monkeypatch.setattr(trainer, "rollout", fixed_rollout)
+    metrics = trainer.train_step(run, 1)
+    assert "rlsd/multiplier_mean_thought" in metrics and "rlsd/multiplier_mean_answer" in metrics
+    if thought_only == "true":
+        assert metrics["rlsd/multiplier_mean_answer"] == 1.0
+        assert metrics["rlsd/reweighted_frac"] < 1.0

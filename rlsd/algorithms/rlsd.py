@@ -104,8 +104,16 @@ def rlsd_token_advantages(seq_adv: torch.Tensor, logps: torch.Tensor,
         "rlsd/reweighted_frac": mean_over(reweighted.to(mask.dtype), mask > 0, n_tokens),
     }
     if span_mask is not None:
-        for name, where in (("thought", span_mask.bool()), ("answer", ~span_mask.bool())):
-            where = where & (mask > 0)
-            metrics[f"rlsd/multiplier_mean_{name}"] = mean_over(multiplier, where,
-                                                                where.sum().clamp(min=1))
+        metrics.update(span_split(multiplier, span_mask, completion_mask))
     return token_adv, metrics
+
+
+def span_split(multiplier: torch.Tensor, span_mask: torch.Tensor,
+               completion_mask: torch.Tensor) -> dict[str, float]:
+    """Mean credit multiplier inside the reasoning span and outside it (the answer)."""
+    out = {}
+    for name, where in (("thought", span_mask.bool()), ("answer", ~span_mask.bool())):
+        where = where & completion_mask.bool()
+        if where.any():
+            out[f"rlsd/multiplier_mean_{name}"] = multiplier[where].mean().item()
+    return out
