@@ -1,7 +1,9 @@
-"""Checkpoints: weights (LoRA adapter or full model, safetensors), optimizer state, trainer state.
+"""Checkpoints: weights (LoRA adapter or full model, safetensors), optimizer, RNG, trainer state.
 
-A checkpoint is written to a temporary directory and renamed into place, so a crash mid-write
-never leaves a half-written `checkpoint-N`; `latest` names the newest complete one.
+A checkpoint is written to a temporary directory, flushed to disk and renamed into place, so a
+crash mid-write never leaves a half-written `checkpoint-N`; `latest` names the newest complete
+one. Everything is read back without unpickling arbitrary objects: weights from safetensors,
+optimizer and RNG state with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -16,22 +18,42 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Python, numpy and torch RNG states as plain lists and tensors (safe to load)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "torch": torch.get_rng_state()}
 
 
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
 def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any]) -> Path:
-    """Write run_dir/checkpoint-<step> atomically and point run_dir/latest at it."""
+                    state: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None,
+                    keep_last: int = 0) -> Path:
+    """Write run_dir/checkpoint-<step> atomically, point run_dir/latest at it, and delete all
+    but the newest `keep_last` checkpoints (0 keeps all)."""
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=run_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        if extra_tensors:
+            save_file({k: v.contiguous() for k, v in extra_tensors.items()},
+                      tmp / "teacher.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         for path in tmp.iterdir():
             with path.open("rb") as fh:
@@ -45,5 +67,54 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: torch.optim
     pointer = run_dir / ".latest.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, run_dir / "latest")
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    found = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "latest"
+    if pointer.is_file():
+        path = run_dir / pointer.read_text().strip()
+        if (path / "trainer_state.json").is_file():
+            return path
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_trainable(model: Any, ckpt: Path, lora: bool) -> None:
+    """Load a checkpoint's weights into the (freshly built) policy, exactly."""
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        return
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not files:
+        raise ConfigError(f"{ckpt}: no model weights in the checkpoint")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ConfigError(f"{ckpt}: weights do not match the model (missing "
+                          f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
+                                    dict[str, torch.Tensor] | None]:
+    """(trainer state, optimizer state, RNG state, teacher tensors or None) of a checkpoint."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    optimizer = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    rng = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
+    teacher_file = ckpt / "teacher.safetensors"
+    teacher = load_file(teacher_file) if teacher_file.is_file() else None
+    return state, optimizer, rng, teacher

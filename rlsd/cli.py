@@ -15,6 +15,7 @@ import os
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train with the given YAML recipe (default: the CPU "
                            "quick start, configs/quickstart.yaml) and dotted overrides.")
     train.add_argument("config", nargs="?", help="YAML recipe")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its latest checkpoint, with its "
+                            "saved config (only steps, logging and checkpointing may change)")
+    train.add_argument("--no-resume", action="store_true",
+                       help="refuse to continue a run whose directory already holds one "
+                            "(by default such a run is resumed)")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -79,11 +86,28 @@ def quiet_libraries(debug: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    cfg = load_config(args.config, overrides)  # validated before anything heavy is imported
+    config = args.config
+    if args.resume:
+        run_dir = Path(args.resume)
+        if config:
+            raise ConfigError("command line: give a config or --resume RUN_DIR, not both")
+        if args.no_resume:
+            raise ConfigError("command line: --resume and --no-resume contradict each other")
+        config = run_dir / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+        overrides = {**overrides, "output.dir": str(run_dir.parent),
+                     "output.run_name": run_dir.name}
+    cfg = load_config(config, overrides)  # validated before anything heavy is imported
     quiet_libraries(args.debug)
-    from .trainer import train
+    from .trainer import TrainingStopped, train
 
-    run_dir = train(cfg)
+    try:
+        run_dir = train(cfg, resume=not args.no_resume)
+    except TrainingStopped as stop:
+        print(f"rlsd: {stop}", file=sys.stderr)
+        return stop.exit_code
+
     metrics_file = run_dir / "metrics.jsonl"
     from .tracking import read_jsonl
 

@@ -53,6 +53,25 @@ class Teacher:
         self.synced_at = step
         return True
 
+    def state(self) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """What a checkpoint must keep: the sync step and the snapshot (adapter or model copy)."""
+        if self.mode != "sync":
+            return self.synced_at, None
+        if self.lora:
+            return self.synced_at, self.snapshot
+        return self.synced_at, {n: p.detach() for n, p in self.copy.named_parameters()}
+
+    @torch.no_grad()
+    def load_state(self, synced_at: int, tensors: dict[str, torch.Tensor] | None) -> None:
+        self.synced_at = synced_at
+        if self.mode != "sync" or tensors is None:
+            return
+        if self.lora:
+            self.snapshot = {n: tensors[n].to(p.device) for n, p in self._trainable().items()}
+        else:
+            for n, p in self.copy.named_parameters():
+                p.copy_(tensors[n])
+
     @contextlib.contextmanager
     def _swapped_in(self) -> Iterator[None]:
         """Temporarily load the LoRA snapshot into the policy's adapter weights."""

@@ -9,7 +9,10 @@ over micro-batches gives the same update as one big batch.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,8 +23,9 @@ import torch
 from accelerate import Accelerator
 
 from .algorithms import group_advantages, span_split
-from .checkpoint import save_checkpoint
-from .config import Config, ConfigError, ModelConfig, to_yaml
+from .checkpoint import (latest_checkpoint, load_state, load_trainable, save_checkpoint,
+                         set_rng_state)
+from .config import Config, ConfigError, ModelConfig, check_resumable, load_config, to_yaml
 from .data import PromptRenderer, PromptStream, Record, load_records
 from .logprobs import TokenScorer
 from .models import load_model, pick_device, pick_dtype, stop_token_ids
@@ -30,7 +34,7 @@ from .rewards import build_reward
 from .rollout import Batch, left_pad, sample_completions
 from .teacher import Teacher
 from .update import Rows, optimise, reasoning_span, token_credit
-from .tracking import JsonlWriter, peak_memory_mb
+from .tracking import JsonlWriter, peak_memory_mb, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class Run:
     metrics: JsonlWriter
     samples: JsonlWriter
     history: list[dict] = field(default_factory=list)
+    start_step: int = 1
 
     @property
     def device(self) -> torch.device:
@@ -65,15 +70,32 @@ class Run:
         return self.accelerator.unwrap_model(self.scorer).lm
 
 
-def run_dir_for(cfg: Config) -> Path:
-    """The run directory; refused if it already holds a run (nothing is ever overwritten)."""
+class TrainingStopped(RuntimeError):
+    """Training stopped early on purpose (a signal, repeated non-finite gradients); a checkpoint
+    of the last completed step was written first."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_dir_for(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None for a new run).
+
+    A directory that already holds a run is resumed from its latest checkpoint when `resume` is
+    set and the config changes nothing that matters; otherwise it is refused, never overwritten.
+    """
     name = cfg.output.run_name or "{}-{}-{}".format(
         cfg.algorithm.name, cfg.data.task if cfg.data.source == "reasoning_gym" else "file",
         datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(cfg.output.dir) / name
-    if (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"{run_dir}: already holds a run; choose another output.run_name")
-    return run_dir
+    if not (run_dir / "config.yaml").is_file():
+        return run_dir, None
+    if not resume:
+        raise FileExistsError(f"{run_dir}: already holds a run; resume it (drop --no-resume) "
+                              "or choose another output.run_name")
+    check_resumable(load_config(run_dir / "config.yaml"), cfg, str(run_dir))
+    return run_dir, latest_checkpoint(run_dir)  # None: died before its first checkpoint
 
 
 def load_external_teacher(cfg: Config, tokenizer: Any, device: torch.device) -> TokenScorer:
@@ -89,9 +111,10 @@ def load_external_teacher(cfg: Config, tokenizer: Any, device: torch.device) -> 
     return TokenScorer(lm, temperature=cfg.rollout.temperature)
 
 
-def setup(cfg: Config) -> Run:
-    """Load data and model, build optimizer and teacher, run the preflight, open the run dir."""
-    run_dir = run_dir_for(cfg)  # checked before the slow work, created after it succeeded
+def setup(cfg: Config, resume: bool = True) -> Run:
+    """Load data and model, build optimizer and teacher, run the preflight, open the run dir;
+    restore the latest checkpoint when resuming."""
+    run_dir, ckpt = run_dir_for(cfg, resume)  # checked before the slow work
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.train.seed)
@@ -121,11 +144,52 @@ def setup(cfg: Config) -> Run:
             "frozen", accelerator.unwrap_model(scorer), cfg.model.lora,
             cfg.teacher.batch_size or cfg.train.micro_batch_size)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stream = PromptStream(len(records), cfg.train.seed)
+    start = 1
+    if ckpt is not None:
+        start = restore(ckpt, accelerator.unwrap_model(scorer).lm, optimizer, stream, teacher,
+                        cfg.model.lora)
+    for name in ("metrics.jsonl", "samples.jsonl"):  # drop lines written after the checkpoint
+        truncate_log(run_dir / name, start - 1)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
-               renderer, reward_fn, PromptStream(len(records), cfg.train.seed),
-               stop_token_ids(model, tokenizer), run_dir,
-               JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl"))
+    run = Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
+              renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir,
+              JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl"))
+    run.start_step = start
+    run.history = read_jsonl(run_dir / "metrics.jsonl")
+    return run
+
+
+def restore(ckpt: Path, lm: Any, optimizer: Any, stream: PromptStream, teacher: Teacher | None,
+            lora: bool) -> int:
+    """Load a checkpoint into the freshly built run. Returns the first step still to run. The frozen teacher was copied from the initial weights before
+    this, so it stays the initial policy."""
+    state, optimizer_state, rng, teacher_tensors = load_state(ckpt)
+    load_trainable(lm, ckpt, lora)
+    optimizer.load_state_dict(optimizer_state)
+    stream.load_state_dict(state["data"])
+    if teacher is not None:
+        teacher.load_state(state.get("teacher_synced_at", 0), teacher_tensors)
+    set_rng_state(rng)
+    return state["step"] + 1
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the lines of steps <= step (atomically): a resumed run rewrites the rest."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save(run: Run, step: int) -> Path:
+    synced_at, tensors = run.teacher.state() if run.teacher is not None else (0, None)
+    return save_checkpoint(run.run_dir, step, run.lm, run.optimizer,
+                           {"data": run.stream.state_dict(), "teacher_synced_at": synced_at},
+                           tensors, run.cfg.output.keep_last)
 
 
 def rollout(run: Run, step: int, recs: list[Record]) -> Batch:
@@ -306,14 +370,23 @@ def progress_bar(enabled: bool):
                     disable=not enabled)
 
 
-def train(cfg: Config) -> Path:
-    """Run the whole training job; returns the run directory."""
-    run = setup(cfg)
-    steps = cfg.train.steps
+def train(cfg: Config, resume: bool = True) -> Path:
+    """Run (or resume) the whole training job; returns the run directory.
+
+    SIGINT / SIGTERM finish the current step, write a checkpoint and raise TrainingStopped;
+    so do `train.max_nonfinite_steps` consecutive steps with a NaN or infinite gradient.
+    """
+    run = setup(cfg, resume)
+    steps, every = cfg.train.steps, cfg.output.save_every
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    nonfinite = 0
     try:
         with progress_bar(cfg.output.progress) as bar:
-            task = bar.add_task("train", total=steps, reward=0.0, acc=0.0, sps=0.0)
-            for step in range(1, steps + 1):
+            task = bar.add_task("train", total=steps, completed=run.start_step - 1, reward=0.0,
+                                acc=0.0, sps=0.0)
+            for step in range(run.start_step, steps + 1):
                 metrics = train_step(run, step)
                 run.metrics.write(metrics)
                 run.history.append(metrics)
@@ -322,11 +395,23 @@ def train(cfg: Config) -> Path:
                            reward=sum(m["reward/mean"] for m in recent) / len(recent),
                            acc=sum(m["reward/accuracy"] for m in recent) / len(recent),
                            sps=metrics["perf/step_seconds"])
-                every = cfg.output.save_every
-                if step == steps or (every and step % every == 0):
-                    save_checkpoint(run.run_dir, step, run.lm, run.optimizer,
-                                    {"data": run.stream.state_dict()})
+                nonfinite = nonfinite + 1 if metrics.get("train/nonfinite") else 0
+                stop = caught or nonfinite >= cfg.train.max_nonfinite_steps
+                if step == steps or (every and step % every == 0) or stop:
+                    save(run, step)
+                if caught:
+                    raise TrainingStopped(
+                        f"stopped by signal {signal.Signals(caught[0]).name} after step {step}; "
+                        f"checkpoint written, resume with: rlsd train --resume {run.run_dir}",
+                        128 + caught[0])
+                if stop:
+                    raise TrainingStopped(
+                        f"stopped after {nonfinite} consecutive steps with a NaN or infinite "
+                        f"gradient (step {step}, skipped); checkpoint written in {run.run_dir}. "
+                        "Lower train.lr or check the reward and data", 1)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         run.metrics.close()
         run.samples.close()
     return run.run_dir

@@ -13,6 +13,7 @@ added to the policy loss with the same aggregation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,15 +147,16 @@ def policy_update(run: Any, step: int, data: Rows, normaliser: float,
         sums["loss/policy"] += loss.item()
         sums["clipped"] += m["policy/clip_frac"] * c_mask.sum().item()
         all_logps.append(logps.detach().cpu())
-    grad_norm = 0.0
-    if cfg.train.max_grad_norm > 0:
-        params = [p for p in run.scorer.parameters() if p.requires_grad]
-        grad_norm = float(run.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-    run.optimizer.step()
+    params = [p for p in run.scorer.parameters() if p.requires_grad]
+    grad_norm = float(run.accelerator.clip_grad_norm_(
+        params, cfg.train.max_grad_norm or float("inf")))  # inf: measure, do not clip
+    finite = math.isfinite(grad_norm) and math.isfinite(sums["loss/policy"])
+    if finite:  # a NaN or infinite gradient is never applied
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     tokens = max(data.batch.completion_mask.sum().item(), 1)  # clip fraction over trained tokens
     metrics = {"loss/policy": sums["loss/policy"], "policy/grad_norm": grad_norm,
-               "policy/clip_frac": sums["clipped"] / tokens}
+               "policy/clip_frac": sums["clipped"] / tokens, "train/nonfinite": float(not finite)}
     if data.ref_logps is not None:
         metrics["policy/kl_ref"] = sums["policy/kl_ref"]
     if "opsd/kl_exact" in sums:

@@ -1,0 +1,147 @@
+"""Runs that survive: exact resume, refused config changes, signals, NaN gradients, kill -9."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlsd.cli import main
+from rlsd.config import ConfigError, load_config
+from rlsd.trainer import TrainingStopped, setup, train
+
+from .test_cli import argv
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def weights(run_dir: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    ckpt = run_dir / f"checkpoint-{step}"
+    files = sorted(ckpt.glob("*model*.safetensors"))
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("extra", [
+    {"teacher.mode": "sync", "teacher.sync_every": "3"},
+    {"model.lora": "false", "teacher.mode": "frozen"},
+])
+def test_resume_continues_bit_identically(tiny_overrides, extra):
+    base = {**tiny_overrides, **extra, "train.steps": "5", "output.save_every": "2"}
+    whole = train(load_config(None, {**base, "output.run_name": "whole"}))
+    # the interrupted run: stop after 3 steps, then lose the step-3 checkpoint as if the process
+    # had died before writing it (the metrics line of step 3 was already written)
+    part_cfg = load_config(None, {**base, "output.run_name": "part", "train.steps": "3"})
+    part = train(part_cfg)
+    import shutil
+    shutil.rmtree(part / "checkpoint-3")
+    (part / "latest").unlink()
+    assert len(metrics(part)) == 3
+    resumed = train(load_config(None, {**base, "output.run_name": "part"}))
+    assert metrics(resumed) == metrics(whole)
+    for name, tensor in weights(whole, 5).items():
+        assert torch.equal(tensor, weights(resumed, 5)[name]), name
+    samples = [json.loads(x)["step"] for x in (resumed / "samples.jsonl").read_text().splitlines()]
+    assert samples == sorted(samples) and samples.count(3) == 8  # step 3 logged once, not twice
+
+
+def test_resume_refuses_a_changed_config_and_no_resume_refuses_the_dir(tiny_overrides, capsys):
+    train(load_config(None, tiny_overrides))
+    run_dir = Path(tiny_overrides["output.dir"]) / "t"
+    with pytest.raises(ConfigError, match="train.lr: the run in .* used 0.01, now 0.02"):
+        setup(load_config(None, {**tiny_overrides, "train.lr": "0.02"}))
+    assert main(["train", *argv(tiny_overrides), "--no-resume"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # more steps is a safe change: --resume continues from step 3
+    assert main(["train", "--resume", str(run_dir), "--train.steps", "3",
+                 "--output.progress", "false"]) == 0
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+    assert main(["train", "x.yaml", "--resume", str(run_dir)]) == 2
+
+
+def test_keep_last_deletes_old_checkpoints(tiny_overrides):
+    run_dir = train(load_config(None, {**tiny_overrides, "train.steps": "4",
+                                       "output.save_every": "1", "output.keep_last": "2"}))
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3",
+                                                                     "checkpoint-4"]
+
+
+def test_nonfinite_gradients_are_skipped_then_stop_with_a_checkpoint(tiny_overrides, monkeypatch):
+    from rlsd import trainer
+
+    real = trainer.group_advantages
+    monkeypatch.setattr(trainer, "group_advantages", lambda *a, **k: (
+        torch.full_like(real(*a, **k)[0], float("nan")), real(*a, **k)[1]))
+    cfg = load_config(None, {**tiny_overrides, "train.steps": "5",
+                             "train.max_nonfinite_steps": "2"})
+    with pytest.raises(TrainingStopped, match="2 consecutive steps with a NaN") as stop:
+        train(cfg)
+    assert stop.value.exit_code == 1
+    run_dir = Path(tiny_overrides["output.dir"]) / "t"
+    rows = metrics(run_dir)
+    assert [r["train/nonfinite"] for r in rows] == [1.0, 1.0]
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-2"
+    from safetensors.torch import load_file
+    adapter = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in adapter.items() if "lora_B" in k)
+
+
+def _start(overrides: dict, steps: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rlsd", "train", *argv(overrides),
+                             "--train.steps", str(steps), "--output.save_every", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lines(path: Path, count: int, proc: subprocess.Popen, limit: float = 120) -> None:
+    deadline = time.time() + limit
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never reached {count} lines")
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_overrides):
+    proc = _start(tiny_overrides, 40)
+    run_dir = Path(tiny_overrides["output.dir"]) / "t"
+    _wait_for_lines(run_dir / "metrics.jsonl", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by signal SIGTERM" in err and "--resume" in err
+    done = len(metrics(run_dir))
+    assert (run_dir / "latest").read_text().strip() == f"checkpoint-{done}"
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tiny_overrides):
+    steps = 6
+    reference = train(load_config(None, {**tiny_overrides, "output.run_name": "ref",
+                                         "train.steps": str(steps), "output.save_every": "1"}))
+    want = metrics(reference)
+    rng = random.Random(0)
+    for trial in range(10):
+        overrides = {**tiny_overrides, "output.run_name": f"kill{trial}"}
+        run_dir = Path(overrides["output.dir"]) / f"kill{trial}"
+        proc = _start(overrides, steps)
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 2.5))  # during generation, the update or a checkpoint
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        result = subprocess.run([sys.executable, "-m", "rlsd", "train", *argv(overrides),
+                                 "--train.steps", str(steps), "--output.save_every", "1"],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert metrics(run_dir) == want, f"trial {trial}"
