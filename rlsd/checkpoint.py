@@ -8,7 +8,9 @@ optimizer and RNG state with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -55,6 +59,8 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: torch.optim
             save_file({k: v.contiguous() for k, v in extra_tensors.items()},
                       tmp / "teacher.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "checksums.json").write_text(json.dumps(sums, indent=2))
         for path in tmp.iterdir():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
@@ -73,20 +79,47 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: torch.optim
     return final
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when every file of the checkpoint matches its recorded checksum, else what is wrong."""
+    sums_file = ckpt / "checksums.json"
+    if not sums_file.is_file():
+        return "no checksums.json"
+    try:
+        sums = json.loads(sums_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "checksums.json is corrupt"
+    for name, want in sums.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_sha256(path) != want:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    found = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    """Checkpoint directories of a run, oldest first (complete or not)."""
+    found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "latest"
-    if pointer.is_file():
-        path = run_dir / pointer.read_text().strip()
-        if (path / "trainer_state.json").is_file():
-            return path
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest checkpoint whose files all match their checksums; damaged ones are skipped
+    with a warning (the previous one is used)."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("%s is damaged (%s); falling back to the previous checkpoint", ckpt, problem)
+    return None
 
 
 def load_trainable(model: Any, ckpt: Path, lora: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +78,11 @@ class DataConfig:
                                "Variables: prompt, answer, solution, and the record's metadata.")
     teacher_template: str = opt(TEACHER_TEMPLATE, "Jinja template of the teacher's user message: "
                                 "the same question plus the privileged context.")
-    max_prompt_tokens: int = opt(512, "Longest prompt allowed (tokens); longer ones are an error.",
+    max_prompt_tokens: int = opt(512, "Longest prompt allowed (tokens, student or teacher).",
                                  low=1)
+    long_prompts: str = opt("error", "What to do with records whose prompt is longer: error "
+                            "(refuse the run, naming the record) or skip (drop them, counted).",
+                            choices=("error", "skip"))
 
 
 @dataclass
@@ -235,6 +239,10 @@ def _key_name(name: str) -> str:
     return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def _coerce(value: Any, default: Any, where: str) -> Any:
     """Convert a YAML or command-line value to the type of the field's default."""
     kind = type(default)
@@ -249,7 +257,7 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         try:
             value = yaml.safe_load(value) if value.strip() else value
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: cannot parse {value!r}: {exc}") from None
+            raise ConfigError(f"{where}: cannot parse {value!r}: {_one_line(exc)}") from None
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -262,6 +270,8 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if kind is str:
@@ -309,7 +319,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         for section, values in raw.items():

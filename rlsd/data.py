@@ -167,6 +167,28 @@ class PromptRenderer:
         return ids
 
 
+def check_lengths(renderer: PromptRenderer, records: list[Record], teacher: bool,
+                  ) -> tuple[list[Record], int]:
+    """Render every prompt once before training: records whose student (or teacher) prompt is
+    longer than data.max_prompt_tokens are an error or, with data.long_prompts=skip, dropped.
+    Returns the kept records and how many were skipped."""
+    kept = []
+    for index, record in enumerate(records):
+        try:
+            renderer.student_ids(record)
+            if teacher:
+                renderer.teacher_ids(record)
+        except DataError as exc:
+            if renderer.cfg.long_prompts == "error":
+                raise DataError(f"record {index}: {exc} (or set data.long_prompts=skip)") from None
+            continue
+        kept.append(record)
+    if not kept:
+        raise DataError(f"every record's prompt exceeds data.max_prompt_tokens="
+                        f"{renderer.cfg.max_prompt_tokens}")
+    return kept, len(records) - len(kept)
+
+
 class PromptStream:
     """Endless, seeded, reshuffled-every-epoch order over records, with a resumable cursor."""
 

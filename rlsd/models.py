@@ -119,9 +119,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
-    except OSError as exc:
+    except Exception as exc:  # missing, truncated or corrupt files: say which model, one line
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"model.name: cannot load {cfg.name!r} from local files (rlsd never "
-                          f"downloads): {str(exc).splitlines()[0]}") from None
+                          f"downloads): {type(exc).__name__}: {first}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -26,7 +26,7 @@ from .algorithms import group_advantages, span_split
 from .checkpoint import (latest_checkpoint, load_state, load_trainable, save_checkpoint,
                          set_rng_state)
 from .config import Config, ConfigError, ModelConfig, check_resumable, load_config, to_yaml
-from .data import PromptRenderer, PromptStream, Record, load_records
+from .data import PromptRenderer, PromptStream, Record, check_lengths, load_records
 from .logprobs import TokenScorer
 from .models import load_model, pick_device, pick_dtype, stop_token_ids
 from .preflight import check_teacher_prompts
@@ -60,6 +60,7 @@ class Run:
     samples: JsonlWriter
     history: list[dict] = field(default_factory=list)
     start_step: int = 1
+    phase: str = "setup"  # what the current step is doing (named in out-of-memory reports)
 
     @property
     def device(self) -> torch.device:
@@ -123,6 +124,11 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     records = load_records(cfg.data)
     model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
     renderer = PromptRenderer(cfg.data, tokenizer)
+    self_teacher = cfg.algorithm.name != "grpo" and cfg.teacher.mode != "external"
+    records, skipped = check_lengths(renderer, records, self_teacher)
+    if skipped:
+        log.warning("skipped %d of %d records: prompt longer than data.max_prompt_tokens=%d",
+                    skipped, skipped + len(records), cfg.data.max_prompt_tokens)
     reward_fn = build_reward(cfg.reward)
     scorer = TokenScorer(model, temperature=cfg.rollout.temperature)
     params = [p for p in scorer.parameters() if p.requires_grad]
@@ -269,6 +275,7 @@ def scored_by(run: Run, scorer: Teacher | None, plain_prompt: bool, recs: list[R
 def train_step(run: Run, step: int) -> dict[str, Any]:
     cfg, times = run.cfg, {"start": time.perf_counter()}
     recs = [run.records[i] for i in run.stream.next(cfg.train.prompts_per_step)]
+    run.phase = "generation"
     batch = rollout(run, step, recs)
     times["generate"] = time.perf_counter()
     texts, rewards, correct, metrics = score(run, recs, batch)
@@ -279,6 +286,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     times["reward"] = time.perf_counter()
     rows = trained_rows(run, adv)
     data = Rows(batch.select(rows), adv[rows])
+    run.phase = "teacher"
     if run.teacher is not None:
         run.teacher.maybe_sync(step)
         if run.teacher.mode == "sync":
@@ -292,6 +300,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     data.ref_logps = scored_by(run, run.reference, True, recs, rows, data.batch)
     times["teacher"] = time.perf_counter()
     credit = None
+    run.phase = "update"
     if rows.any():
         data.span = reasoning_span(cfg, run.tokenizer, data.batch)
         logps, upd = optimise(run, step, batch, rows, data)
@@ -370,6 +379,31 @@ def progress_bar(enabled: bool):
                     disable=not enabled)
 
 
+def is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or \
+        "can't allocate memory" in text
+
+
+def oom_message(run: Run, step: int) -> str:
+    """Which phase ran out of memory, with which sizes, and what to lower."""
+    cfg, phase = run.cfg, run.phase
+    sizes = (f"{cfg.train.prompts_per_step} prompts x {cfg.rollout.num_generations} samples, "
+             f"max_new_tokens {cfg.rollout.max_new_tokens}")
+    if phase == "generation":
+        rows = cfg.rollout.batch_size or cfg.train.prompts_per_step * cfg.rollout.num_generations
+        hint = f"--rollout.batch_size {max(rows // 2, 1)}"
+    elif phase == "teacher":
+        rows = cfg.teacher.batch_size or cfg.train.micro_batch_size
+        hint = f"--teacher.batch_size {max(rows // 2, 1)}"
+    else:
+        hint = f"--train.micro_batch_size {max(cfg.train.micro_batch_size // 2, 1)}"
+    last = latest_checkpoint(run.run_dir)
+    kept = f"the last checkpoint ({last.name}) is kept" if last else "no checkpoint yet"
+    return (f"out of memory during {phase} at step {step} ({sizes}); {kept}. Try {hint}, then "
+            f"rlsd train --resume {run.run_dir}")
+
+
 def train(cfg: Config, resume: bool = True) -> Path:
     """Run (or resume) the whole training job; returns the run directory.
 
@@ -387,7 +421,12 @@ def train(cfg: Config, resume: bool = True) -> Path:
             task = bar.add_task("train", total=steps, completed=run.start_step - 1, reward=0.0,
                                 acc=0.0, sps=0.0)
             for step in range(run.start_step, steps + 1):
-                metrics = train_step(run, step)
+                try:
+                    metrics = train_step(run, step)
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    if not is_oom(exc):
+                        raise
+                    raise TrainingStopped(oom_message(run, step), 1) from None
                 run.metrics.write(metrics)
                 run.history.append(metrics)
                 recent = run.history[-5:]  # single steps are noisy: show a moving average

@@ -31,6 +31,8 @@ def test_yaml_then_overrides(tmp_path):
     ("rlsd:\n  eps_w: 1.5\n", "rlsd.eps_w: must be <= 1"),
     ("- a\n", "the top level must be a mapping"),
     ("a: [\n", "not valid YAML"),
+    ("train:\n  lr: .nan\n", "train.lr: expected a finite number"),
+    ("train:\n  lr: NaN\n", "train.lr: expected a finite number"),
 ])
 def test_bad_yaml_names_file_and_field(tmp_path, yaml_text, message):
     path = tmp_path / "bad.yaml"

@@ -145,3 +145,72 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tiny_
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert metrics(run_dir) == want, f"trial {trial}"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_overrides, damage):
+    from rlsd.checkpoint import latest_checkpoint
+
+    base = {**tiny_overrides, "train.steps": "3", "output.save_every": "1"}
+    run_dir = train(load_config(None, base))
+    target = run_dir / "checkpoint-3" / "adapter_model.safetensors"
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        target.write_bytes(data[:-10] + bytes(b ^ 0xFF for b in data[-10:]))
+    else:
+        (run_dir / "checkpoint-3" / "optimizer.pt").unlink()
+    assert latest_checkpoint(run_dir).name == "checkpoint-2"
+    resumed = train(load_config(None, {**base, "train.steps": "4"}))  # redoes step 3
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
+
+
+def test_out_of_memory_is_reported_with_sizes_and_keeps_the_checkpoint(tiny_overrides,
+                                                                      monkeypatch, capsys):
+    from rlsd import trainer
+
+    real = trainer.sample_completions
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sample_completions", flaky)
+    code = main(["train", *argv(tiny_overrides), "--train.steps", "4", "--output.save_every",
+                 "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "out of memory during generation at step 3 (2 prompts x 4 samples" in err
+    assert "the last checkpoint (checkpoint-2) is kept" in err
+    assert "--rollout.batch_size 4" in err and "--resume" in err
+
+
+def test_corrupt_model_files_are_a_one_line_error(tiny_model_dir, tiny_overrides, tmp_path,
+                                                  capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    code = main(["train", *argv({**tiny_overrides, "model.name": str(broken)})])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("rlsd: error: model.name: cannot load") and "\n" not in err
+    assert not (Path(tiny_overrides["output.dir"]) / "t").exists()  # nothing written
+
+
+def test_long_prompts_error_or_skip(tiny_overrides, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1 + 1", "answer": "2"}) + "\n" +
+                    json.dumps({"prompt": "9 " * 300, "answer": "9"}) + "\n")
+    base = {**tiny_overrides, "data.source": "file", "data.path": str(data),
+            "data.max_prompt_tokens": "200"}
+    from rlsd.data import DataError
+
+    with pytest.raises(DataError, match="record 1: prompt of .* tokens exceeds"):
+        setup(load_config(None, base))
+    run = setup(load_config(None, {**base, "data.long_prompts": "skip"}))
+    assert [r.prompt for r in run.records] == ["1 + 1"]
