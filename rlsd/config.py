@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import keyword
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,14 +88,23 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    verifiers: list = opt(["answer_exact"], "Reward functions, summed with `weights`: built-in "
-                          "names (answer_exact, answer_numeric, reasoning_gym, format) or "
-                          "'module:function' / 'file.py:function'. The first one defines accuracy.")
+    verifiers: list = opt(["exact"], "Reward functions, summed with `weights`: built-in names "
+                          "(exact, numeric, math, choice, regex, format, reasoning_gym) or "
+                          "'module:function' / 'file.py:function'. The first defines accuracy.")
     weights: list = opt([], "One weight per verifier; empty = all 1.")
-    answer_marker: str = opt("Answer:", "The final answer is the text after the last occurrence "
-                             "of this marker (answer_exact, answer_numeric, format).")
-    numeric_tolerance: float = opt(1e-6, "Absolute tolerance of answer_numeric.", low=0)
-    none_value: float = opt(0.0, "Reward given when a verifier cannot judge (returns None).")
+    extract: str = opt("marker", "How the built-in verifiers find the final answer: marker (the "
+                       "line after the last answer_marker), boxed (last \\boxed{}), answer_tag "
+                       "(last <answer>...</answer>), last_number, none (the whole reply).",
+                       choices=("marker", "boxed", "answer_tag", "last_number", "none"))
+    answer_marker: str = opt("Answer:", "The marker of extract=marker.")
+    numeric_tolerance: float = opt(1e-6, "Absolute tolerance of the numeric verifier.", low=0)
+    numeric_rel_tolerance: float = opt(0.0, "Relative tolerance of the numeric verifier (the "
+                                       "larger of the two bounds applies).", low=0)
+    pattern: str = opt("", "Regular expression the regex verifier requires the answer to match.")
+    none_value: float = opt(0.0, "Reward given when a verifier cannot judge, fails or times out.")
+    timeout: float = opt(10.0, "Seconds a verifier may take per completion before it counts as "
+                         "a time-out (None).", low=0.001)
+    workers: int = opt(32, "Completions scored concurrently (threads).", low=1)
 
 
 @dataclass
@@ -296,7 +306,7 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
 def set_field(cfg: Config, dotted: str, value: Any, source: str = "command line") -> None:
     """Set `section.field` on cfg from a raw value, with type checks; errors name the key."""
     parts = dotted.split(".")
-    where = f"{source}: {dotted}"
+    where = f"{source}: {dotted if dotted.isprintable() else repr(dotted)}"
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise ConfigError(f"{where}: unknown key (sections: {', '.join(SECTIONS)})")
     section = getattr(cfg, parts[0])
@@ -324,7 +334,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         for section, values in raw.items():
             if not isinstance(values, dict):
-                raise ConfigError(f"{path}: {section}: expected a mapping of fields")
+                shown = section if str(section).isprintable() else repr(section)
+                raise ConfigError(f"{path}: {shown}: expected a mapping of fields")
             for key, value in values.items():
                 set_field(cfg, f"{section}.{key}", value, source=str(path))
     for dotted, value in (overrides or {}).items():
@@ -369,6 +380,13 @@ def validate(cfg: Config) -> None:
                           f"{len(cfg.reward.verifiers)} verifiers")
     if not cfg.reward.verifiers:
         raise ConfigError("reward.verifiers: at least one verifier is needed")
+    if "regex" in cfg.reward.verifiers:
+        if not cfg.reward.pattern:
+            raise ConfigError("reward.pattern: required by the regex verifier")
+        try:
+            re.compile(cfg.reward.pattern)
+        except re.error as exc:
+            raise ConfigError(f"reward.pattern: not a valid regular expression: {exc}") from None
     method = cfg.algorithm.name
     changed = _changed_keys(cfg)  # set by the user *and* different from the default
     for prefix, allowed in (("rlsd.", ("rlsd",)), ("opsd.beta", ("grpo_opsd",)),
@@ -403,7 +421,7 @@ def validate(cfg: Config) -> None:
 
 
 # Fields that may differ between a run and its resumption; any other change is refused.
-RESUME_SAFE = {"train.steps", "train.max_nonfinite_steps", "model.threads", "teacher.batch_size",
+RESUME_SAFE = {"train.steps", "reward.workers", "train.max_nonfinite_steps", "model.threads", "teacher.batch_size",
                "rollout.batch_size", "output.save_every", "output.keep_last",
                "output.log_samples", "output.progress"}
 

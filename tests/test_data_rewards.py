@@ -8,7 +8,7 @@ from rlsd.config import ConfigError, DataConfig, RewardConfig
 from rlsd.data import DataError, PromptRenderer, PromptStream, Record, file_records, load_records
 from rlsd.preflight import check_teacher_prompts
 from rlsd.rewards import build_reward, extract_after_marker, extract_last_number
-from rlsd.rewards.builtin import answer_exact, answer_format, answer_numeric, reasoning_gym_score
+from rlsd.rewards.builtin import answer_format, exact, numeric, reasoning_gym_score
 
 from .conftest import TESTS_DIR, build_tokenizer
 
@@ -91,9 +91,9 @@ def test_extraction_on_messy_outputs():
 
 def test_builtin_verifiers():
     outs = ["So Answer: 19", "Answer: 19.0", "I think 19", "Answer: twenty"]
-    assert answer_exact([], outs, ["19"] * 4) == [1.0, 0.0, 0.0, 0.0]
-    assert answer_numeric([], outs, ["19"] * 4) == [1.0, 1.0, 0.0, 0.0]
-    assert answer_numeric([], ["Answer: 3"], ["three"]) == [None]
+    assert exact([], outs, ["19"] * 4) == [1.0, 0.0, 0.0, 0.0]
+    assert numeric([], outs, ["19"] * 4) == [1.0, 1.0, 0.0, 0.0]
+    assert numeric([], ["Answer: 3"], ["three"]) == [None]
     assert answer_format([], ["x\nAnswer: 4", "Answer:", "Answer: 4\nmore"]) == [1.0, 0.0, 0.0]
 
 
@@ -106,7 +106,7 @@ def test_reasoning_gym_scorer_is_binary():
 
 
 def test_combined_reward_weights_errors_and_custom_functions():
-    fn = build_reward(RewardConfig(verifiers=["answer_exact", "format"], weights=[1.0, 0.5]))
+    fn = build_reward(RewardConfig(verifiers=["exact", "format"], weights=[1.0, 0.5]))
     rewards, correct, metrics = fn(["p", "p"], ["Answer: 5", "5"], {"answer": ["5", "5"],
                                                                    "solution": ["", ""],
                                                                    "metadata": [{}, {}]})

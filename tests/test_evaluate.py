@@ -16,7 +16,7 @@ def test_heldout_records_exclude_training_questions():
 
 
 def test_greedy_accuracy_is_deterministic_and_scored_by_the_first_verifier(tiny_overrides):
-    cfg = load_config(None, {**tiny_overrides, "reward.verifiers": "answer_exact"})
+    cfg = load_config(None, {**tiny_overrides, "reward.verifiers": "exact"})
     lm, tok = load_model(cfg.model, torch.float32)
     records = [Record("Calculate 1 + 2.", "3"), Record("Calculate 4 - 1.", "3"),
                Record("What is 3 - 5?", "-2")]

@@ -2,7 +2,13 @@
 
 Each takes the batch's prompts and completions plus the record columns (`answer`, `solution`,
 `metadata`), one value per completion, and returns one score per completion: a float, or None
-when it cannot judge.
+when it cannot judge. Options arrive as keyword arguments from the `reward` config section
+(`extract`, `marker`, `tolerance`, `rel_tolerance`, `pattern`).
+
+Extraction (`reward.extract`): `marker` = the first line after the last `reward.answer_marker`
+(default "Answer:"); `boxed` = the content of the last \\boxed{...} (nested braces allowed);
+`answer_tag` = the content of the last <answer>...</answer>; `last_number` = the last number in the
+text; `none` = the whole completion.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import re
 from fractions import Fraction
 from typing import Any
 
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+_NUMBER = re.compile(r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?|[-+−]?\.\d+%?")
+_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+MAX_CHARS = 20_000  # only the tail of a runaway completion is read
 
 
 def extract_after_marker(text: str, marker: str) -> str | None:
@@ -20,71 +28,165 @@ def extract_after_marker(text: str, marker: str) -> str | None:
     if pos < 0:
         return None
     tail = text[pos + len(marker):].strip().splitlines()
-    return normalise(tail[0]) if tail else ""
+    return strip_markup(tail[0]) if tail else ""
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...}, braces balanced; None if there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j].strip()
+    return None  # unbalanced
+
+
+def extract_answer(text: str, mode: str = "marker", marker: str = "Answer:") -> str | None:
+    """The final answer of a completion according to `mode` (see the module docstring)."""
+    text = text[-MAX_CHARS:]
+    if mode == "marker":
+        return extract_after_marker(text, marker)
+    if mode == "boxed":
+        return extract_boxed(text)
+    if mode == "answer_tag":
+        found = _TAG.findall(text)
+        return found[-1].strip() if found else None
+    if mode == "last_number":
+        found = _NUMBER.findall(text)
+        return found[-1] if found else None
+    if mode == "none":
+        return text.strip()
+    raise ValueError(f"unknown extraction mode {mode!r}")
+
+
+def strip_markup(text: str) -> str:
+    """Trim whitespace, wrapping markup ($, **, `) and a trailing full stop (case kept)."""
+    return text.strip().rstrip(".").strip("*`$ ").rstrip(".").strip()
 
 
 def normalise(text: str) -> str:
-    """Lower-case, trim whitespace, wrapping markup ($, **, `) and a trailing full stop."""
-    text = text.strip().rstrip(".").strip("*`$ ").rstrip(".").strip()
-    return " ".join(text.lower().split())
+    """strip_markup, lower-cased, inner whitespace collapsed: for string comparison."""
+    return " ".join(strip_markup(text).lower().split())
 
 
 def extract_last_number(text: str) -> Fraction | None:
-    """The last number in text (thousand separators, sign, decimals, a/b fractions)."""
-    found = _NUMBER.findall(text)
+    """The last number in text (thousand separators, sign, decimals, a/b fractions, percent)."""
+    found = _NUMBER.findall(text[-MAX_CHARS:])
     return parse_number(found[-1]) if found else None
 
 
 def parse_number(text: str) -> Fraction | None:
-    text = text.replace(",", "").strip().rstrip("%")
+    text = text.replace(",", "").replace("−", "-").strip()
+    percent = text.endswith("%")
     try:
-        return Fraction(text)
+        value = Fraction(text.rstrip("%"))
     except (ValueError, ZeroDivisionError):
         return None
+    return value / 100 if percent else value
 
 
-def answer_exact(prompts: list[str], completions: list[str], answer: list[str],
-                 marker: str = "Answer:", **_: Any) -> list[float]:
-    """1.0 when the normalised text after the last marker equals the reference answer."""
+def exact(prompts: list[str], completions: list[str], answer: list[str],
+          extract: str = "marker", marker: str = "Answer:", **_: Any) -> list[float]:
+    """1.0 when the normalised extracted answer equals the normalised reference."""
     out = []
     for completion, gold in zip(completions, answer):
-        got = extract_after_marker(completion, marker)
-        out.append(float(got is not None and got == normalise(str(gold))))
+        got = extract_answer(completion, extract, marker)
+        out.append(float(got is not None and normalise(got) == normalise(str(gold))))
     return out
 
 
-def answer_numeric(prompts: list[str], completions: list[str], answer: list[str],
-                   marker: str = "Answer:", tolerance: float = 1e-6, **_: Any) -> list[float | None]:
-    """1.0 when the number after the last marker equals the reference within tolerance.
-
-    None (cannot judge) when the reference itself is not a number.
-    """
+def numeric(prompts: list[str], completions: list[str], answer: list[str],
+            extract: str = "marker", marker: str = "Answer:", tolerance: float = 1e-6,
+            rel_tolerance: float = 0.0, **_: Any) -> list[float | None]:
+    """1.0 when the last number of the extracted answer equals the reference within
+    max(tolerance, rel_tolerance * |reference|). None when the reference is not a number."""
     out: list[float | None] = []
     for completion, gold in zip(completions, answer):
         want = parse_number(str(gold))
         if want is None:
             out.append(None)
             continue
-        text = extract_after_marker(completion, marker)
+        text = extract_answer(completion, extract, marker)
         got = extract_last_number(text) if text is not None else None
-        out.append(float(got is not None and abs(float(got - want)) <= tolerance))
+        bound = max(tolerance, rel_tolerance * abs(float(want)))
+        out.append(float(got is not None and abs(float(got - want)) <= bound))
     return out
 
 
-def answer_format(prompts: list[str], completions: list[str], marker: str = "Answer:",
-                  **_: Any) -> list[float]:
-    """1.0 when the reply has a final line starting with the marker and a non-empty answer."""
+def math(prompts: list[str], completions: list[str], answer: list[str],
+         extract: str = "marker", marker: str = "Answer:", **_: Any) -> list[float]:
+    """1.0 when math-verify finds the extracted answer equivalent to the reference (LaTeX,
+    fractions, sets, intervals, boxed answers). Runs without math-verify's own signal-based
+    timeout (it only works in the main thread): the verifier runner enforces the time limit."""
+    from math_verify import parse, verify
+
+    out = []
+    for completion, gold in zip(completions, answer):
+        got = extract_answer(completion, extract, marker)
+        if got is None:
+            out.append(0.0)
+            continue
+        wrap = (lambda s: s if "$" in s or "\\boxed" in s else f"${s}$")
+        gold_parsed = parse(wrap(str(gold)), parsing_timeout=None)
+        got_parsed = parse(wrap(got), parsing_timeout=None)
+        out.append(float(bool(gold_parsed) and bool(got_parsed) and
+                         verify(gold_parsed, got_parsed, timeout_seconds=None)))
+    return out
+
+
+def choice(prompts: list[str], completions: list[str], answer: list[str],
+           extract: str = "marker", marker: str = "Answer:", **_: Any) -> list[float]:
+    """Multiple choice: 1.0 when the extracted answer names the reference option, by its letter
+    ("B", "(b)", "B)", "Option B") or by its text."""
+    out = []
+    for completion, gold in zip(completions, answer):
+        got = extract_answer(completion, extract, marker)
+        if got is None:
+            out.append(0.0)
+            continue
+        want = normalise(str(gold))
+        letter = re.fullmatch(r"(?:option\s*)?\(?([a-z])\)?[.:)]?(?:\s.*)?", normalise(got))
+        if len(want) == 1 and want.isalpha():
+            out.append(float(bool(letter) and letter.group(1) == want))
+        else:
+            out.append(float(normalise(got) == want))
+    return out
+
+
+def regex(prompts: list[str], completions: list[str], extract: str = "marker",
+          marker: str = "Answer:", pattern: str = "", **_: Any) -> list[float]:
+    """1.0 when the extracted answer fully matches `reward.pattern`."""
+    compiled = re.compile(pattern)
     out = []
     for completion in completions:
-        lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
-        last = lines[-1] if lines else ""
-        out.append(float(last.startswith(marker) and bool(last[len(marker):].strip())))
+        got = extract_answer(completion, extract, marker)
+        out.append(float(got is not None and compiled.fullmatch(got.strip()) is not None))
+    return out
+
+
+def answer_format(prompts: list[str], completions: list[str], extract: str = "marker",
+                  marker: str = "Answer:", **_: Any) -> list[float]:
+    """Structure only: 1.0 when the answer can be extracted and is not empty; with
+    extract=marker the marker line must also be the reply's last line."""
+    out = []
+    for completion in completions:
+        if extract == "marker":
+            lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
+            last = lines[-1] if lines else ""
+            out.append(float(last.startswith(marker) and bool(last[len(marker):].strip())))
+        else:
+            got = extract_answer(completion, extract, marker)
+            out.append(float(bool(got and got.strip())))
     return out
 
 
 def reasoning_gym_score(prompts: list[str], completions: list[str], metadata: list[dict],
-                        marker: str = "Answer:", **_: Any) -> list[float | None]:
-    """The reasoning-gym task's own scorer on the text after the marker, as 0/1.
+                        extract: str = "marker", marker: str = "Answer:",
+                        **_: Any) -> list[float | None]:
+    """The reasoning-gym task's own scorer on the extracted answer, as 0/1.
 
     reasoning-gym gives partial credit for substring matches; only a full score counts here.
     None for records that do not come from reasoning-gym.
@@ -98,10 +200,10 @@ def reasoning_gym_score(prompts: list[str], completions: list[str], metadata: li
             out.append(None)
             continue
         scorer = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
-        got = extract_after_marker(completion, marker)
+        got = extract_answer(completion, extract, marker)
         out.append(float(got is not None and scorer(got, entry) >= 1.0))
     return out
 
 
-BUILTIN = {"answer_exact": answer_exact, "answer_numeric": answer_numeric,
+BUILTIN = {"exact": exact, "numeric": numeric, "math": math, "choice": choice, "regex": regex,
            "format": answer_format, "reasoning_gym": reasoning_gym_score}
