@@ -1,6 +1,8 @@
 """`rlsd` command line: parse, call, report. No training logic lives here.
 
-    rlsd train [CONFIG.yaml] [--section.field VALUE ...] [--debug]
+    rlsd train [CONFIG.yaml] [--section.field VALUE ...] [--resume RUN_DIR] [--debug]
+    rlsd check-reward [CONFIG.yaml] [--section.field VALUE ...]
+    rlsd tasks [--all]
     rlsd --version
 
 User mistakes (bad config, missing file, unknown task, bad data) print one line and exit with
@@ -72,7 +74,59 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refuse to continue a run whose directory already holds one "
                             "(by default such a run is resumed)")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
+    check = sub.add_parser("check-reward", help="score the data set's own reference answers "
+                           "with the configured verifiers (should be ~100%%)",
+                           description="Score every record's reference answer, written where "
+                           "the configured extraction looks for it, with the configured "
+                           "verifiers. Exit code 1 below --min (a misconfigured verifier).")
+    check.add_argument("config", nargs="?", help="YAML recipe (default: the quick start)")
+    check.add_argument("--limit", type=int, default=0, help="check only the first N records")
+    check.add_argument("--min", type=float, default=0.99, help="required fraction (0.99)")
+    check.add_argument("--debug", action="store_true", help="show tracebacks")
+    tasks = sub.add_parser("tasks", help="list the task sources and verifiers")
+    tasks.add_argument("--all", action="store_true", help="list every reasoning-gym family")
+    tasks.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def cmd_check_reward(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from .rewards.check import check_references
+
+    cfg = load_config(args.config, overrides)
+    result = check_references(cfg, args.limit)
+    print(f"{result.accepted} of {result.total} references accepted "
+          f"({100 * result.fraction:.1f} %) by {', '.join(cfg.reward.verifiers)}")
+    for key, value in sorted(result.metrics.items()):
+        print(f"  {key}: {value:.4g}")
+    for record, text in result.rejected[:5]:
+        print(f"  rejected: answer {record.answer!r} written as {text!r}")
+    if result.fraction < args.min:
+        print(f"rlsd: the verifier rejects {100 * (1 - result.fraction):.1f} % of the references: "
+              "check reward.extract, reward.answer_marker and the verifier choice",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import reasoning_gym.factory
+
+    from .rewards.builtin import BUILTIN
+
+    families = sorted(reasoning_gym.factory.DATASETS)
+    print("task sources (data.source):")
+    print(f"  reasoning_gym  data.task = one of {len(families)} families, e.g. "
+          f"{', '.join(families[:6])} (rlsd tasks --all lists them)")
+    print("  file           data.path = .jsonl / .csv / .parquet with prompt, answer, optional "
+          "solution columns")
+    print("verifiers (reward.verifiers):")
+    for name, fn in BUILTIN.items():
+        summary = " ".join((fn.__doc__ or "").split("\n\n")[0].split())
+        print(f"  {name:14s} {summary}")
+    print("  module:function or file.py:function  your own fn(prompts, completions, **columns)")
+    if args.all:
+        print("reasoning-gym families:", *families, sep="\n  ")
+    return 0
 
 
 def quiet_libraries(debug: bool) -> None:
@@ -136,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        if args.command == "tasks":
+            return cmd_tasks(args)
+        if args.command == "check-reward":
+            return cmd_check_reward(args, overrides)
         return cmd_train(args, overrides)
     except USER_ERRORS as exc:
         if debug:

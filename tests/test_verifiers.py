@@ -134,3 +134,45 @@ def test_training_survives_a_flaky_and_a_hung_verifier(tiny_overrides):
     assert [r["step"] for r in rows] == [1, 2]
     assert sum(r["reward/errors"] for r in rows) >= 5  # every third of 16 calls raised
     assert all(r["reward/timeouts"] == 8 for r in rows)  # the hung verifier, every completion
+
+
+@pytest.mark.parametrize("task", ["basic_arithmetic", "chain_sum", "spell_backward",
+                                  "gsm_symbolic"])
+def test_check_reward_accepts_the_references(task, capsys):
+    from rlsd.cli import main
+
+    params = [] if task == "basic_arithmetic" else ["--data.task_params", "{}"]
+    code = main(["check-reward", "--limit", "100", "--data.task", task, *params,
+                 "--reward.verifiers", "reasoning_gym,exact"])
+    out = capsys.readouterr().out
+    assert code == 0 and "100 of 100 references accepted (100.0 %)" in out
+
+
+@pytest.mark.parametrize("extract", ["marker", "boxed", "answer_tag"])
+def test_check_reward_writes_references_where_the_extraction_looks(extract):
+    from rlsd.rewards.check import check_references
+
+    cfg = load_config(None, {"reward.verifiers": "numeric", "reward.extract": extract,
+                             "data.size": "50"})
+    result = check_references(cfg)
+    assert result.total == 50 and result.fraction == 1.0
+
+
+def test_check_reward_flags_a_misconfigured_verifier(capsys):
+    from rlsd.cli import main
+
+    code = main(["check-reward", "--limit", "20", "--data.task", "spell_backward",
+                 "--data.task_params", "{}", "--reward.verifiers", "numeric"])  # words: no number
+    captured = capsys.readouterr()
+    assert code == 1 and "rejects" in captured.err and "rejected: answer" in captured.out
+
+
+def test_tasks_lists_sources_and_every_verifier(capsys):
+    from rlsd.cli import main
+    from rlsd.rewards import BUILTIN
+
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "reasoning_gym" in out and "basic_arithmetic" not in out
+    assert all(f"  {name} " in out for name in BUILTIN)
+    assert main(["tasks", "--all"]) == 0 and "basic_arithmetic" in capsys.readouterr().out

@@ -13,9 +13,10 @@ text; `none` = the whole completion.
 
 from __future__ import annotations
 
+import logging
 import re
 from fractions import Fraction
-from typing import Any
+from typing import Any, Callable
 
 _NUMBER = re.compile(r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?|[-+−]?\.\d+%?")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -88,14 +89,22 @@ def parse_number(text: str) -> Fraction | None:
     return value / 100 if percent else value
 
 
-def exact(prompts: list[str], completions: list[str], answer: list[str],
-          extract: str = "marker", marker: str = "Answer:", **_: Any) -> list[float]:
-    """1.0 when the normalised extracted answer equals the normalised reference."""
+def _judge_each(completions: list[str], answer: list[str], extract: str, marker: str,
+                judge: Callable[[str, str], bool]) -> list[float]:
+    """1.0 where judge(extracted answer, reference) holds, 0.0 elsewhere or when nothing could
+    be extracted."""
     out = []
     for completion, gold in zip(completions, answer):
         got = extract_answer(completion, extract, marker)
-        out.append(float(got is not None and normalise(got) == normalise(str(gold))))
+        out.append(float(got is not None and judge(got, str(gold))))
     return out
+
+
+def exact(prompts: list[str], completions: list[str], answer: list[str],
+          extract: str = "marker", marker: str = "Answer:", **_: Any) -> list[float]:
+    """1.0 when the normalised extracted answer equals the normalised reference."""
+    return _judge_each(completions, answer, extract, marker,
+                       lambda got, gold: normalise(got) == normalise(gold))
 
 
 def numeric(prompts: list[str], completions: list[str], answer: list[str],
@@ -123,37 +132,33 @@ def math(prompts: list[str], completions: list[str], answer: list[str],
     timeout (it only works in the main thread): the verifier runner enforces the time limit."""
     from math_verify import parse, verify
 
-    out = []
-    for completion, gold in zip(completions, answer):
-        got = extract_answer(completion, extract, marker)
-        if got is None:
-            out.append(0.0)
-            continue
-        wrap = (lambda s: s if "$" in s or "\\boxed" in s else f"${s}$")
-        gold_parsed = parse(wrap(str(gold)), parsing_timeout=None)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" on every call
+
+    def wrap(text: str) -> str:
+        return text if "$" in text or "\\boxed" in text else f"${text}$"
+
+    def equivalent(got: str, gold: str) -> bool:
+        gold_parsed = parse(wrap(gold), parsing_timeout=None)
         got_parsed = parse(wrap(got), parsing_timeout=None)
-        out.append(float(bool(gold_parsed) and bool(got_parsed) and
-                         verify(gold_parsed, got_parsed, timeout_seconds=None)))
-    return out
+        return bool(gold_parsed) and bool(got_parsed) and \
+            verify(gold_parsed, got_parsed, timeout_seconds=None)
+
+    return _judge_each(completions, answer, extract, marker, equivalent)
 
 
 def choice(prompts: list[str], completions: list[str], answer: list[str],
            extract: str = "marker", marker: str = "Answer:", **_: Any) -> list[float]:
     """Multiple choice: 1.0 when the extracted answer names the reference option, by its letter
     ("B", "(b)", "B)", "Option B") or by its text."""
-    out = []
-    for completion, gold in zip(completions, answer):
-        got = extract_answer(completion, extract, marker)
-        if got is None:
-            out.append(0.0)
-            continue
-        want = normalise(str(gold))
-        letter = re.fullmatch(r"(?:option\s*)?\(?([a-z])\)?[.:)]?(?:\s.*)?", normalise(got))
+
+    def same_option(got: str, gold: str) -> bool:
+        want = normalise(gold)
         if len(want) == 1 and want.isalpha():
-            out.append(float(bool(letter) and letter.group(1) == want))
-        else:
-            out.append(float(normalise(got) == want))
-    return out
+            letter = re.fullmatch(r"(?:option\s*)?\(?([a-z])\)?[.:)]?(?:\s.*)?", normalise(got))
+            return bool(letter) and letter.group(1) == want
+        return normalise(got) == want
+
+    return _judge_each(completions, answer, extract, marker, same_option)
 
 
 def regex(prompts: list[str], completions: list[str], extract: str = "marker",
