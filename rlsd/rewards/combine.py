@@ -105,7 +105,8 @@ class RewardFn:
         self.none_value, self.timeout, self.workers = cfg.none_value, cfg.timeout, cfg.workers
         options = {"extract": cfg.extract, "marker": cfg.answer_marker,
                    "tolerance": cfg.numeric_tolerance, "rel_tolerance": cfg.numeric_rel_tolerance,
-                   "pattern": cfg.pattern}
+                   "pattern": cfg.pattern, "code_timeout": cfg.code_timeout,
+                   "code_memory_mb": cfg.code_memory_mb}
         self.fns = []
         for name in self.names:
             if name in BUILTIN:
