@@ -68,9 +68,16 @@ class DataConfig:
                       choices=("reasoning_gym", "humaneval", "file"))
     task: str = opt("basic_arithmetic", "reasoning-gym task family (source=reasoning_gym).")
     task_params: dict = opt(ARITHMETIC, "Parameters passed to the reasoning-gym task's config.")
+    mix: dict = opt({}, "Several reasoning-gym families with weights, e.g. {chain_sum: 1, "
+                    "leg_counting: 2} (replaces data.task; parameters in data.mix_params).")
+    mix_params: dict = opt({}, "Per-family parameters of data.mix, e.g. {chain_sum: "
+                           "{min_terms: 2}}.")
     size: int = opt(4096, "Number of reasoning-gym items to generate.", low=1)
     seed: int = opt(0, "Seed of the reasoning-gym generator (the data itself).")
-    path: str = opt("", "Data file (source=file): .jsonl, .csv or .parquet.")
+    path: str = opt("", "Data file (source=file): .jsonl, .csv or .parquet, or a directory "
+                    "saved by HF datasets' save_to_disk.")
+    heldout_size: int = opt(0, "Records held out of training for evaluation (a seeded split).",
+                            low=0)
     prompt_column: str = opt("prompt", "Column holding the question (source=file).")
     answer_column: str = opt("answer", "Column holding the reference answer (source=file).")
     solution_column: str = opt("solution", "Optional column holding a worked reference solution "
@@ -106,6 +113,10 @@ class RewardConfig:
                               "(seconds; must stay below reward.timeout).", low=0.1)
     code_memory_mb: int = opt(1024, "Memory limit of one sandboxed run of the code verifier.",
                               low=64)
+    format_think: bool = opt(False, "The format verifier also requires a closed <think>...</think> "
+                             "span before the answer.")
+    format_partial: bool = opt(False, "The format verifier gives partial credit: the fraction of "
+                               "its checks that pass (else all or nothing).")
     none_value: float = opt(0.0, "Reward given when a verifier cannot judge, fails or times out.")
     timeout: float = opt(10.0, "Seconds a verifier may take per completion before it counts as "
                          "a time-out (None).", low=0.001)
@@ -378,6 +389,13 @@ def validate(cfg: Config) -> None:
     """Refuse invalid values and bad combinations before anything heavy happens."""
     for name in SECTIONS:
         _check_range(name, getattr(cfg, name), cfg.explicit)
+    for task, weight in cfg.data.mix.items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+            raise ConfigError(f"data.mix: the weight of {task!r} must be a positive number, "
+                              f"got {weight!r}")
+    unknown = sorted(set(cfg.data.mix_params) - set(cfg.data.mix))
+    if unknown:
+        raise ConfigError(f"data.mix_params: {unknown[0]!r} is not in data.mix")
     if cfg.data.source == "file" and not cfg.data.path:
         raise ConfigError("data.path: required when data.source is 'file'")
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.verifiers):

@@ -105,10 +105,18 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
 def file_records(path: str, prompt_col: str, answer_col: str, solution_col: str) -> list[Record]:
     """Load records from a data file; a missing or empty column is an error naming the line."""
     file = Path(path)
+    if file.is_dir():
+        return hf_disk_records(file, prompt_col, answer_col, solution_col)
     if not file.is_file():
         raise DataError(f"{file}: data file not found")
+    return rows_to_records(file, _read_rows(file), prompt_col, answer_col, solution_col)
+
+
+def rows_to_records(file: Path, rows: list[tuple[int, dict]], prompt_col: str, answer_col: str,
+                    solution_col: str) -> list[Record]:
+    """Records from (line, row) pairs; a missing or empty required field names its line."""
     records = []
-    for lineno, row in _read_rows(file):
+    for lineno, row in rows:
         for col in (prompt_col, answer_col):
             if row.get(col) is None or not str(row[col]).strip():
                 raise DataError(f"{file}:{lineno}: field {col!r} is missing or empty")
@@ -120,7 +128,52 @@ def file_records(path: str, prompt_col: str, answer_col: str, solution_col: str)
     return records
 
 
+def reasoning_gym_mix(mix: dict, params: dict, size: int, seed: int) -> list[Record]:
+    """A weighted mix of reasoning-gym families (its `composite` dataset)."""
+    from reasoning_gym.composite import DatasetSpec
+    from reasoning_gym.factory import DATASETS
+
+    for name in mix:
+        if name not in DATASETS:
+            raise ConfigError(f"data.mix: unknown reasoning-gym task {name!r}")
+    specs = [DatasetSpec(name, float(weight), dict(params.get(name) or {}))
+             for name, weight in mix.items()]
+    return reasoning_gym_records("composite", {"datasets": specs}, size, seed)
+
+
+def hf_disk_records(path: Path, prompt_col: str, answer_col: str,
+                    solution_col: str) -> list[Record]:
+    """Records of a data set saved with HF datasets' `save_to_disk` (needs `datasets`)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a saved HF dataset needs the datasets package "
+                        "(pip install datasets)") from None
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        split = "train" if "train" in data else next(iter(data))
+        data = data[split]
+    return rows_to_records(path, [(i + 1, row) for i, row in enumerate(data)], prompt_col,
+                           answer_col, solution_col)
+
+
+def split_heldout(records: list[Record], n: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """(training, held-out): n records drawn with a seeded shuffle, never trained on."""
+    if n == 0:
+        return records, []
+    if n >= len(records):
+        raise ConfigError(f"data.heldout_size: {n} leaves nothing of {len(records)} records to "
+                          "train on")
+    order = list(range(len(records)))
+    random.Random(seed * 7_919 + 17).shuffle(order)
+    held = set(order[:n])
+    return ([r for i, r in enumerate(records) if i not in held],
+            [records[i] for i in sorted(held)])
+
+
 def load_records(cfg: DataConfig) -> list[Record]:
+    if cfg.source == "reasoning_gym" and cfg.mix:
+        return reasoning_gym_mix(cfg.mix, cfg.mix_params, cfg.size, cfg.seed)
     if cfg.source == "reasoning_gym":
         return reasoning_gym_records(cfg.task, cfg.task_params, cfg.size, cfg.seed)
     if cfg.source == "humaneval":

@@ -26,7 +26,8 @@ from .algorithms import group_advantages, span_split
 from .checkpoint import (latest_checkpoint, load_state, load_trainable, save_checkpoint,
                          set_rng_state)
 from .config import Config, ConfigError, ModelConfig, check_resumable, load_config, to_yaml
-from .data import PromptRenderer, PromptStream, Record, check_lengths, load_records
+from .data import (PromptRenderer, PromptStream, Record, check_lengths, load_records,
+                   split_heldout)
 from .logprobs import TokenScorer
 from .models import load_model, pick_device, pick_dtype, stop_token_ids
 from .preflight import check_teacher_prompts
@@ -61,6 +62,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     start_step: int = 1
     phase: str = "setup"  # what the current step is doing (named in out-of-memory reports)
+    heldout: list[Record] = field(default_factory=list)  # data.heldout_size records, for eval
 
     @property
     def device(self) -> torch.device:
@@ -121,7 +123,8 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.model)
     accelerator = Accelerator(cpu=device.type == "cpu")
-    records = load_records(cfg.data)
+    records, heldout = split_heldout(load_records(cfg.data), cfg.data.heldout_size,
+                                     cfg.data.seed)  # held-out records are never trained on
     model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
     renderer = PromptRenderer(cfg.data, tokenizer)
     self_teacher = cfg.algorithm.name != "grpo" and cfg.teacher.mode != "external"
@@ -162,6 +165,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
               renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir,
               JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl"))
     run.start_step = start
+    run.heldout = heldout
     run.history = read_jsonl(run_dir / "metrics.jsonl")
     return run
 

@@ -135,3 +135,47 @@ def test_preflight_refuses_a_chat_template_that_changes_the_assistant_header():
     with pytest.raises(ConfigError, match="data.teacher_template: the rendered prompt does not "
                                           "end with the chat template's assistant header"):
         check_teacher_prompts(renderer, tok, [Record("Calculate 2 + 3.", "5")])
+
+
+def test_reasoning_gym_mix_with_weights():
+    cfg = DataConfig(mix={"chain_sum": 1, "leg_counting": 3}, mix_params={"chain_sum": {}},
+                     size=200)
+    records = load_records(cfg)
+    families = [r.metadata["entry"]["metadata"]["source_dataset"] for r in records]
+    assert set(families) == {"chain_sum", "leg_counting"}
+    assert 0.6 < families.count("leg_counting") / len(families) < 0.9  # weight 3 of 4
+    with pytest.raises(ConfigError, match="data.mix: unknown reasoning-gym task 'nope'"):
+        load_records(DataConfig(mix={"nope": 1}))
+
+
+def test_mix_validation():
+    from rlsd.config import load_config
+
+    with pytest.raises(ConfigError, match="data.mix: the weight of 'gcd' must be a positive"):
+        load_config(None, {"data.mix": "{gcd: 0}"})
+    with pytest.raises(ConfigError, match="data.mix_params: 'gcd' is not in data.mix"):
+        load_config(None, {"data.mix": "{chain_sum: 1}", "data.mix_params": "{gcd: {}}"})
+
+
+def test_heldout_split_is_seeded_and_disjoint():
+    from rlsd.data import split_heldout
+
+    records = [Record(str(i), str(i)) for i in range(50)]
+    train, held = split_heldout(records, 10, seed=3)
+    again, held_again = split_heldout(records, 10, seed=3)
+    assert len(train) == 40 and len(held) == 10 and held == held_again and train == again
+    assert not {r.prompt for r in train} & {r.prompt for r in held}
+    assert split_heldout(records, 0, 3) == (records, [])
+    with pytest.raises(ConfigError, match="leaves nothing"):
+        split_heldout(records, 50, 3)
+
+
+def test_saved_hf_dataset_needs_the_datasets_package(tmp_path):
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="needs the datasets package"):
+            file_records(str(tmp_path), "prompt", "answer", "solution")
+    else:  # with the package installed, a real saved data set loads
+        datasets.Dataset.from_list([{"prompt": "1+1", "answer": "2"}]).save_to_disk(tmp_path / "d")
+        assert file_records(str(tmp_path / "d"), "prompt", "answer", "solution")[0].answer == "2"

@@ -71,3 +71,11 @@ def test_humaneval_recipe_trains_a_step_on_a_tiny_model(tiny_overrides):
     run = setup(cfg)
     metrics = train_step(run, 1)
     assert metrics["reward/code/mean"] == 0.0 and metrics["reward/errors"] == 0
+
+
+def test_exiting_early_or_forging_the_pass_token_does_not_pass():
+    meta = {"tests": ["assert f() == 1"]}
+    hacks = ["import sys\nsys.exit(0)", "import os\nos._exit(0)",
+             "print(open(__file__).read().splitlines()[-1][7:-2])\nimport os\nos._exit(0)"]
+    assert code([""] * 3, hacks, [meta] * 3) == [0.0, 0.0, 0.0]
+    assert code([""], ["def f():\n    return 1"], [meta]) == [1.0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from fractions import Fraction
 from typing import Any, Callable
 
@@ -120,8 +121,8 @@ def numeric(prompts: list[str], completions: list[str], answer: list[str],
             continue
         text = extract_answer(completion, extract, marker)
         got = extract_last_number(text) if text is not None else None
-        bound = max(tolerance, rel_tolerance * abs(float(want)))
-        out.append(float(got is not None and abs(float(got - want)) <= bound))
+        bound = max(Fraction(tolerance), Fraction(rel_tolerance) * abs(want))  # exact: no overflow
+        out.append(float(got is not None and abs(got - want) <= bound))
     return out
 
 
@@ -173,18 +174,29 @@ def regex(prompts: list[str], completions: list[str], extract: str = "marker",
 
 
 def answer_format(prompts: list[str], completions: list[str], extract: str = "marker",
-                  marker: str = "Answer:", **_: Any) -> list[float]:
-    """Structure only: 1.0 when the answer can be extracted and is not empty; with
-    extract=marker the marker line must also be the reply's last line."""
+                  marker: str = "Answer:", format_think: bool = False,
+                  format_partial: bool = False, **_: Any) -> list[float]:
+    """Structure only. Checks: an answer can be extracted and is not empty (with extract=marker
+    the marker line must also be the reply's last line); with `format_think`, a closed
+    <think>...</think> span comes before the answer. All or nothing, or with `format_partial`
+    the fraction of checks passed."""
     out = []
     for completion in completions:
+        checks = []
         if extract == "marker":
             lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
             last = lines[-1] if lines else ""
-            out.append(float(last.startswith(marker) and bool(last[len(marker):].strip())))
+            checks.append(last.startswith(marker) and bool(last[len(marker):].strip()))
         else:
             got = extract_answer(completion, extract, marker)
-            out.append(float(bool(got and got.strip())))
+            checks.append(bool(got and got.strip()))
+        if format_think:
+            opened, closed = completion.find("<think>"), completion.find("</think>")
+            anchor = {"marker": marker, "answer_tag": "<answer>", "boxed": "\\boxed{"}.get(extract)
+            found = completion.rfind(anchor) if anchor else -1
+            answer_at = found if found >= 0 else len(completion)
+            checks.append(0 <= opened < closed <= answer_at)
+        out.append(sum(checks) / len(checks) if format_partial else float(all(checks)))
     return out
 
 
@@ -249,8 +261,13 @@ def code(prompts: list[str], completions: list[str], metadata: list[dict],
         if program is None:
             out.append(None)
             continue
-        result = run_python(program, timeout=code_timeout, memory_mb=code_memory_mb)
-        out.append(float(result.status == "passed"))
+        # Exiting with status 0 before the tests run (sys.exit, os._exit) must not pass: the
+        # program must also print a fresh random token that only the last line knows.
+        token = secrets.token_hex(16)
+        result = run_python(f"{program}\nprint({token!r})\n", timeout=code_timeout,
+                            memory_mb=code_memory_mb)
+        last = result.output.strip().splitlines()[-1:] or [""]
+        out.append(float(result.status == "passed" and last[0] == token))
     return out
 
 

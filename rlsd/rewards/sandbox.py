@@ -41,11 +41,13 @@ PREAMBLE = textwrap.dedent("""
     _os.kill = _kill
     _os.killpg = _refuse
     _real_open = _b.open
+    _self = _os.path.realpath(__file__)
     def _open(file, mode="r", *a, **k):
-        if any(m in mode for m in "wax+") and isinstance(file, (str, bytes, _os.PathLike)):
+        if isinstance(file, (str, bytes, _os.PathLike)):
             path = _os.path.realpath(_os.fsdecode(file))
-            if not path.startswith(_home + _os.sep):
-                _refuse()
+            if path == _self or (any(m in mode for m in "wax+") and
+                                 not path.startswith(_home + _os.sep)):
+                _refuse()  # no writes outside, and the program may not read its own source
         return _real_open(file, mode, *a, **k)
     _b.open = _open
     del _b, _socket
