@@ -3,7 +3,8 @@
     python benchmarks/verifier_bench.py [--n 2000]
 
 Completions are real-looking: the quick-start task's references with a marker, half of them
-wrong, some with LaTeX for `math`. Results go to benchmarks/results/verifiers-<date>.md.
+wrong, some with LaTeX for `math`; for `code`, HumanEval's 164 canonical solutions and 164
+broken ones, each run in the sandbox. Results go to benchmarks/results/verifiers-<date>.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rlsd.config import RewardConfig, load_config  # noqa: E402
-from rlsd.data import load_records  # noqa: E402
+from rlsd.data import humaneval_records, load_records  # noqa: E402
 from rlsd.rewards import build_reward  # noqa: E402
 
 
@@ -45,6 +46,18 @@ def main() -> None:
         seconds = time.perf_counter() - start
         rows.append(f"| {name} | {len(texts) / seconds:,.0f} | {sum(rewards) / len(rewards):.3f} "
                     f"| {metrics['reward/errors']:.0f} | {metrics['reward/timeouts']:.0f} |")
+    problems = humaneval_records()  # code: HumanEval's canonical solutions and a broken copy
+    completions = [f"```python\n{r.solution}\n```" for r in problems] + \
+        [f"```python\n{r.metadata['prompt_code']}    return None\n```" for r in problems]
+    fn = build_reward(RewardConfig(verifiers=["code"]))
+    start = time.perf_counter()
+    rewards, _, metrics = fn([""] * len(completions), completions,
+                             {"answer": [""] * len(completions),
+                              "metadata": [r.metadata for r in problems] * 2})
+    seconds = time.perf_counter() - start
+    rows.append(f"| code (HumanEval) | {len(completions) / seconds:,.0f} | "
+                f"{sum(rewards) / len(rewards):.3f} | {metrics['reward/errors']:.0f} | "
+                f"{metrics['reward/timeouts']:.0f} |")
     table = "\n".join(["| verifier | completions/s | mean reward | errors | time-outs |",
                        "|---|---|---|---|---|", *rows])
     command = "python benchmarks/verifier_bench.py " + " ".join(sys.argv[1:])

@@ -176,3 +176,10 @@ def test_tasks_lists_sources_and_every_verifier(capsys):
     assert "reasoning_gym" in out and "basic_arithmetic" not in out
     assert all(f"  {name} " in out for name in BUILTIN)
     assert main(["tasks", "--all"]) == 0 and "basic_arithmetic" in capsys.readouterr().out
+
+
+def test_check_reward_accepts_every_humaneval_reference():
+    from rlsd.rewards.check import check_references
+
+    result = check_references(load_config("configs/humaneval.yaml"))
+    assert (result.total, result.accepted) == (164, 164)
