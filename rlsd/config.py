@@ -111,6 +111,9 @@ class RewardConfig:
     pattern: str = opt("", "Regular expression the regex verifier requires the answer to match.")
     code_timeout: float = opt(5.0, "Wall-time limit of one sandboxed run of the code verifier "
                               "(seconds; must stay below reward.timeout).", low=0.1)
+    code_score: str = opt("all_pass", "Code reward: all_pass (1 when every test passes) or "
+                          "pass_fraction (the fraction of a `tests` list of asserts that pass).",
+                          choices=("all_pass", "pass_fraction"))
     code_memory_mb: int = opt(1024, "Memory limit of one sandboxed run of the code verifier.",
                               low=64)
     format_think: bool = opt(False, "The format verifier also requires a closed <think>...</think> "

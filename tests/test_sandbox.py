@@ -79,3 +79,13 @@ def test_exiting_early_or_forging_the_pass_token_does_not_pass():
              "print(open(__file__).read().splitlines()[-1][7:-2])\nimport os\nos._exit(0)"]
     assert code([""] * 3, hacks, [meta] * 3) == [0.0, 0.0, 0.0]
     assert code([""], ["def f():\n    return 1"], [meta]) == [1.0]
+
+
+def test_pass_fraction_of_a_list_of_asserts():
+    meta = {"tests": ["assert f(1) == 2", "assert f(2) == 3", "assert f(0) == 5", "assert g()"]}
+    half = "def f(x):\n    return x + 1"
+    assert code([""], [half], [meta], code_score="pass_fraction") == [0.5]
+    assert code([""], [half], [meta]) == [0.0]  # all_pass
+    assert code([""], ["import os\nos._exit(0)"], [meta], code_score="pass_fraction") == [0.0]
+    humaneval_style = {"test": "def check(f):\n    assert f(1) == 2", "entry_point": "f"}
+    assert code([""], [half], [humaneval_style], code_score="pass_fraction") == [1.0]

@@ -248,26 +248,46 @@ def code_program(completion: str, meta: dict) -> str | None:
     return None
 
 
+def _fraction_program(code: str, tests: list[str], token: str) -> str:
+    """Run each assert on its own and print the token with how many passed."""
+    return (f"{code}\n\n_rlsd_passed = 0\nfor _rlsd_test in {tests!r}:\n    try:\n"
+            f"        exec(_rlsd_test, globals())\n        _rlsd_passed += 1\n"
+            f"    except BaseException:\n        pass\n"
+            f"print({token!r}, _rlsd_passed, {len(tests)})\n")
+
+
 def code(prompts: list[str], completions: list[str], metadata: list[dict],
-         code_timeout: float = 5.0, code_memory_mb: int = 1024, **_: Any) -> list[float | None]:
+         code_timeout: float = 5.0, code_memory_mb: int = 1024, code_score: str = "all_pass",
+         **_: Any) -> list[float | None]:
     """1.0 when the completion's code passes the record's tests in the sandbox (own temp dir, no
     network, CPU / wall-time / memory / output limits, process group killed on time-out), 0.0
-    when it fails or exceeds a limit, None for records without tests."""
+    when it fails or exceeds a limit, None for records without tests. With
+    code_score=pass_fraction and a list of assert statements, the fraction that pass."""
     from .sandbox import run_python
 
     out: list[float | None] = []
     for completion, meta in zip(completions, metadata):
-        program = code_program(completion, meta or {})
+        meta = meta or {}
+        program = code_program(completion, meta)
         if program is None:
             out.append(None)
             continue
         # Exiting with status 0 before the tests run (sys.exit, os._exit) must not pass: the
-        # program must also print a fresh random token that only the last line knows.
+        # program must also print a fresh random token that only its last line knows.
         token = secrets.token_hex(16)
-        result = run_python(f"{program}\nprint({token!r})\n", timeout=code_timeout,
-                            memory_mb=code_memory_mb)
-        last = result.output.strip().splitlines()[-1:] or [""]
-        out.append(float(result.status == "passed" and last[0] == token))
+        tests = meta.get("tests")
+        fraction = code_score == "pass_fraction" and isinstance(tests, list) and \
+            not meta.get("entry_point")
+        if fraction:
+            program = _fraction_program(completion_code(completion), tests, token)
+        else:
+            program = f"{program}\nprint({token!r})\n"
+        result = run_python(program, timeout=code_timeout, memory_mb=code_memory_mb)
+        last = (result.output.strip().splitlines()[-1:] or [""])[0].split()
+        if result.status != "passed" or not last or last[0] != token:
+            out.append(0.0)
+        else:
+            out.append(int(last[1]) / int(last[2]) if fraction else 1.0)
     return out
 
 

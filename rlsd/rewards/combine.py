@@ -106,7 +106,7 @@ class RewardFn:
         options = {"extract": cfg.extract, "marker": cfg.answer_marker,
                    "tolerance": cfg.numeric_tolerance, "rel_tolerance": cfg.numeric_rel_tolerance,
                    "pattern": cfg.pattern, "code_timeout": cfg.code_timeout,
-                   "code_memory_mb": cfg.code_memory_mb, "format_think": cfg.format_think,
+                   "code_memory_mb": cfg.code_memory_mb, "code_score": cfg.code_score, "format_think": cfg.format_think,
                    "format_partial": cfg.format_partial}
         self.fns = []
         for name in self.names:
