@@ -2,6 +2,7 @@
 
     rlsd train [CONFIG.yaml] [--section.field VALUE ...] [--resume RUN_DIR] [--debug]
     rlsd check-reward [CONFIG.yaml] [--section.field VALUE ...]
+    rlsd report RUN_DIR
     rlsd tasks [--all]
     rlsd --version
 
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--limit", type=int, default=0, help="check only the first N records")
     check.add_argument("--min", type=float, default=0.99, help="required fraction (0.99)")
     check.add_argument("--debug", action="store_true", help="show tracebacks")
+    report = sub.add_parser("report", help="write RUN_DIR/report.html: curves and the "
+                            "per-token credit heat map")
+    report.add_argument("run_dir", help="a run directory")
+    report.add_argument("--debug", action="store_true", help="show tracebacks")
     tasks = sub.add_parser("tasks", help="list the task sources and verifiers")
     tasks.add_argument("--all", action="store_true", help="list every reasoning-gym family")
     tasks.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -105,6 +110,17 @@ def cmd_check_reward(args: argparse.Namespace, overrides: dict[str, str]) -> int
               "check reward.extract, reward.answer_marker and the verifier choice",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml and metrics.jsonl)")
+    quiet_libraries(args.debug)
+    from .report import write_report
+
+    print(f"report: {write_report(run_dir)}")
     return 0
 
 
@@ -192,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tasks":
             return cmd_tasks(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "check-reward":
             return cmd_check_reward(args, overrides)
         return cmd_train(args, overrides)

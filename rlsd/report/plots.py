@@ -1,0 +1,62 @@
+"""Learning curves of a run as PNG images (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+PANELS = [  # (title, metric keys)
+    ("reward", ["reward/mean", "reward/accuracy"]),
+    ("completion length (tokens)", ["completion/length_mean"]),
+    ("RLSD credit", ["rlsd/weight_mean", "rlsd/lambda"]),
+    ("clipped teacher weights", ["rlsd/clip_low_frac", "rlsd/clip_high_frac"]),
+    ("teacher vs student", ["teacher/kl", "rlsd/delta_mean_correct", "rlsd/delta_mean_incorrect"]),
+    ("distillation", ["opsd/reverse_kl", "opsd/kl_exact"]),
+    ("policy", ["policy/entropy", "policy/grad_norm"]),
+    ("seconds per step", ["perf/step_seconds", "perf/generate_seconds", "perf/train_seconds"]),
+    ("peak memory (MB)", ["perf/peak_mem_mb"]),
+]
+
+
+def moving_average(values: list[float], window: int = 5) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def curves_png(rows: list[dict]) -> str:
+    """All panels that have data, in one PNG, as a base64 data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)])
+              for t, keys in PANELS]
+    panels = [(t, keys) for t, keys in panels if keys]
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols,
+                             figsize=(4.2 * cols, 2.8 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            steps, values = zip(*points)
+            line, = ax.plot(steps, values, alpha=0.35, linewidth=1)
+            ax.plot(steps, moving_average(list(values)), color=line.get_color(), label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
