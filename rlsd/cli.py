@@ -2,6 +2,7 @@
 
     rlsd train [CONFIG.yaml] [--section.field VALUE ...] [--resume RUN_DIR] [--debug]
     rlsd check-reward [CONFIG.yaml] [--section.field VALUE ...]
+    rlsd eval RUN_DIR_OR_MODEL [CONFIG] [--n K] [--limit N]
     rlsd report RUN_DIR
     rlsd tasks [--all]
     rlsd --version
@@ -84,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--limit", type=int, default=0, help="check only the first N records")
     check.add_argument("--min", type=float, default=0.99, help="required fraction (0.99)")
     check.add_argument("--debug", action="store_true", help="show tracebacks")
+    ev = sub.add_parser("eval", help="accuracy on held-out items: pass@1, pass@k, maj@k")
+    ev.add_argument("target", help="a run directory (its latest checkpoint) or a model")
+    ev.add_argument("config", nargs="?", help="YAML recipe for a plain model (default: quick "
+                                              "start); a run directory brings its own")
+    ev.add_argument("--n", type=int, default=1, help="samples per item (k); 1 = greedy")
+    ev.add_argument("--limit", type=int, default=128, help="items to evaluate")
+    ev.add_argument("--out", help="JSON result file (default: eval-<time>.json in the run "
+                                  "directory or here)")
+    ev.add_argument("--debug", action="store_true", help="show tracebacks")
     report = sub.add_parser("report", help="write RUN_DIR/report.html: curves and the "
                             "per-token credit heat map")
     report.add_argument("run_dir", help="a run directory")
@@ -110,6 +120,45 @@ def cmd_check_reward(args: argparse.Namespace, overrides: dict[str, str]) -> int
               "check reward.extract, reward.answer_marker and the verifier choice",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import json
+    from datetime import datetime
+
+    run_dir = Path(args.target)
+    is_run = (run_dir / "config.yaml").is_file()
+    if is_run and args.config:
+        raise ConfigError("command line: a run directory brings its own config; drop CONFIG")
+    if args.n < 1 or args.limit < 1:
+        raise ConfigError("command line: --n and --limit must be >= 1")
+    config = run_dir / "config.yaml" if is_run else args.config
+    cfg = load_config(config, overrides if is_run else {"model.name": args.target, **overrides})
+    quiet_libraries(args.debug)
+    from rich.progress import Progress
+
+    from .evaluate import eval_items, evaluate, load_for_eval
+    from .models import pick_device, stop_token_ids
+
+    device = pick_device(cfg.model)
+    items, source = eval_items(cfg, args.limit)
+    lm, tokenizer, name = load_for_eval(args.target, cfg, device)
+    with Progress() as bar:
+        task = bar.add_task(f"eval {len(items)} items", total=len(items))
+        result = evaluate(cfg, lm, tokenizer, items, stop_token_ids(lm, tokenizer), device,
+                          k=args.n, greedy=args.n == 1,
+                          progress=lambda done: bar.update(task, advance=done))
+    result.update({"model": name, "items_from": source})
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else (run_dir if is_run else Path(".")) / f"eval-{stamp}.json"
+    out.write_text(json.dumps(result, indent=1))
+    k = result["samples_per_item"]
+    extra = f", pass@{k} {result[f'pass@{k}']:.3f}, maj@{k} {result[f'maj@{k}']:.3f}" \
+        if k > 1 else " (greedy)"
+    print(f"{name} on {result['n_items']} items ({source}): pass@1 {result['pass@1']:.3f}"
+          + extra)
+    print(f"result: {out}")
     return 0
 
 
@@ -210,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_tasks(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "eval":
+            return cmd_eval(args, overrides)
         if args.command == "check-reward":
             return cmd_check_reward(args, overrides)
         return cmd_train(args, overrides)

@@ -1,5 +1,6 @@
 """Held-out greedy evaluation on a tiny model."""
 
+import pytest
 import torch
 
 from rlsd.config import load_config
@@ -28,3 +29,42 @@ def test_greedy_accuracy_is_deterministic_and_scored_by_the_first_verifier(tiny_
     wanted = sum(c.strip().endswith(f"Answer: {r.answer}") for c, r in
                  zip(first["completions"], records)) / 3
     assert first["accuracy"] == wanted
+
+
+def test_pass_at_k_by_hand():
+    from rlsd.evaluate import pass_at_k
+
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0 and pass_at_k(1, 1, 1) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+def test_majority_vote_with_ties():
+    from rlsd.evaluate import majority_index
+
+    assert majority_index(["3", "4", "4", "3", "5"]) == 0  # 3 and 4 tie: 3 was seen first
+    assert majority_index([None, "7", "8", "8"]) == 2
+    assert majority_index([None, None]) is None
+
+
+def test_eval_command_on_a_run(tiny_overrides, capsys):
+    import json
+    from pathlib import Path
+
+    from rlsd.cli import main
+
+    from .test_cli import argv
+
+    assert main(["train", *argv({**tiny_overrides, "data.heldout_size": "6"})]) == 0
+    run_dir = Path(tiny_overrides["output.dir"]) / "t"
+    out = run_dir / "e.json"
+    assert main(["eval", str(run_dir), "--n", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_items"] == 6 and result["samples_per_item"] == 3
+    assert result["items_from"] == "held-out split" and "checkpoint-2" in result["model"]
+    assert all(len(i["completions"]) == 3 for i in result["items"])
+    assert 0 <= result["pass@1"] <= result["pass@3"] <= 1
+    assert "pass@1" in capsys.readouterr().out
+    assert main(["eval", str(run_dir), "x.yaml"]) == 2
