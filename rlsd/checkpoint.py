@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
+from .config import Config, ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +152,22 @@ def load_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
     teacher_file = ckpt / "teacher.safetensors"
     teacher = load_file(teacher_file) if teacher_file.is_file() else None
     return state, optimizer, rng, teacher
+
+
+# Fields that may differ between a run and its resumption; any other change is refused.
+RESUME_SAFE = {"train.steps", "train.max_nonfinite_steps", "train.eval_every", "train.eval_items",
+               "model.threads", "teacher.batch_size", "rollout.batch_size", "reward.workers",
+               "output.save_every", "output.keep_last", "output.log_samples", "output.progress"}
+
+
+def check_resumable(saved: Config, new: Config, where: str) -> None:
+    """Refuse to resume a run under a config that changes what the run computes."""
+    old_values, new_values = to_dict(saved), to_dict(new)
+    for section, fields in old_values.items():
+        for name, value in fields.items():
+            key = f"{section}.{name}"
+            if key not in RESUME_SAFE and new_values[section][name] != value:
+                raise ConfigError(f"{key}: the run in {where} used {value!r}, now "
+                                  f"{new_values[section][name]!r}; resuming would not continue "
+                                  "the same run (only " + ", ".join(sorted(RESUME_SAFE)) +
+                                  " may change)")

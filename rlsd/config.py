@@ -218,6 +218,9 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay.", low=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping by global norm (0 = off).", low=0)
     seed: int = opt(0, "Seed of data order, sampling and initialisation.")
+    eval_every: int = opt(0, "Greedy held-out evaluation every N steps, logged as eval/* "
+                          "(0 = off; items as in `rlsd eval`).", low=0)
+    eval_items: int = opt(64, "Held-out items per evaluation.", low=1)
     max_nonfinite_steps: int = opt(3, "Stop (with a checkpoint) after this many consecutive "
                                    "steps whose gradient was NaN or infinite; each is skipped.",
                                    low=1)
@@ -447,25 +450,6 @@ def validate(cfg: Config) -> None:
     if cfg.rlsd.thought_only and not (cfg.rlsd.thought_open and cfg.rlsd.thought_close):
         raise ConfigError("rlsd.thought_open/thought_close: both tags are needed for "
                           "thought_only")
-
-
-# Fields that may differ between a run and its resumption; any other change is refused.
-RESUME_SAFE = {"train.steps", "reward.workers", "train.max_nonfinite_steps", "model.threads", "teacher.batch_size",
-               "rollout.batch_size", "output.save_every", "output.keep_last",
-               "output.log_samples", "output.progress"}
-
-
-def check_resumable(saved: Config, new: Config, where: str) -> None:
-    """Refuse to resume a run under a config that changes what the run computes."""
-    old_values, new_values = to_dict(saved), to_dict(new)
-    for section, fields in old_values.items():
-        for name, value in fields.items():
-            key = f"{section}.{name}"
-            if key not in RESUME_SAFE and new_values[section][name] != value:
-                raise ConfigError(f"{key}: the run in {where} used {value!r}, now "
-                                  f"{new_values[section][name]!r}; resuming would not continue "
-                                  "the same run (only " + ", ".join(sorted(RESUME_SAFE)) +
-                                  " may change)")
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

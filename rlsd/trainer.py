@@ -23,9 +23,9 @@ import torch
 from accelerate import Accelerator
 
 from .algorithms import group_advantages, span_split
-from .checkpoint import (latest_checkpoint, load_state, load_trainable, save_checkpoint,
-                         set_rng_state)
-from .config import Config, ConfigError, ModelConfig, check_resumable, load_config, to_yaml
+from .checkpoint import (check_resumable, latest_checkpoint, load_state, load_trainable,
+                         save_checkpoint, set_rng_state)
+from .config import Config, ConfigError, ModelConfig, load_config, to_yaml
 from .data import (PromptRenderer, PromptStream, Record, check_lengths, load_records,
                    split_heldout)
 from .logprobs import TokenScorer
@@ -63,6 +63,7 @@ class Run:
     start_step: int = 1
     phase: str = "setup"  # what the current step is doing (named in out-of-memory reports)
     heldout: list[Record] = field(default_factory=list)  # data.heldout_size records, for eval
+    eval_records: list[Record] | None = None  # train.eval_every items, chosen at first use
 
     @property
     def device(self) -> torch.device:
@@ -383,6 +384,18 @@ def progress_bar(enabled: bool):
                     disable=not enabled)
 
 
+def evaluate_now(run: Run) -> dict[str, float]:
+    """Greedy accuracy on the held-out items (chosen once, as `rlsd eval` chooses them)."""
+    from .evaluate import eval_items, evaluate
+
+    if run.eval_records is None:
+        run.eval_records = eval_items(run.cfg, run.cfg.train.eval_items)[0]
+    start = time.perf_counter()
+    result = evaluate(run.cfg, run.lm, run.tokenizer, run.eval_records, run.stop_ids, run.device)
+    return {"eval/pass@1": result["pass@1"], "eval/lenient@1": result["lenient@1"],
+            "eval/items": float(result["n_items"]), "eval/seconds": time.perf_counter() - start}
+
+
 def is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or \
@@ -408,6 +421,21 @@ def oom_message(run: Run, step: int) -> str:
             f"rlsd train --resume {run.run_dir}")
 
 
+def guarded_step(run: Run, step: int) -> dict[str, Any]:
+    """One training step, plus the periodic evaluation; out of memory becomes a clear stop."""
+    try:
+        metrics = train_step(run, step)
+        every = run.cfg.train.eval_every
+        if every and step % every == 0:
+            run.phase = "evaluation"
+            metrics.update(evaluate_now(run))
+        return metrics
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_oom(exc):
+            raise
+        raise TrainingStopped(oom_message(run, step), 1) from None
+
+
 def train(cfg: Config, resume: bool = True) -> Path:
     """Run (or resume) the whole training job; returns the run directory.
 
@@ -425,12 +453,7 @@ def train(cfg: Config, resume: bool = True) -> Path:
             task = bar.add_task("train", total=steps, completed=run.start_step - 1, reward=0.0,
                                 acc=0.0, sps=0.0)
             for step in range(run.start_step, steps + 1):
-                try:
-                    metrics = train_step(run, step)
-                except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    if not is_oom(exc):
-                        raise
-                    raise TrainingStopped(oom_message(run, step), 1) from None
+                metrics = guarded_step(run, step)
                 run.metrics.write(metrics)
                 run.history.append(metrics)
                 recent = run.history[-5:]  # single steps are noisy: show a moving average

@@ -68,3 +68,17 @@ def test_eval_command_on_a_run(tiny_overrides, capsys):
     assert 0 <= result["pass@1"] <= result["pass@3"] <= 1
     assert "pass@1" in capsys.readouterr().out
     assert main(["eval", str(run_dir), "x.yaml"]) == 2
+
+
+def test_evaluation_during_training_is_logged(tiny_overrides):
+    import json
+
+    from rlsd.config import load_config
+    from rlsd.trainer import train
+
+    run_dir = train(load_config(None, {**tiny_overrides, "train.steps": "4",
+                                       "train.eval_every": "2", "train.eval_items": "5",
+                                       "data.heldout_size": "5"}))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert ["eval/pass@1" in r for r in rows] == [False, True, False, True]
+    assert all(r["eval/items"] == 5 for r in rows if "eval/items" in r)

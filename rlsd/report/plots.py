@@ -8,6 +8,7 @@ import math
 
 PANELS = [  # (title, metric keys)
     ("reward", ["reward/mean", "reward/accuracy"]),
+    ("held-out accuracy (greedy)", ["eval/pass@1", "eval/lenient@1"]),
     ("completion length (tokens)", ["completion/length_mean"]),
     ("RLSD credit", ["rlsd/weight_mean", "rlsd/lambda"]),
     ("clipped teacher weights", ["rlsd/clip_low_frac", "rlsd/clip_high_frac"]),
