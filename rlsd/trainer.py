@@ -62,7 +62,6 @@ class Run:
     history: list[dict] = field(default_factory=list)
     start_step: int = 1
     phase: str = "setup"  # what the current step is doing (named in out-of-memory reports)
-    heldout: list[Record] = field(default_factory=list)  # data.heldout_size records, for eval
     eval_records: list[Record] | None = None  # train.eval_every items, chosen at first use
 
     @property
@@ -124,7 +123,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.model)
     accelerator = Accelerator(cpu=device.type == "cpu")
-    records, heldout = split_heldout(load_records(cfg.data), cfg.data.heldout_size,
+    records, _ = split_heldout(load_records(cfg.data), cfg.data.heldout_size,
                                      cfg.data.seed)  # held-out records are never trained on
     model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
     renderer = PromptRenderer(cfg.data, tokenizer)
@@ -166,7 +165,6 @@ def setup(cfg: Config, resume: bool = True) -> Run:
               renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir,
               JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl"))
     run.start_step = start
-    run.heldout = heldout
     run.history = read_jsonl(run_dir / "metrics.jsonl")
     return run
 
