@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlsd", description="Self-distilled RLVR training.")
     parser.add_argument("--version", action="version", version=f"rlsd {__version__}")
     sub = parser.add_subparsers(dest="command")
-    train = sub.add_parser("train", help="train a model (RLSD by default)",
+    common = argparse.ArgumentParser(add_help=False)  # options every command takes
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    train = sub.add_parser("train", parents=[common],
+                           help="train a model (RLSD by default)",
                            epilog=fields_help(), formatter_class=argparse.RawTextHelpFormatter,
                            description="Train with the given YAML recipe (default: the CPU "
                            "quick start, configs/quickstart.yaml) and dotted overrides.")
@@ -75,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true",
                        help="refuse to continue a run whose directory already holds one "
                             "(by default such a run is resumed)")
-    train.add_argument("--debug", action="store_true", help="show tracebacks")
-    check = sub.add_parser("check-reward", help="score the data set's own reference answers "
+    check = sub.add_parser("check-reward", parents=[common],
+                           help="score the data set's own reference answers "
                            "with the configured verifiers (should be ~100%%)",
                            description="Score every record's reference answer, written where "
                            "the configured extraction looks for it, with the configured "
@@ -84,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?", help="YAML recipe (default: the quick start)")
     check.add_argument("--limit", type=int, default=0, help="check only the first N records")
     check.add_argument("--min", type=float, default=0.99, help="required fraction (0.99)")
-    check.add_argument("--debug", action="store_true", help="show tracebacks")
-    ev = sub.add_parser("eval", help="accuracy on held-out items: pass@1, pass@k, maj@k")
+    ev = sub.add_parser("eval", parents=[common],
+                        help="accuracy on held-out items: pass@1, pass@k, maj@k")
     ev.add_argument("target", help="a run directory (its latest checkpoint) or a model")
     ev.add_argument("config", nargs="?", help="YAML recipe for a plain model (default: quick "
                                               "start); a run directory brings its own")
@@ -93,14 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=128, help="items to evaluate")
     ev.add_argument("--out", help="JSON result file (default: eval-<time>.json in the run "
                                   "directory or here)")
-    ev.add_argument("--debug", action="store_true", help="show tracebacks")
-    report = sub.add_parser("report", help="write RUN_DIR/report.html: curves and the "
+    report = sub.add_parser("report", parents=[common],
+                            help="write RUN_DIR/report.html: curves and the "
                             "per-token credit heat map")
     report.add_argument("run_dir", help="a run directory")
-    report.add_argument("--debug", action="store_true", help="show tracebacks")
-    tasks = sub.add_parser("tasks", help="list the task sources and verifiers")
+    tasks = sub.add_parser("tasks", parents=[common],
+                           help="list the task sources and verifiers")
     tasks.add_argument("--all", action="store_true", help="list every reasoning-gym family")
-    tasks.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 

@@ -34,6 +34,7 @@ def opt(default: Any, help: str, choices: tuple | None = None, low: float | None
     return field(default=default, metadata=meta)
 
 
+DISTILLATION = ("opsd", "grpo_opsd", "opd")  # methods whose loss has a teacher-divergence term
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")  # see algorithms/policy_loss.py
 ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
               "operators": ["+", "-"], "allow_parentheses": False, "allow_negation": False}
@@ -422,7 +423,7 @@ def validate(cfg: Config) -> None:
     method = cfg.algorithm.name
     changed = _changed_keys(cfg)  # set by the user *and* different from the default
     for prefix, allowed in (("rlsd.", ("rlsd",)), ("opsd.beta", ("grpo_opsd",)),
-                            ("opsd.", ("opsd", "grpo_opsd", "opd"))):
+                            ("opsd.", DISTILLATION)):
         wrong = sorted(k for k in changed if k.startswith(prefix))
         if wrong and method not in allowed:
             raise ConfigError(f"{wrong[0]}: only applies to algorithm.name="

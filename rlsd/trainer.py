@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from .algorithms import group_advantages, span_split
 from .checkpoint import (check_resumable, latest_checkpoint, load_state, load_trainable,
                          save_checkpoint, set_rng_state)
-from .config import Config, ConfigError, ModelConfig, load_config, to_yaml
+from .config import DISTILLATION, Config, ConfigError, ModelConfig, load_config, to_yaml
 from .data import (PromptRenderer, PromptStream, Record, check_lengths, load_records,
                    split_heldout)
 from .logprobs import TokenScorer
@@ -171,8 +171,9 @@ def setup(cfg: Config, resume: bool = True) -> Run:
 
 def restore(ckpt: Path, lm: Any, optimizer: Any, stream: PromptStream, teacher: Teacher | None,
             lora: bool) -> int:
-    """Load a checkpoint into the freshly built run. Returns the first step still to run. The frozen teacher was copied from the initial weights before
-    this, so it stays the initial policy."""
+    """Load a checkpoint into the freshly built run; returns the first step still to run.
+    The frozen teacher was copied from the initial weights before this, so it stays the
+    initial policy."""
     state, optimizer_state, rng, teacher_tensors = load_state(ckpt)
     load_trainable(lm, ckpt, lora)
     optimizer.load_state_dict(optimizer_state)
@@ -246,7 +247,7 @@ def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
     Rows of all-equal groups have A = 0 and, with no KL term, exactly zero gradient under
     grpo / rlsd: skipping them before the teacher and the policy forward is exact.
     """
-    if run.cfg.algorithm.name in ("opsd", "grpo_opsd", "opd") or run.cfg.algorithm.kl_coef > 0:
+    if run.cfg.algorithm.name in DISTILLATION or run.cfg.algorithm.kl_coef > 0:
         return torch.ones_like(adv, dtype=torch.bool)
     return adv != 0
 
@@ -254,8 +255,7 @@ def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
 def support_size(cfg: Config) -> int | None:
     """The teacher distribution the exact divergences need: None (sampled tokens only),
     0 (the whole vocabulary) or k (the top k)."""
-    if cfg.algorithm.name not in ("opsd", "grpo_opsd", "opd") or \
-            cfg.opsd.divergence == "sampled":
+    if cfg.algorithm.name not in DISTILLATION or cfg.opsd.divergence == "sampled":
         return None
     return cfg.opsd.topk if cfg.opsd.divergence == "topk" else 0
 
