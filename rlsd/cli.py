@@ -3,7 +3,9 @@
     rlsd train [CONFIG.yaml] [--section.field VALUE ...] [--resume RUN_DIR] [--debug]
     rlsd check-reward [CONFIG.yaml] [--section.field VALUE ...]
     rlsd eval RUN_DIR_OR_MODEL [CONFIG] [--n K] [--limit N]
-    rlsd report RUN_DIR
+    rlsd report RUN_DIR [--screenshot]
+    rlsd compare RUN_DIR [RUN_DIR ...] [--out DIR] [--target ACC]
+    rlsd export RUN_DIR --to DIR [--step N]
     rlsd tasks [--all]
     rlsd --version
 
@@ -100,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
                             help="write RUN_DIR/report.html: curves and the "
                             "per-token credit heat map")
     report.add_argument("run_dir", help="a run directory")
+    report.add_argument("--screenshot", action="store_true",
+                        help="also write RUN_DIR/report.png with a headless Chromium")
+    compare = sub.add_parser("compare", parents=[common],
+                             help="several runs side by side: curves (mean and band over "
+                             "seeds), final accuracy, time to a target, peak memory")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    compare.add_argument("--out", default="compare", help="output directory (./compare)")
+    compare.add_argument("--target", type=float, default=None,
+                         help="training accuracy to time (default: the lowest final accuracy "
+                         "of any group, which every group reached)")
+    export = sub.add_parser("export", parents=[common],
+                            help="write a plain Hugging Face model directory (LoRA merged), "
+                            "tokenizer and model card")
+    export.add_argument("run_dir", help="a run directory")
+    export.add_argument("--to", required=True, metavar="DIR", help="new output directory")
+    export.add_argument("--step", type=int, default=None,
+                        help="checkpoint step to export (default: the latest intact one)")
     tasks = sub.add_parser("tasks", parents=[common],
                            help="list the task sources and verifiers")
     tasks.add_argument("--all", action="store_true", help="list every reasoning-gym family")
@@ -171,7 +190,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     quiet_libraries(args.debug)
     from .report import write_report
 
-    print(f"report: {write_report(run_dir)}")
+    page = write_report(run_dir)
+    print(f"report: {page}")
+    if args.screenshot:
+        from .report.browser import screenshot
+
+        print(f"screenshot: {screenshot(page, run_dir / 'report.png')}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .report.compare import write_compare
+
+    paths, table = write_compare([Path(p) for p in args.run_dirs], Path(args.out), args.target)
+    print(table)
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    quiet_libraries(args.debug)
+    from .export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.to), args.step)
+    print(f"exported: {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -237,6 +279,14 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     acc = sum(r["reward/accuracy"] for r in tail) / len(tail)
     print(f"finished {len(rows)} steps; accuracy over the last {len(tail)} steps: {acc:.3f}")
     print(f"run directory: {run_dir}")
+    if cfg.output.report:
+        from .report import write_report
+
+        try:
+            print(f"report: {write_report(run_dir)}")
+        except Exception as exc:  # the run is saved; a failed report must not hide that
+            print(f"rlsd: the report failed ({type(exc).__name__}: {exc}); the run is intact, "
+                  f"retry with: rlsd report {run_dir}", file=sys.stderr)
     return 0
 
 
@@ -257,15 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        if args.command == "tasks":
-            return cmd_tasks(args)
-        if args.command == "report":
-            return cmd_report(args)
-        if args.command == "eval":
-            return cmd_eval(args, overrides)
-        if args.command == "check-reward":
-            return cmd_check_reward(args, overrides)
-        return cmd_train(args, overrides)
+        if args.command in ("train", "eval", "check-reward"):  # these take config overrides
+            return {"train": cmd_train, "eval": cmd_eval,
+                    "check-reward": cmd_check_reward}[args.command](args, overrides)
+        if overrides:
+            raise ConfigError(f"command line: {args.command} takes no --section.field overrides "
+                              f"(got --{next(iter(overrides))})")
+        return {"tasks": cmd_tasks, "report": cmd_report, "compare": cmd_compare,
+                "export": cmd_export}[args.command](args)
     except USER_ERRORS as exc:
         if debug:
             raise

@@ -231,9 +231,11 @@ class PromptRenderer:
     def student_ids(self, record: Record) -> list[int]:
         return self._checked(self._ids(self.student_text(record)), record)
 
+    def teacher_text(self, record: Record) -> str:
+        return self._user_text(self.teacher, record, "teacher_template")
+
     def teacher_ids(self, record: Record) -> list[int]:
-        text = self._user_text(self.teacher, record, "teacher_template")
-        return self._checked(self._ids(text), record)
+        return self._checked(self._ids(self.teacher_text(record)), record)
 
     def _checked(self, ids: list[int], record: Record) -> list[int]:
         if len(ids) > self.cfg.max_prompt_tokens:

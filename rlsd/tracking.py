@@ -1,12 +1,15 @@
 """Run outputs that are always written: metrics.jsonl and samples.jsonl, one line per record.
 
 Each line is flushed as soon as it is written, so a run that dies keeps every line it logged.
+The optional trackers (TensorBoard, W&B, MLflow; `output.trackers`) get the same numbers; the
+JSONL files stay the source for reports and comparisons.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -43,3 +46,37 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_trackers(names: list[str], project: str, run_dir: Path) -> list[Any]:
+    """Accelerate tracker objects for `output.trackers`, writing inside the run directory:
+    TensorBoard event files under run_dir/tensorboard/<project>, W&B files under run_dir/wandb
+    (online unless WANDB_MODE=offline), MLflow runs in run_dir/mlflow.db (SQLite) unless
+    MLFLOW_TRACKING_URI names another store or a server. Availability was checked when the config was loaded."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    trackers: list[Any] = []
+    for name in names:
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker(project, run_dir / "tensorboard"))
+        elif name == "wandb":
+            trackers.append(WandBTracker(project, name=run_dir.name, dir=str(run_dir)))
+        elif name == "mlflow":
+            import mlflow
+
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+            trackers.append(MLflowTracker(project, run_name=run_dir.name))
+    return trackers
+
+
+def tracker_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics record (trackers take scalars only)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(v) and k != "step"}
+
+
+def flat_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`section.field` -> scalar (lists and dicts as text), for tracker hyperparameter tables."""
+    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+            for section, fields in config.items() for key, value in fields.items()}

@@ -25,7 +25,8 @@ from accelerate import Accelerator
 from .algorithms import group_advantages, span_split
 from .checkpoint import (check_resumable, latest_checkpoint, load_state, load_trainable,
                          save_checkpoint, set_rng_state)
-from .config import DISTILLATION, Config, ConfigError, ModelConfig, load_config, to_yaml
+from .config import (DISTILLATION, Config, ConfigError, ModelConfig, load_config, to_dict,
+                     to_yaml)
 from .data import (PromptRenderer, PromptStream, Record, check_lengths, load_records,
                    split_heldout)
 from .logprobs import TokenScorer
@@ -35,7 +36,8 @@ from .rewards import build_reward
 from .rollout import Batch, left_pad, sample_completions
 from .teacher import Teacher
 from .update import Rows, optimise, reasoning_span, token_credit
-from .tracking import JsonlWriter, peak_memory_mb, read_jsonl
+from .tracking import (JsonlWriter, build_trackers, flat_config, peak_memory_mb, read_jsonl,
+                       tracker_values)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,8 @@ def setup(cfg: Config, resume: bool = True) -> Run:
         torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.model)
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    accelerator = Accelerator(cpu=device.type == "cpu", log_with=build_trackers(
+        cfg.output.trackers, cfg.output.project, run_dir) or None)
     records, _ = split_heldout(load_records(cfg.data), cfg.data.heldout_size,
                                      cfg.data.seed)  # held-out records are never trained on
     model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
@@ -161,6 +164,8 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     for name in ("metrics.jsonl", "samples.jsonl"):  # drop lines written after the checkpoint
         truncate_log(run_dir / name, start - 1)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.output.trackers:
+        accelerator.init_trackers(cfg.output.project, config=flat_config(to_dict(cfg)))
     run = Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
               renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir,
               JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl"))
@@ -366,6 +371,8 @@ def write_samples(run: Run, step: int, recs: list[Record], texts: list[str],
         if credit is not None and i in credit_row:
             token_adv = credit[credit_row[i]][: len(ids)]
             sample["token_advantage"] = [round(v, 5) for v in token_adv.tolist()]
+            if run.teacher is not None and run.teacher.mode != "external":
+                sample["teacher_prompt"] = run.renderer.teacher_text(record)
             if run.cfg.algorithm.name == "rlsd" and adv[i] != 0:
                 sample["credit_multiplier"] = [round(v, 4) for v in (token_adv / adv[i]).tolist()]
         run.samples.write(sample)
@@ -453,6 +460,7 @@ def train(cfg: Config, resume: bool = True) -> Path:
             for step in range(run.start_step, steps + 1):
                 metrics = guarded_step(run, step)
                 run.metrics.write(metrics)
+                run.accelerator.log(tracker_values(metrics), step=step)
                 run.history.append(metrics)
                 recent = run.history[-5:]  # single steps are noisy: show a moving average
                 bar.update(task, advance=1,
@@ -478,4 +486,6 @@ def train(cfg: Config, resume: bool = True) -> Path:
             signal.signal(sig, handler)
         run.metrics.close()
         run.samples.close()
+        for tracker in run.accelerator.trackers:  # not end_training: it ends the process group
+            tracker.finish()
     return run.run_dir

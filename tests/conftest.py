@@ -68,5 +68,5 @@ def tiny_overrides(tiny_model_dir, tmp_path) -> dict[str, str]:
         "train.prompts_per_step": "2", "train.micro_batch_size": "4", "train.steps": "2",
         "train.lr": "0.01", "reward.verifiers": f"{TESTS_DIR / 'rewards_for_tests.py'}:length_reward",
         "output.dir": str(tmp_path / "runs"), "output.run_name": "t", "output.progress": "false",
-        "output.log_samples": "0",
+        "output.log_samples": "0", "output.report": "false",
     }

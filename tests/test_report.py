@@ -27,12 +27,14 @@ def test_report_of_an_rlsd_run(tiny_overrides):
     credited = [s for s in samples if "credit_multiplier" in s]
     assert credited
     blocks = re.findall(r'<div class="tokens">(.*?)</div>', page)
-    assert blocks
+    assert len(blocks) >= 1
     for block in blocks:  # one span per completion token, value and colour agree
-        values = [float(v) for v in re.findall(r'data-v="([-0-9.]+)"', block)]
-        colours = re.findall(r'background:(rgba\([^)]*\))', block)
-        assert len(values) == len(colours) == block.count('class="tok"')
-        assert any(len(values) == len(s["token_ids"]) for s in credited)
-        for value, colour in zip(values, colours):
-            assert colour == token_color(value, 1.0, 0.5 * 0.2)
+        spans = re.findall(r'<span class="tok" data-m="([-0-9.]+)" data-a="([-0-9.]+)" '
+                           r'title="[^"]*" style="background:(rgba\([^)]*\))">', block)
+        assert len(spans) == block.count('class="tok"')
+        assert any(len(spans) == len(s["token_ids"]) for s in credited)
+        for multiplier, _, colour in spans:
+            assert colour == token_color(float(multiplier), 1.0, 0.5 * 0.2)
+    assert 'value="m" checked' in page and 'value="a"' in page  # the colour switch
+    assert "Here is a reference solution" in page  # the teacher's privileged context
     assert main(["report", str(run_dir.parent / "nope")]) == 2

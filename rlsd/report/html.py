@@ -2,8 +2,10 @@
 
 The per-token credit heat map shows, for logged completions, what the teacher did to each token:
 RLSD's multiplier m_t (green above 1: the teacher endorses the token, more credit; red below 1:
-less), or for distillation methods the token advantage. Hovering a token shows its values. The
-reward, the reference answer the teacher saw and the prompt stand beside each completion.
+less) or the final token advantage A_t (green: pushed up, red: pushed down; the only view for
+the distillation methods). A switch recolours the page (or open it as report.html#advantage);
+hovering a token shows its values. The reward, the prompt and the teacher's privileged context
+stand beside each completion. One short inline script, no network.
 """
 
 from __future__ import annotations
@@ -25,21 +27,64 @@ def token_color(value: float, centre: float, span: float) -> str:
     return f"rgba({rgb},{abs(strength):.3f})"
 
 
-def heatmap_html(sample: dict, pieces: list[str], key: str, centre: float, span: float) -> str:
-    values = sample[key]
+def heatmap_html(sample: dict, pieces: list[str], scales: dict[str, tuple[float, float]],
+                 key: str) -> str:
+    """One completion: a span per token carrying each credit value it has (data-m: RLSD
+    multiplier, data-a: token advantage), coloured by `key`; hover shows the values."""
     spans = []
-    for piece, value in zip(pieces, values):
-        tip = f"{key} = {value:.4f}"
-        spans.append(f'<span class="tok" data-v="{value:.4f}" title="{html.escape(tip)}" '
-                     f'style="background:{token_color(value, centre, span)}">'
+    for i, piece in enumerate(pieces):
+        values = {name: sample[name][i] for name in scales if name in sample}
+        tip = " · ".join(f"{LABELS[name]} {v:+.4f}" for name, v in values.items())
+        attrs = "".join(f' data-{ATTR[name]}="{v:.5f}"' for name, v in values.items())
+        centre, span = scales[key]
+        spans.append(f'<span class="tok"{attrs} title="{html.escape(tip)}" '
+                     f'style="background:{token_color(values[key], centre, span)}">'
                      f"{html.escape(piece)}</span>")
     verdict = "correct" if sample.get("correct") else "incorrect"
+    context = sample.get("teacher_prompt") or f"reference answer: {sample.get('answer', '')}"
     return (f'<div class="sample {verdict}"><div class="meta">step {sample["step"]} · '
             f'reward {sample["reward"]:.3f} · advantage {sample["advantage"]:+.3f} · {verdict}'
-            f'</div><div class="prompt"><b>prompt</b> {html.escape(sample["prompt"])}</div>'
-            f'<div class="ref"><b>teacher saw the reference</b> '
-            f'{html.escape(str(sample.get("answer", "")))}</div>'
+            f'</div><div class="prompt"><b>student saw</b> {html.escape(sample["prompt"])}</div>'
+            f'<details class="ref"><summary><b>teacher also saw</b> (privileged context; '
+            f'reference answer {html.escape(str(sample.get("answer", "")))})</summary>'
+            f'{html.escape(str(context))}</details>'
             f'<div class="tokens">{"".join(spans)}</div></div>')
+
+
+LABELS = {"credit_multiplier": "teacher weight m_t", "token_advantage": "final advantage A_t"}
+ATTR = {"credit_multiplier": "m", "token_advantage": "a"}
+SCRIPT = """
+function tint(v, c, s) {
+  var k = s > 0 ? Math.max(Math.min((v - c) / s, 1), -1) : 0;
+  return 'rgba(' + (k >= 0 ? '22,163,74' : '220,38,38') + ',' + Math.abs(k).toFixed(3) + ')';
+}
+function colourBy(attr) {
+  var scale = SCALES[attr];
+  document.querySelectorAll('.tok').forEach(function (t) {
+    t.style.background = tint(parseFloat(t.dataset[attr]), scale[0], scale[1]);
+  });
+  document.querySelectorAll('input[name=colour]').forEach(function (r) {
+    r.checked = r.value === attr;
+  });
+  document.getElementById('scale').textContent = scale[2];
+}
+document.querySelectorAll('input[name=colour]').forEach(function (r) {
+  r.addEventListener('change', function () { colourBy(r.value); });
+});
+var wanted = location.hash.slice(1) === 'advantage' ? 'a' : null;
+if (wanted && SCALES[wanted]) colourBy(wanted);
+"""
+
+
+def credit_scales(cfg: Any, samples: list[dict]) -> dict[str, tuple[float, float]]:
+    """(centre, full-colour distance) per credit key: the multiplier around 1 at its clip range
+    lambda * eps_w; the advantage around 0 at the largest |A_t| logged."""
+    scales = {}
+    if cfg.algorithm.name == "rlsd":
+        scales["credit_multiplier"] = (1.0, cfg.rlsd.lambda_ * cfg.rlsd.eps_w)
+    biggest = max((abs(v) for s in samples for v in s.get("token_advantage", [])), default=0.0)
+    scales["token_advantage"] = (0.0, biggest or 1.0)
+    return scales
 
 
 def pick_samples(samples: list[dict], key: str, per_group: int = 3) -> list[dict]:
@@ -68,8 +113,25 @@ h1{font-size:20px}h2{font-size:16px;margin-top:28px}
 .meta{font-size:12px;color:#555}.prompt,.ref{font-size:12px;margin:3px 0;white-space:pre-wrap}
 .tokens{font-family:ui-monospace,monospace;white-space:pre-wrap;margin-top:6px}
 .tok{border-radius:2px}.legend span{padding:1px 6px;margin-right:6px;border-radius:2px}
+.legend label{margin-right:10px}details.ref summary{cursor:pointer}
 pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px}
 """
+
+
+def legend_html(scales: dict[str, tuple[float, float]], key: str) -> str:
+    """The colour key and, when a run has both credit values, a switch between them."""
+    centre, span = scales[key]
+    switch = "".join(
+        f'<label><input type="radio" name="colour" value="{ATTR[name]}"'
+        f'{" checked" if name == key else ""}> {LABELS[name]}</label> ' for name in scales)
+    return (f'<p class="legend">{"colour by: " + switch if len(scales) > 1 else ""}'
+            f'<span style="background:{token_color(centre + span, centre, span)}">more credit'
+            f'</span><span style="background:{token_color(centre - span, centre, span)}">less '
+            f'credit</span><span id="scale">{scale_text(key, centre, span)}</span></p>')
+
+
+def scale_text(key: str, centre: float, span: float) -> str:
+    return f"{LABELS[key]}: full colour at {centre:g} ± {span:.4g}"
 
 
 def write_report(run_dir: Path, tokenizer: Any = None) -> Path:
@@ -78,9 +140,7 @@ def write_report(run_dir: Path, tokenizer: Any = None) -> Path:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     samples_file = run_dir / "samples.jsonl"
     samples = read_jsonl(samples_file) if samples_file.is_file() else []
-    rlsd = cfg.algorithm.name == "rlsd"
-    key = "credit_multiplier" if rlsd else "token_advantage"
-    centre, span = (1.0, cfg.rlsd.lambda_ * cfg.rlsd.eps_w) if rlsd else (0.0, 1.0)
+    key = "credit_multiplier" if cfg.algorithm.name == "rlsd" else "token_advantage"
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -89,11 +149,10 @@ def write_report(run_dir: Path, tokenizer: Any = None) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name),
                                                   local_files_only=True)
     picked = pick_samples(samples, key)
-    maps = "".join(heatmap_html(s, token_pieces(tokenizer, s["token_ids"]), key, centre, span)
+    scales = credit_scales(cfg, picked)
+    maps = "".join(heatmap_html(s, token_pieces(tokenizer, s["token_ids"]), scales, key)
                    for s in picked) or "<p>No logged completion carries per-token credit.</p>"
-    legend = (f'<p class="legend"><span style="background:{token_color(centre + span, centre, span)}">'
-              f'more credit</span><span style="background:{token_color(centre - span, centre, span)}">'
-              f"less credit</span>colour = {key}, full at {centre} ± {span:g}</p>")
+    for_js = {ATTR[k]: [c, w, scale_text(k, c, w)] for k, (c, w) in scales.items()}
     last = rows[-1] if rows else {}
     summary = json.dumps({k: last[k] for k in ("step", "reward/mean", "reward/accuracy")
                           if k in last})
@@ -103,8 +162,9 @@ def write_report(run_dir: Path, tokenizer: Any = None) -> Path:
             f"<p>{len(rows)} steps; last: {html.escape(summary)}</p>"
             f"<h2>Learning curves</h2>"
             + (f'<img alt="learning curves" src="{curves_png(rows)}">' if rows else "")
-            + f"<h2>What the teacher did to each token</h2>{legend}{maps}"
-            f"<h2>Config</h2><pre>{html.escape(to_yaml(cfg))}</pre></body></html>")
+            + f"<h2>What the teacher did to each token</h2>{legend_html(scales, key)}{maps}"
+            f"<h2>Config</h2><pre>{html.escape(to_yaml(cfg))}</pre>"
+            f"<script>var SCALES = {json.dumps(for_js)};{SCRIPT}</script></body></html>")
     out = run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out
