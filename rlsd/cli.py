@@ -22,7 +22,6 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .config import ConfigError, help_rows, load_config
@@ -271,6 +270,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         print(f"rlsd: {stop}", file=sys.stderr)
         return stop.exit_code
 
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one summary and one report for the whole run
+        return 0
     metrics_file = run_dir / "metrics.jsonl"
     from .tracking import read_jsonl
 

@@ -36,6 +36,16 @@ class JsonlWriter:
         self._fh.close()
 
 
+class NullWriter:
+    """What the non-main processes of a multi-process run write to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with Path(path).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

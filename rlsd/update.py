@@ -13,6 +13,7 @@ added to the policy loss with the same aggregation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from .algorithms import (aggregate, clipped_policy_loss, lambda_at, loss_normali
                          opsd_token_advantages, reasoning_span_mask, rlsd_token_advantages,
                          sampled_forward_token_advantages)
 from .config import Config
+from .distributed import anywhere, total
 from .rollout import Batch, join
 from .teacher import trim_left
 
@@ -100,58 +102,81 @@ def current_logps(run: Any, batch: Batch) -> torch.Tensor:
     out, mb = [], run.cfg.train.micro_batch_size
     for s in range(0, batch.completion_ids.shape[0], mb):
         out.append(run.scorer(*_scoring_inputs(batch, slice(s, s + mb), run.device)).cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, batch.completion_ids.shape[1])
+
+
+def idle_loss(run: Any) -> torch.Tensor:
+    """A zero loss through the policy, for a process with no trained rows this update: its
+    backward joins the other processes' gradient all-reduce with zero gradients."""
+    pad = run.tokenizer.pad_token_id
+    ids = torch.full((1, 2), pad, dtype=torch.long, device=run.device)
+    mask = torch.ones(1, 1, dtype=torch.bool, device=run.device)
+    return run.scorer(ids, torch.ones_like(ids), mask).sum() * 0.0
+
+
+def micro_batch_loss(run: Any, step: int, part: Rows, normaliser: float, sums: dict[str, float]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of one micro-batch (its share of the step's loss), its log-probs and mask;
+    adds its KL terms to `sums`."""
+    cfg, device, alg = run.cfg, run.device, run.cfg.algorithm
+    ids, attn, c_mask = _scoring_inputs(part.batch, slice(None), device)
+    exact_kl = None
+    if part.support_vals is None:
+        logps = run.scorer(ids, attn, c_mask)  # (mb, T)
+    else:  # opsd.divergence full / topk: the exact per-token KL from the same pass
+        support = (part.support_vals.to(device),
+                   None if part.support_ids is None else part.support_ids.to(device))
+        logps, exact_kl = run.scorer(ids, attn, c_mask, support, cfg.opsd.direction == "reverse")
+    old = logps.detach() if part.old_logps is None else part.old_logps.to(device)
+
+    def to_dev(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(device)
+
+    token_adv, _ = token_credit(cfg, step, part.adv.to(device), old, to_dev(part.teacher_logps),
+                                c_mask, to_dev(part.span))
+    loss, m = clipped_policy_loss(logps, old, token_adv, c_mask, alg.eps_low, alg.eps_high,
+                                  alg.loss_agg, normaliser)
+    if exact_kl is not None:
+        kl = aggregate(exact_kl, c_mask, alg.loss_agg, normaliser)
+        loss = loss + (cfg.opsd.beta if alg.name == "grpo_opsd" else 1.0) * kl
+        sums["opsd/kl_exact"] = sums.get("opsd/kl_exact", 0.0) + kl.item()
+    if part.ref_logps is not None:
+        kl = aggregate(k3_kl(logps, part.ref_logps.to(device)), c_mask, alg.loss_agg, normaliser)
+        loss = loss + alg.kl_coef * kl
+        sums["policy/kl_ref"] += kl.item()
+    sums["clipped"] += m["policy/clip_frac"] * c_mask.sum().item()
+    return loss, logps, c_mask
 
 
 def policy_update(run: Any, step: int, data: Rows, normaliser: float,
                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """One optimizer step: accumulate gradients over micro-batches of `data`, then step.
 
-    `normaliser` is the loss denominator of the rows this step covers (skipped rows included).
+    `normaliser` is the loss denominator of the rows this step covers (skipped rows included),
+    summed over processes and divided by their number. Gradients are all-reduced once, at the
+    last micro-batch; a process with no rows joins with a zero loss.
     Returns the detached log-probs (n, T) and metrics.
     """
-    cfg, device = run.cfg, run.device
-    alg, mb = cfg.algorithm, cfg.train.micro_batch_size
+    cfg, acc, mb, n = run.cfg, run.accelerator, run.cfg.train.micro_batch_size, data.adv.shape[0]
     all_logps, sums = [], {"loss/policy": 0.0, "policy/kl_ref": 0.0, "clipped": 0.0}
     run.scorer.train()
-    for s in range(0, data.adv.shape[0], mb):
-        part = data.select(torch.arange(s, min(s + mb, data.adv.shape[0])))
-        ids, attn, c_mask = _scoring_inputs(part.batch, slice(None), device)
-        exact_kl = None
-        if part.support_vals is None:
-            logps = run.scorer(ids, attn, c_mask)  # (mb, T)
-        else:  # opsd.divergence full / topk: the exact per-token KL from the same pass
-            support = (part.support_vals.to(device),
-                       None if part.support_ids is None else part.support_ids.to(device))
-            logps, exact_kl = run.scorer(ids, attn, c_mask, support,
-                                         cfg.opsd.direction == "reverse")
-        old = logps.detach() if part.old_logps is None else part.old_logps.to(device)
-
-        def to_dev(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.to(device)
-
-        token_adv, _ = token_credit(cfg, step, part.adv.to(device), old,
-                                    to_dev(part.teacher_logps), c_mask, to_dev(part.span))
-        loss, m = clipped_policy_loss(logps, old, token_adv, c_mask, alg.eps_low, alg.eps_high,
-                                      alg.loss_agg, normaliser)
-        if exact_kl is not None:
-            kl = aggregate(exact_kl, c_mask, alg.loss_agg, normaliser)
-            loss = loss + (cfg.opsd.beta if alg.name == "grpo_opsd" else 1.0) * kl
-            sums["opsd/kl_exact"] = sums.get("opsd/kl_exact", 0.0) + kl.item()
-        if part.ref_logps is not None:
-            kl = aggregate(k3_kl(logps, part.ref_logps.to(device)), c_mask, alg.loss_agg,
-                           normaliser)
-            loss = loss + alg.kl_coef * kl
-            sums["policy/kl_ref"] += kl.item()
-        run.accelerator.backward(loss)
+    starts = list(range(0, n, mb)) or [None]
+    for i, s in enumerate(starts):
+        last = i == len(starts) - 1
+        with contextlib.nullcontext() if last else acc.no_sync(run.scorer):
+            if s is None:
+                loss = idle_loss(run)
+            else:
+                part = data.select(torch.arange(s, min(s + mb, n)))
+                loss, logps, _ = micro_batch_loss(run, step, part, normaliser, sums)
+                all_logps.append(logps.detach().cpu())
+            acc.backward(loss)
         sums["loss/policy"] += loss.item()
-        sums["clipped"] += m["policy/clip_frac"] * c_mask.sum().item()
-        all_logps.append(logps.detach().cpu())
     params = [p for p in run.scorer.parameters() if p.requires_grad]
-    grad_norm = float(run.accelerator.clip_grad_norm_(
+    grad_norm = float(acc.clip_grad_norm_(
         params, cfg.train.max_grad_norm or float("inf")))  # inf: measure, do not clip
-    finite = math.isfinite(grad_norm) and math.isfinite(sums["loss/policy"])
-    if finite:  # a NaN or infinite gradient is never applied
+    finite = math.isfinite(grad_norm) and not anywhere(acc, not math.isfinite(sums["loss/policy"]))
+    if finite:  # a NaN or infinite gradient is never applied (the same decision everywhere)
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     tokens = max(data.batch.completion_mask.sum().item(), 1)  # clip fraction over trained tokens
@@ -161,7 +186,8 @@ def policy_update(run: Any, step: int, data: Rows, normaliser: float,
         metrics["policy/kl_ref"] = sums["policy/kl_ref"]
     if "opsd/kl_exact" in sums:
         metrics["opsd/kl_exact"] = sums["opsd/kl_exact"]
-    return torch.cat(all_logps), metrics
+    width = data.batch.completion_ids.shape[1]
+    return (torch.cat(all_logps) if all_logps else torch.zeros(0, width)), metrics
 
 
 def optimise(run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows,
@@ -175,17 +201,21 @@ def optimise(run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows,
     cfg = run.cfg
     mode, max_new = cfg.algorithm.loss_agg, cfg.rollout.max_new_tokens
     epochs, parts = cfg.train.ppo_epochs, cfg.train.mini_batches
+    size = run.accelerator.num_processes
+
+    def normaliser(mask: torch.Tensor) -> float:  # the global denominator's share per process
+        return total(run.accelerator, loss_normaliser(mode, mask, max_new)) / size
+
     if epochs == 1 and parts == 1:
-        return policy_update(run, step, data, loss_normaliser(mode, batch.completion_mask,
-                                                              max_new))
+        return policy_update(run, step, data, normaliser(batch.completion_mask))
     data.old_logps = current_logps(run, data.batch)
     position = rows.long().cumsum(0) - 1  # where each row of the batch sits in `data`
     history = []
     for _ in range(epochs):
         for chunk in torch.arange(rows.shape[0]).tensor_split(parts):
             chosen = chunk[rows[chunk]]
-            if chosen.numel():
-                norm = loss_normaliser(mode, batch.completion_mask[chunk], max_new)
+            if anywhere(run.accelerator, chosen.numel() > 0):  # every process, or none, steps
+                norm = normaliser(batch.completion_mask[chunk])
                 history.append(policy_update(run, step, data.select(position[chosen]), norm)[1])
     metrics = {k: sum(m[k] for m in history) / len(history) for k in history[0]}
     metrics["train/optimizer_steps"] = float(len(history))

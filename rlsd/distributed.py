@@ -1,0 +1,103 @@
+"""What changes when several processes train together (accelerate DDP; `accelerate launch` or
+`torchrun`). With one process every function here is the identity.
+
+- Each process takes a contiguous shard of the step's prompts (all G samples of a prompt stay on
+  one process, so group advantages need no communication).
+- The loss denominator is the global one, divided by the number of processes: DDP averages the
+  gradients, so the update equals one process training on the whole batch.
+- Every process makes the same number of synchronised backward passes per update (a process with
+  no trained rows makes one zero-loss pass), so uneven shards never deadlock.
+- Metrics are reduced across processes: per-completion means as means over equal shards,
+  per-token statistics weighted by each process's trained tokens, times and memory as maxima.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+MAXIMA = ("perf/", "completion/length_max", "train/nonfinite")  # the slowest / largest process
+SUMS = ("perf/completion_tokens_per_second",)
+TOKEN_WEIGHTED = ("policy/entropy", "policy/clip_frac", "teacher/", "rlsd/", "opsd/")
+
+
+def world(accelerator: Any) -> tuple[int, int]:
+    """(this process's rank, number of processes)."""
+    return accelerator.process_index, accelerator.num_processes
+
+
+def shard(items: list[T], rank: int, size: int) -> list[T]:
+    """The rank's contiguous share of items (len(items) must divide by size)."""
+    if len(items) % size:
+        raise ValueError(f"{len(items)} items do not split over {size} processes")
+    per = len(items) // size
+    return items[rank * per:(rank + 1) * per]
+
+
+def total(accelerator: Any, value: float) -> float:
+    """The sum of a number over all processes."""
+    if accelerator.num_processes == 1:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(tensor, "sum").item())
+
+
+def anywhere(accelerator: Any, flag: bool) -> bool:
+    """True when the flag is true on any process."""
+    return total(accelerator, float(bool(flag))) > 0
+
+
+def from_main(accelerator: Any, compute: Callable[[], T]) -> T:
+    """Run compute() on the main process only and hand its result (or its exception, raised
+    again on every process) to all processes."""
+    if accelerator.num_processes == 1:
+        return compute()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = ("ok", compute())
+        except Exception as exc:  # every process must leave with the same error
+            box[0] = ("error", exc)
+    broadcast_object_list(box)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def reduce_metrics(accelerator: Any, metrics: dict[str, float], tokens: float
+                   ) -> dict[str, float]:
+    """Combine each process's metrics into the step's (see the module docstring). A metric a
+    process did not log (e.g. no trained rows there) does not count towards its mean."""
+    if accelerator.num_processes == 1:
+        return metrics
+    from accelerate.utils import gather_object
+
+    keys = sorted({k for part in gather_object([sorted(metrics)]) for k in part})
+    values, weights = [], []
+    for key in keys:
+        here = key in metrics
+        weight = tokens if key.startswith(TOKEN_WEIGHTED) else 1.0
+        values.append(metrics[key] * weight if here else 0.0)
+        weights.append(weight if here else 0.0)
+    device = accelerator.device
+    stacked = torch.tensor([values, weights], dtype=torch.float64, device=device)
+    sums = accelerator.reduce(stacked, "sum")
+    biggest = torch.tensor([metrics.get(k, float("-inf")) for k in keys], dtype=torch.float64,
+                           device=device)
+    torch.distributed.all_reduce(biggest, op=torch.distributed.ReduceOp.MAX)
+    out = {}
+    for i, key in enumerate(keys):
+        if key.startswith(MAXIMA):
+            out[key] = float(biggest[i])
+        elif key.startswith(SUMS):
+            out[key] = float(sums[0, i])
+        else:
+            out[key] = float(sums[0, i] / sums[1, i]) if sums[1, i] > 0 else 0.0
+    if "step" in metrics:
+        out["step"] = metrics["step"]
+    return out

@@ -1,0 +1,218 @@
+"""A training run's state, built once: model, optimizer, teacher, data, run directory, logs.
+
+`setup` loads everything, opens (or resumes) the run directory and returns a `Run`; `save` writes
+a checkpoint. With several processes (accelerate DDP) the main process decides the run directory
+and alone writes files; every process builds the same model and restores the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+
+from .checkpoint import (check_resumable, latest_checkpoint, load_state, load_trainable,
+                         save_checkpoint, set_rng_state)
+from .config import Config, ConfigError, ModelConfig, load_config, to_dict, to_yaml
+from .data import (PromptRenderer, PromptStream, Record, check_lengths, load_records,
+                   split_heldout)
+from .distributed import from_main
+from .logprobs import TokenScorer
+from .models import load_model, pick_device, pick_dtype, stop_token_ids
+from .preflight import check_teacher_prompts
+from .rewards import build_reward
+from .teacher import Teacher
+from .tracking import JsonlWriter, NullWriter, build_trackers, flat_config, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything a training step needs, built once by `setup`."""
+
+    cfg: Config
+    accelerator: Accelerator
+    scorer: TokenScorer  # the policy, wrapped to return completion log-probs
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    teacher: Teacher | None
+    reference: Teacher | None  # frozen initial policy for the KL penalty (algorithm.kl_coef)
+    records: list[Record]
+    renderer: PromptRenderer
+    reward_fn: Any
+    stream: PromptStream
+    stop_ids: list[int]
+    run_dir: Path
+    metrics: JsonlWriter
+    samples: JsonlWriter
+    history: list[dict] = field(default_factory=list)
+    start_step: int = 1
+    phase: str = "setup"  # what the current step is doing (named in out-of-memory reports)
+    eval_records: list[Record] | None = None  # train.eval_every items, chosen at first use
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def lm(self) -> Any:
+        return self.accelerator.unwrap_model(self.scorer).lm
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early on purpose (a signal, repeated non-finite gradients); a checkpoint
+    of the last completed step was written first."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_dir_for(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None for a new run).
+
+    A directory that already holds a run is resumed from its latest checkpoint when `resume` is
+    set and the config changes nothing that matters; otherwise it is refused, never overwritten.
+    """
+    name = cfg.output.run_name or "{}-{}-{}".format(
+        cfg.algorithm.name, cfg.data.task if cfg.data.source == "reasoning_gym" else "file",
+        datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(cfg.output.dir) / name
+    if not (run_dir / "config.yaml").is_file():
+        return run_dir, None
+    if not resume:
+        raise FileExistsError(f"{run_dir}: already holds a run; resume it (drop --no-resume) "
+                              "or choose another output.run_name")
+    check_resumable(load_config(run_dir / "config.yaml"), cfg, str(run_dir))
+    return run_dir, latest_checkpoint(run_dir)  # None: died before its first checkpoint
+
+
+def load_external_teacher(cfg: Config, tokenizer: Any, device: torch.device) -> TokenScorer:
+    """The OPD teacher: another model, frozen, whose tokenizer must equal the student's."""
+    lm, teacher_tokenizer = load_model(
+        ModelConfig(name=cfg.teacher.model, dtype=cfg.model.dtype, device=cfg.model.device,
+                    lora=False), pick_dtype(cfg.model, device))
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"teacher.model: its tokenizer differs from the student's (vocabulary "
+                          f"of {len(teacher_tokenizer)} vs {len(tokenizer)} tokens); the teacher "
+                          "must score exactly the student's token ids")
+    lm = lm.to(device).eval().requires_grad_(False)
+    return TokenScorer(lm, temperature=cfg.rollout.temperature)
+
+
+def setup(cfg: Config, resume: bool = True) -> Run:
+    """Load data and model, build optimizer and teacher, run the preflight, open the run dir;
+    restore the latest checkpoint when resuming."""
+    device = pick_device(cfg.model)
+    state = PartialState(cpu=device.type == "cpu")  # the process group, when launched with several
+    if cfg.train.prompts_per_step % state.num_processes:
+        raise ConfigError(f"train.prompts_per_step: {cfg.train.prompts_per_step} prompts do not "
+                          f"split evenly over {state.num_processes} processes")
+    run_dir, ckpt = from_main(state, lambda: run_dir_for(cfg, resume))  # before the slow work
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    torch.manual_seed(cfg.train.seed)
+    accelerator = Accelerator(cpu=device.type == "cpu", log_with=build_trackers(
+        cfg.output.trackers, cfg.output.project, run_dir) or None)
+    records, _ = split_heldout(load_records(cfg.data), cfg.data.heldout_size,
+                                     cfg.data.seed)  # held-out records are never trained on
+    model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
+    renderer = PromptRenderer(cfg.data, tokenizer)
+    self_teacher = cfg.algorithm.name != "grpo" and cfg.teacher.mode != "external"
+    records, skipped = check_lengths(renderer, records, self_teacher)
+    if skipped:
+        log.warning("skipped %d of %d records: prompt longer than data.max_prompt_tokens=%d",
+                    skipped, skipped + len(records), cfg.data.max_prompt_tokens)
+    reward_fn = build_reward(cfg.reward)
+    scorer = TokenScorer(model, temperature=cfg.rollout.temperature)
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    teacher = None
+    if cfg.algorithm.name != "grpo":
+        external = None
+        if cfg.teacher.mode == "external":
+            external = load_external_teacher(cfg, tokenizer, accelerator.device)
+        else:
+            check_teacher_prompts(renderer, tokenizer, records[:8])
+        teacher = Teacher(cfg.teacher.mode, accelerator.unwrap_model(scorer), cfg.model.lora,
+                          cfg.teacher.batch_size or cfg.train.micro_batch_size,
+                          cfg.teacher.sync_every, external)
+    reference = None
+    if cfg.algorithm.kl_coef > 0:  # the frozen initial policy; shares a frozen teacher's copy
+        reference = teacher if teacher is not None and teacher.mode == "frozen" else Teacher(
+            "frozen", accelerator.unwrap_model(scorer), cfg.model.lora,
+            cfg.teacher.batch_size or cfg.train.micro_batch_size)
+    stream = PromptStream(len(records), cfg.train.seed)
+    start = 1
+    if ckpt is not None:
+        start = restore(ckpt, accelerator.unwrap_model(scorer).lm, optimizer, stream, teacher,
+                        cfg.model.lora)
+    main = accelerator.is_main_process
+    if main:
+        open_run_dir(cfg, run_dir, start)
+    accelerator.wait_for_everyone()
+    if cfg.output.trackers:
+        accelerator.init_trackers(cfg.output.project, config=flat_config(to_dict(cfg)))
+    logs = [JsonlWriter(run_dir / name) if main else NullWriter()
+            for name in ("metrics.jsonl", "samples.jsonl")]
+    run = Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
+              renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir, *logs)
+    run.start_step = start
+    run.history = read_jsonl(run_dir / "metrics.jsonl")
+    return run
+
+
+def open_run_dir(cfg: Config, run_dir: Path, start: int) -> None:
+    """Create the run directory, drop log lines written after the checkpoint we resume from
+    (they are rewritten), and save the resolved config."""
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        truncate_log(run_dir / name, start - 1)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+
+def restore(ckpt: Path, lm: Any, optimizer: Any, stream: PromptStream, teacher: Teacher | None,
+            lora: bool) -> int:
+    """Load a checkpoint into the freshly built run; returns the first step still to run.
+    The frozen teacher was copied from the initial weights before this, so it stays the
+    initial policy."""
+    state, optimizer_state, rng, teacher_tensors = load_state(ckpt)
+    load_trainable(lm, ckpt, lora)
+    optimizer.load_state_dict(optimizer_state)
+    stream.load_state_dict(state["data"])
+    if teacher is not None:
+        teacher.load_state(state.get("teacher_synced_at", 0), teacher_tensors)
+    set_rng_state(rng)
+    return state["step"] + 1
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the lines of steps <= step (atomically): a resumed run rewrites the rest."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save(run: Run, step: int) -> Path:
+    """Write checkpoint-<step> (main process; the others wait until it is complete)."""
+    ckpt = run.run_dir / f"checkpoint-{step}"
+    if run.accelerator.is_main_process:
+        synced_at, tensors = run.teacher.state() if run.teacher is not None else (0, None)
+        ckpt = save_checkpoint(run.run_dir, step, run.lm, run.optimizer,
+                               {"data": run.stream.state_dict(), "teacher_synced_at": synced_at},
+                               tensors, run.cfg.output.keep_last)
+    run.accelerator.wait_for_everyone()
+    return ckpt
