@@ -32,6 +32,7 @@ from .teacher import Teacher
 from .tracking import JsonlWriter, NullWriter, build_trackers, flat_config, read_jsonl
 
 log = logging.getLogger(__name__)
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate engines that split the weights
 
 
 @dataclass
@@ -122,6 +123,10 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     torch.manual_seed(cfg.train.seed)
     accelerator = Accelerator(cpu=device.type == "cpu", log_with=build_trackers(
         cfg.output.trackers, cfg.output.project, run_dir) or None)
+    if accelerator.distributed_type.value in SHARDED:
+        raise ConfigError(f"accelerate config: {accelerator.distributed_type.value} is not "
+                          "supported yet (rlsd generates with whole weights on each process); "
+                          "use DDP: configs/accelerate/ddp-8gpu.yaml")
     records, _ = split_heldout(load_records(cfg.data), cfg.data.heldout_size,
                                      cfg.data.seed)  # held-out records are never trained on
     model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
@@ -167,7 +172,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     run = Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
               renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir, *logs)
     run.start_step = start
-    run.history = read_jsonl(run_dir / "metrics.jsonl")
+    run.history = read_jsonl(run_dir / "metrics.jsonl") if main else []  # main's bar only
     return run
 
 

@@ -113,11 +113,20 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     batch = rollout(run, step, recs)
     times["generate"] = time.perf_counter()
     texts, rewards, correct, metrics = score(run, recs, batch)
+    times["reward"] = time.perf_counter()
+    return learn(run, step, recs, batch, texts, rewards, correct, metrics, times)
+
+
+def learn(run: Run, step: int, recs: list[Record], batch: Batch, texts: list[str],
+          rewards: torch.Tensor, correct: list[bool], metrics: dict[str, float],
+          times: dict[str, float]) -> dict[str, Any]:
+    """Everything after the rewards: advantages, teacher, update, metrics, logged samples.
+    Returns the step's metrics, reduced over processes."""
+    cfg = run.cfg
     adv, adv_metrics = group_advantages(rewards, cfg.rollout.num_generations,
                                         cfg.algorithm.scale_std, cfg.algorithm.adv_eps,
                                         cfg.algorithm.baseline)
     metrics.update(adv_metrics)
-    times["reward"] = time.perf_counter()
     rows = trained_rows(run, adv)
     data = Rows(batch.select(rows), adv[rows])
     run.phase = "teacher"

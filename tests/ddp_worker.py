@@ -1,0 +1,105 @@
+"""Launched by tests/test_distributed.py as one of several processes (accelerate launch).
+
+    ddp_worker.py train OVERRIDES.json OUT.json
+        the real `rlsd.trainer.train`, with a digest of the trainable weights gathered from every
+        process after each step (they must be identical everywhere)
+    ddp_worker.py equiv OVERRIDES.json OUT.safetensors
+        one update on a fixed batch of B prompts, split over the processes; the main process
+        writes the all-reduced gradients and the updated weights
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rlsd import trainer
+from rlsd.config import load_config
+from rlsd.data import Record
+from rlsd.distributed import shard, world
+from rlsd.rollout import Batch, left_pad
+
+
+def trainable(run) -> dict[str, torch.Tensor]:
+    model = run.accelerator.unwrap_model(run.scorer)
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def digest(run) -> str:
+    sha = hashlib.sha256()
+    for name, tensor in sorted(trainable(run).items()):
+        sha.update(name.encode() + tensor.float().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def train_mode(overrides: dict, out: Path) -> None:
+    from accelerate.utils import gather_object
+
+    seen: list[dict] = []
+    original = trainer.train_step
+
+    def step_and_check(run, step):
+        metrics = original(run, step)
+        seen.append({"step": step, "digests": gather_object([digest(run)]),
+                     "rank": run.accelerator.process_index})
+        return metrics
+
+    trainer.train_step = step_and_check
+    run_dir = trainer.train(load_config(None, overrides))
+    if seen and seen[0]["rank"] == 0:
+        out.write_text(json.dumps({"run_dir": str(run_dir), "steps": seen}))
+
+
+def fixed_batch(run, records: list[Record], group: int) -> tuple[Batch, torch.Tensor]:
+    """Completions and rewards that do not depend on sampling: the same on any process count."""
+    gen = torch.Generator().manual_seed(7)
+    prompts = [run.renderer.student_ids(r) for r in records for _ in range(group)]
+    p_ids, p_mask = left_pad(prompts, run.tokenizer.pad_token_id)
+    n, width = len(prompts), 10
+    ids = torch.randint(3, len(run.tokenizer) - 1, (n, width), generator=gen)
+    lengths = torch.randint(2, width + 1, (n,), generator=gen)
+    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    ids = torch.where(mask, ids, torch.full_like(ids, run.tokenizer.pad_token_id))
+    rewards = torch.rand(n, generator=gen).round()
+    rewards[:group] = torch.tensor([1.0] + [0.0] * (group - 1))  # never an all-equal group 0
+    return Batch(p_ids, p_mask, ids, mask), rewards
+
+
+def equiv_mode(overrides: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    run = trainer.setup(load_config(None, overrides))
+    group, prompts = run.cfg.rollout.num_generations, run.cfg.train.prompts_per_step
+    everything = run.records[:prompts]
+    batch, rewards = fixed_batch(run, everything, group)
+    rank, size = world(run.accelerator)
+    rows = torch.tensor(shard(list(range(len(rewards))), rank, size))
+    grads: dict[str, torch.Tensor] = {}
+    model = run.accelerator.unwrap_model(run.scorer)
+    step_fn = run.optimizer.step
+
+    def capture_then_step(*args, **kwargs):
+        grads.update({f"grad.{n}": p.grad.detach().cpu().clone()
+                      for n, p in model.named_parameters() if p.requires_grad})
+        return step_fn(*args, **kwargs)
+
+    run.optimizer.step = capture_then_step
+    local = batch.select(rows)
+    correct = [bool(r) for r in rewards[rows]]
+    trainer.learn(run, 1, shard(everything, rank, size), local, [""] * len(rows),
+                  rewards[rows], correct, {}, {"start": time.perf_counter()} | dict.fromkeys(
+                      ("generate", "reward"), time.perf_counter()))
+    if run.accelerator.is_main_process:
+        save_file({**grads, **{f"param.{k}": v for k, v in trainable(run).items()}}, out)
+
+
+if __name__ == "__main__":
+    mode, overrides, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
+    torch.set_num_threads(1)
+    {"train": train_mode, "equiv": equiv_mode}[mode](overrides, out)

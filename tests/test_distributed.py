@@ -1,0 +1,131 @@
+"""Two CPU processes (gloo) through `accelerate launch`: both finish, one set of files, weights
+identical on every process after every step, the same update as one process on the whole batch,
+and resume. Each launch starts two Python processes (about 10-20 s)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlsd.distributed import reduce_metrics, shard
+
+from .conftest import TESTS_DIR
+
+ROOT = TESTS_DIR.parent
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+          str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml")]
+
+
+def base(model_dir: Path, out_dir: Path, name: str, **extra: str) -> dict[str, str]:
+    return {"model.name": str(model_dir), "model.lora_r": "4", "model.threads": "1",
+            "data.size": "64", "rollout.max_new_tokens": "10", "rollout.num_generations": "4",
+            "train.prompts_per_step": "4", "train.micro_batch_size": "4", "train.steps": "3",
+            "train.lr": "0.01", "reward.verifiers": f"{TESTS_DIR / 'rewards_for_tests.py'}"
+            ":length_reward", "output.dir": str(out_dir), "output.run_name": name,
+            "output.progress": "false", "output.log_samples": "0", "output.save_every": "1",
+            "output.report": "false", **extra}
+
+
+def launch(args: list[str], tmp: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*LAUNCH, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=tmp)
+    assert done.returncode == 0, "\n".join(  # the workers' own lines, not the launcher's
+        line for line in done.stderr.splitlines() if line.startswith("[rank"))[-4000:]
+    return done
+
+
+def worker(mode: str, overrides: dict, tmp: Path, out: Path) -> None:
+    spec = tmp / f"{out.stem}-overrides.json"
+    spec.write_text(json.dumps(overrides))
+    launch([str(TESTS_DIR / "ddp_worker.py"), mode, str(spec), str(out)], tmp)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    out = {}
+    for method in ("rlsd", "grpo"):
+        result = tmp / f"{method}.json"
+        worker("train", base(tiny_model_dir, tmp / "runs", method, **{"algorithm.name": method}),
+               tmp, result)
+        out[method] = json.loads(result.read_text())
+    return out
+
+
+@pytest.mark.parametrize("method", ["rlsd", "grpo"])
+def test_two_processes_train_with_identical_weights(runs, method):
+    result = runs[method]
+    assert [s["step"] for s in result["steps"]] == [1, 2, 3]
+    for step in result["steps"]:  # every process holds the same weights after every step
+        assert len(step["digests"]) == 2 and step["digests"][0] == step["digests"][1]
+    assert result["steps"][0]["digests"][0] != result["steps"][-1]["digests"][0]  # it trained
+    run_dir = Path(result["run_dir"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one file, written by one process
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == \
+        ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 2 * 4  # the main process's 2 prompts x 4 samples per step
+    assert all(0.0 <= r["reward/accuracy"] <= 1.0 for r in rows)
+
+
+def test_two_halves_make_the_same_update_as_one_whole(tiny_model_dir, tmp_path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    spec = base(tiny_model_dir, tmp_path / "runs", "x", **{"train.micro_batch_size": "3"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    (tmp_path / "one.json").write_text(json.dumps({**spec, "output.run_name": "one"}))
+    done = subprocess.run([sys.executable, str(TESTS_DIR / "ddp_worker.py"), "equiv",
+                           str(tmp_path / "one.json"), str(one)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    worker("equiv", {**spec, "output.run_name": "two"}, tmp_path, two)
+    whole, halves = load_file(one), load_file(two)
+    assert whole.keys() == halves.keys() and any(k.startswith("grad.") for k in whole)
+    assert any(whole[k].abs().max() > 0 for k in whole if k.startswith("grad."))
+    for key in whole:
+        torch.testing.assert_close(halves[key], whole[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_two_process_run_resumes_where_it_stopped(runs, tiny_model_dir, tmp_path):
+    overrides = base(tiny_model_dir, tmp_path / "runs", "rlsd", **{"train.steps": "2"})
+    worker("train", overrides, tmp_path, tmp_path / "first.json")
+    worker("train", {**overrides, "train.steps": "3"}, tmp_path, tmp_path / "second.json")
+    resumed = json.loads((tmp_path / "second.json").read_text())
+    assert [s["step"] for s in resumed["steps"]] == [3]  # steps 1-2 came from the checkpoint
+    straight = runs["rlsd"]["steps"][-1]["digests"]
+    assert resumed["steps"][0]["digests"] == straight  # as if it had never stopped
+    run_dir = Path(resumed["run_dir"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in
+                 (Path(runs["rlsd"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["reward/mean"] == reference[-1]["reward/mean"]
+
+
+def test_shards_and_reduction_with_one_process():
+    assert shard([1, 2, 3, 4], 1, 2) == [3, 4]
+    with pytest.raises(ValueError, match="do not split over 3"):
+        shard([1, 2, 3, 4], 0, 3)
+
+    class One:
+        num_processes = 1
+
+    metrics = {"step": 1, "reward/mean": 0.5}
+    assert reduce_metrics(One(), metrics, 10) is metrics
+
+
+def test_prompts_must_split_evenly(tiny_model_dir, tmp_path):
+    spec = base(tiny_model_dir, tmp_path / "runs", "odd", **{"train.prompts_per_step": "3"})
+    (tmp_path / "odd.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*LAUNCH, "-m", "rlsd.cli", "train",
+                           *[x for k, v in spec.items() for x in (f"--{k}", v)]],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "train.prompts_per_step: 3 prompts do not split evenly over 2 processes" in done.stderr
