@@ -1,4 +1,5 @@
-"""Sampling completions with transformers `generate`: batched, left-padded, KV-cached.
+"""Sampling completions: batched, left-padded, KV-cached, with rlsd's own decoder (`decode.py`:
+one prefill per prompt, finished rows leave the batch) or transformers' `generate`.
 
 Completions are kept as token ids: teacher and student later score exactly these ids, appended to
 their own prompts. A completion ends at its first stop token (included, so the model learns to
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import RolloutConfig
+from .decode import decode
 
 
 @dataclass
@@ -53,32 +55,42 @@ def sample_completions(model: torch.nn.Module, prompts: list[list[int]], cfg: Ro
                        pad_id: int, stop_ids: list[int], device: torch.device,
                        greedy: bool = False) -> Batch:
     """Sample cfg.num_generations completions per prompt (one, decoded greedily, if `greedy`);
-    returns the grouped, padded batch."""
+    returns the grouped, padded batch. `rollout.batch_size` caps the sequences decoded at once
+    (whole groups at a time with the own decoder)."""
     group = 1 if greedy else cfg.num_generations
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    prompt_ids = prompt_ids.repeat_interleave(group, 0)  # (N, P)
-    prompt_mask = prompt_mask.repeat_interleave(group, 0)
-    chunk = cfg.batch_size or prompt_ids.shape[0]
+    per_chunk = max((cfg.batch_size or len(prompts) * group) // group, 1)  # prompts at once
     outs = []
     was_training = model.training
     model.eval()
-    for start in range(0, prompt_ids.shape[0], chunk):
-        ids = prompt_ids[start:start + chunk].to(device)
-        mask = prompt_mask[start:start + chunk].to(device)
-        sampling = {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p,
-                                      "top_k": cfg.top_k or None}
-        out = model.generate(
-            input_ids=ids, attention_mask=mask.long(), do_sample=not greedy, **sampling,
-            max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=stop_ids,
-        )
-        outs.append(out[:, ids.shape[1]:].cpu())
+    for start in range(0, len(prompts), per_chunk):
+        ids = prompt_ids[start:start + per_chunk].to(device)
+        mask = prompt_mask[start:start + per_chunk].to(device)
+        outs.append(generate_chunk(model, ids, mask, group, cfg, pad_id, stop_ids, greedy).cpu())
     model.train(was_training)
     width = max(o.shape[1] for o in outs)
     completion_ids = torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]),
                                                         value=pad_id) for o in outs])
     completion_mask = completion_mask_from(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
-    return Batch(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return Batch(prompt_ids.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0),
+                 completion_ids, completion_mask)
+
+
+def generate_chunk(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, group: int,
+                   cfg: RolloutConfig, pad_id: int, stop_ids: list[int], greedy: bool
+                   ) -> torch.Tensor:
+    """(B*group, T) completion ids for B prompts, with the configured decoder."""
+    if cfg.decoder == "own":
+        return decode(model, ids, mask, group, cfg.max_new_tokens, stop_ids, pad_id, greedy,
+                      cfg.temperature, cfg.top_k, cfg.top_p)
+    sampling = {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p,
+                                  "top_k": cfg.top_k or None}
+    ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    out = model.generate(input_ids=ids, attention_mask=mask.long(), do_sample=not greedy,
+                         **sampling, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
+                         eos_token_id=stop_ids)
+    return out[:, ids.shape[1]:]
 
 
 def join(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,

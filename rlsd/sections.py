@@ -123,6 +123,9 @@ class RolloutConfig:
     top_p: float = opt(1.0, "Nucleus sampling mass (1 = off).", low=1e-3, high=1.0)
     top_k: int = opt(0, "Top-k sampling (0 = off).", low=0)
     batch_size: int = opt(0, "Sequences generated at once (0 = the whole step).", low=0)
+    decoder: str = opt("own", "own: rlsd's KV-cache sampler (each prompt prefilled once for its G "
+                       "samples, finished rows leave the batch); generate: transformers' "
+                       "model.generate.", choices=("own", "generate"))
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """`rlsd report RUN_DIR`: one self-contained HTML file (inline CSS and images, no network).
 
 The per-token credit heat map shows, for logged completions, what the teacher did to each token:
-RLSD's multiplier m_t (green above 1: the teacher endorses the token, more credit; red below 1:
-less) or the final token advantage A_t (green: pushed up, red: pushed down; the only view for
+RLSD's multiplier m_t (green above 1: the token takes a larger share of its completion's update,
+more credit if the completion was right, more blame if it was wrong; red below 1: a smaller
+share) or the final token advantage A_t (green: pushed up, red: pushed down; the only view for
 the distillation methods). A switch recolours the page (or open it as report.html#advantage);
 hovering a token shows its values. The reward, the prompt and the teacher's privileged context
 stand beside each completion. One short inline script, no network.
@@ -125,9 +126,12 @@ def legend_html(scales: dict[str, tuple[float, float]], key: str) -> str:
         f'<label><input type="radio" name="colour" value="{ATTR[name]}"'
         f'{" checked" if name == key else ""}> {LABELS[name]}</label> ' for name in scales)
     return (f'<p class="legend">{"colour by: " + switch if len(scales) > 1 else ""}'
-            f'<span style="background:{token_color(centre + span, centre, span)}">more credit'
-            f'</span><span style="background:{token_color(centre - span, centre, span)}">less '
-            f'credit</span><span id="scale">{scale_text(key, centre, span)}</span></p>')
+            f'<span style="background:{token_color(centre + span, centre, span)}">larger share'
+            f'</span><span style="background:{token_color(centre - span, centre, span)}">smaller '
+            f'share</span><span id="scale">{scale_text(key, centre, span)}</span><br>'
+            f'<small>m_t: a token\'s share of its completion\'s update (more credit in a correct '
+            f'completion, more blame in an incorrect one); A_t: the signed push on the token '
+            f'(green up, red down).</small></p>')
 
 
 def scale_text(key: str, centre: float, span: float) -> str:
@@ -162,7 +166,7 @@ def write_report(run_dir: Path, tokenizer: Any = None) -> Path:
             f"<p>{len(rows)} steps; last: {html.escape(summary)}</p>"
             f"<h2>Learning curves</h2>"
             + (f'<img alt="learning curves" src="{curves_png(rows)}">' if rows else "")
-            + f"<h2>What the teacher did to each token</h2>{legend_html(scales, key)}{maps}"
+            + f"<h2 id=\"heatmap\">What the teacher did to each token</h2>{legend_html(scales, key)}{maps}"
             f"<h2>Config</h2><pre>{html.escape(to_yaml(cfg))}</pre>"
             f"<script>var SCALES = {json.dumps(for_js)};{SCRIPT}</script></body></html>")
     out = run_dir / "report.html"

@@ -1,0 +1,95 @@
+"""The own KV-cache sampler: greedy ids equal `generate`'s, the cached loop equals a naive loop
+that recomputes every sequence (same random draws), and the filters equal transformers'."""
+
+import pytest
+import torch
+
+from rlsd.decode import decode, filter_logits, next_tokens
+from rlsd.rollout import left_pad
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def prompts(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    texts = ["Calculate 12 + 7.", "What is 3 - 5? Think.", "Hi"]
+    return left_pad([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
+
+
+def frequent_token(tokens: torch.Tensor, pad: int) -> int:
+    """A token generated mid-sequence by some rows: as a stop id it makes rows finish early."""
+    middle = tokens[:, 1:6].flatten()
+    return int(middle[middle != pad].mode().values)
+
+
+def test_greedy_equals_generate_with_rows_finishing_early(lm):
+    model, tok = lm
+    ids, mask = prompts(tok)
+    pad = tok.pad_token_id
+    free = model.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False,
+                          max_new_tokens=12, pad_token_id=pad, eos_token_id=[pad])[:, ids.shape[1]:]
+    stops = [pad, frequent_token(free, pad)]
+    ref = model.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False,
+                         max_new_tokens=12, pad_token_id=pad, eos_token_id=stops)[:, ids.shape[1]:]
+    ours = decode(model, ids, mask, 1, 12, stops, pad, greedy=True)
+    assert (ours == pad).any() and (ours[:, -1] != pad).any()  # some rows stopped early
+    assert torch.equal(ours, ref[:, :ours.shape[1]])
+    assert (ref[:, ours.shape[1]:] == pad).all()
+    grouped = decode(model, ids, mask, 3, 12, stops, pad, greedy=True)  # prefill shared by 3
+    assert torch.equal(grouped, ours.repeat_interleave(3, 0))
+
+
+def naive_decode(model, ids, mask, group, max_new, stops, pad, **sampling) -> torch.Tensor:
+    """No cache: every step re-runs each live row's whole sequence; same draws as `decode`."""
+    ids, mask = ids.repeat_interleave(group, 0), mask.long().repeat_interleave(group, 0)
+    rows = ids.shape[0]
+    tokens = torch.full((rows, max_new), pad)
+    alive = torch.arange(rows)
+    for t in range(max_new):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        chosen = next_tokens(logits, False, **sampling)
+        tokens[alive, t] = chosen
+        keep = ~torch.isin(chosen, torch.tensor(stops))
+        if t == max_new - 1 or not keep.any():
+            return tokens[:, :t + 1]
+        alive, chosen, ids, mask = alive[keep], chosen[keep], ids[keep], mask[keep]
+        ids = torch.cat([ids, chosen.unsqueeze(1)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return tokens
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0, top_k=0, top_p=1.0),
+                                      dict(temperature=0.7, top_k=20, top_p=0.9)])
+def test_sampling_equals_a_naive_loop(lm, sampling):
+    model, tok = lm
+    ids, mask = prompts(tok)
+    pad = tok.pad_token_id
+    stops = [pad, *range(5, len(tok), 9)]  # ~1 in 9 tokens ends a row: rows stop at random
+    torch.manual_seed(1)
+    ours = decode(model, ids, mask, 4, 10, stops, pad, **sampling)
+    torch.manual_seed(1)
+    ref = naive_decode(model, ids, mask, 4, 10, stops, pad, **sampling)
+    assert torch.equal(ours, ref)
+    assert (ours == pad).any() and (ours[:, -1] != pad).any()  # rows stopped at different times
+    assert len({tuple(r.tolist()) for r in ours}) > 3  # sampled, not all the same
+
+
+def test_filters_equal_transformers_processors():
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50) * 3
+    ids = torch.zeros(5, 1, dtype=torch.long)
+    expected = TopPLogitsWarper(0.8)(ids, TopKLogitsWarper(10)(
+        ids, TemperatureLogitsWarper(0.6)(ids, logits.clone())))
+    assert torch.equal(filter_logits(logits, 0.6, 10, 0.8), expected)
+    assert torch.equal(filter_logits(logits, 1.0, 0, 1.0), logits)
+    kept = torch.isfinite(filter_logits(logits, 1.0, 3, 1.0)).sum(-1)
+    assert kept.tolist() == [3] * 5
