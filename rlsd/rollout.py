@@ -85,7 +85,7 @@ def generate_chunk(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
         return decode(model, ids, mask, group, cfg.max_new_tokens, stop_ids, pad_id, greedy,
                       cfg.temperature, cfg.top_k, cfg.top_p)
     sampling = {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p,
-                                  "top_k": cfg.top_k or None}
+                                  "top_k": cfg.top_k}  # 0 = off (None would mean generate's 50)
     ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
     out = model.generate(input_ids=ids, attention_mask=mask.long(), do_sample=not greedy,
                          **sampling, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,

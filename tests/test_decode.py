@@ -93,3 +93,24 @@ def test_filters_equal_transformers_processors():
     assert torch.equal(filter_logits(logits, 1.0, 0, 1.0), logits)
     kept = torch.isfinite(filter_logits(logits, 1.0, 3, 1.0)).sum(-1)
     assert kept.tolist() == [3] * 5
+
+
+@pytest.mark.parametrize("decoder", ["own", "generate"])
+def test_top_k_zero_samples_the_whole_vocabulary(lm, decoder):
+    """top_k 0 means no top-k filter in both decoders (generate's default would be 50)."""
+    from rlsd.config import RolloutConfig
+    from rlsd.rollout import sample_completions
+
+    model, tok = lm
+    prompt = tok("Calculate 12 + 7.")["input_ids"]
+    cfg = RolloutConfig(num_generations=600, max_new_tokens=1, decoder=decoder)
+    torch.manual_seed(0)
+    first = sample_completions(model, [prompt], cfg, tok.pad_token_id, [tok.pad_token_id],
+                               torch.device("cpu")).completion_ids[:, 0]
+    with torch.no_grad():
+        probs = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+    top50 = torch.topk(probs, 50).indices
+    outside = (~torch.isin(first, top50)).float().mean().item()
+    expected = 1 - probs[top50].sum().item()
+    assert expected > 0.5  # the tiny model spreads its mass: the test can tell
+    assert outside == pytest.approx(expected, abs=0.08)
