@@ -1,0 +1,257 @@
+"""Seconds per training step and peak memory: rlsd's methods and TRL's GRPOTrainer, side by side.
+
+    python benchmarks/step_bench.py [--steps 3] [--only NAME,...]   # the real model (minutes)
+    python benchmarks/step_bench.py --smoke                          # a tiny model (seconds)
+
+Every configuration runs in a fresh subprocess (so peak memory is its own): one warm-up step,
+then `--steps` timed steps; medians and min-max spread are reported. All share the model
+(SmolLM2-135M-Instruct, or the tiny test model with --smoke), the prompts (the quick start's
+basic_arithmetic, rendered with the chat template), the verifier, the batch (4 prompts x 4
+samples, at most 64 new tokens), fp32 on the CPU, seed 0, learning rate 1e-5, no KL term:
+
+- `trl-grpo`: TRL's GRPOTrainer, full fine-tuning, beta 0, no gradient checkpointing;
+- `grpo-full`: ours, the same work (full fine-tuning);
+- `grpo`, `rlsd`, `opd`: ours with LoRA (r 16), rlsd with its frozen self-teacher (the adapter
+  switched off), opd with an external teacher of the same size.
+
+Also measured: the machine's fp32 matmul rate, and from it the FLOP floor of each step (forward
+and backward over the trained tokens, the decode, the teacher forward), so the achieved GFLOP/s
+can be read against the peak. Writes benchmarks/results/step-<name>-<date>.{json,md} and prints
+the goal ratios of issue 5 with pass or fail. TRL is a benchmark-only dependency (`pip install
+trl`); without it the TRL row is skipped and said so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = {"train.prompts_per_step": "4", "rollout.num_generations": "4",
+          "rollout.max_new_tokens": "64", "train.lr": "1e-5", "train.micro_batch_size": "16",
+          "train.seed": "0", "output.progress": "false", "output.report": "false",
+          "output.save_every": "0", "output.log_samples": "1"}
+CONFIGS = {
+    "trl-grpo": {"model.lora": "false"},
+    "grpo-full": {"algorithm.name": "grpo", "model.lora": "false"},
+    "grpo": {"algorithm.name": "grpo"},
+    "rlsd": {"algorithm.name": "rlsd"},
+    "opd": {"algorithm.name": "opd", "teacher.mode": "external"},
+}
+GOALS = [  # (text, numerator, denominator, key, bound)
+    ("grpo step time <= 0.5 x TRL", "grpo-full", "trl-grpo", "step_s", 0.5),
+    ("grpo peak memory <= 0.5 x TRL", "grpo-full", "trl-grpo", "peak_mb", 0.5),
+    ("rlsd step time <= 1.25 x grpo", "rlsd", "grpo", "step_s", 1.25),
+    ("rlsd peak memory <= 1.05 x grpo (LoRA, frozen teacher)", "rlsd", "grpo", "peak_mb", 1.05),
+    ("rlsd peak memory <= 0.6 x opd (same-size teacher)", "rlsd", "opd", "peak_mb", 0.6),
+]
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def overrides_for(name: str, model: str, out: str) -> dict[str, str]:
+    extra = dict(CONFIGS[name])
+    if name == "opd":
+        extra["teacher.model"] = model
+    return {**SHARED, **extra, "model.name": model, "output.dir": out}
+
+
+def child_ours(name: str, steps: int, model: str) -> dict:
+    from rlsd import trainer
+    from rlsd.cli import quiet_libraries
+    from rlsd.config import load_config
+
+    quiet_libraries(debug=False)
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
+                      overrides_for(name, model, tempfile.mkdtemp()))
+    cfg.train.steps = steps + 1
+    run = trainer.setup(cfg)
+    rows = [trainer.train_step(run, step) for step in range(1, steps + 2)][1:]
+    phases = {p: [r[f"perf/{p}_seconds"] for r in rows]
+              for p in ("step", "generate", "reward", "teacher", "train")}
+    return {"step_s": phases.pop("step"), "phases": {k: statistics.median(v)
+                                                      for k, v in phases.items()},
+            "completion_tokens": [r["completion/length_mean"] * 16 for r in rows],
+            "trained_frac": [1 - r["adv/zero_group_frac"] for r in rows],
+            "params": sum(p.numel() for p in run.lm.parameters()),
+            "peak_mb": peak_rss_mb()}
+
+
+def child_trl(steps: int, model: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlsd.config import load_config
+    from rlsd.data import PromptRenderer, load_records
+    from rlsd.models import resolve_model_path
+    from rlsd.rewards import build_reward
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
+                      overrides_for("trl-grpo", model, tempfile.mkdtemp()))
+    where = resolve_model_path(cfg.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(where, padding_side="left")
+    lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+    renderer = PromptRenderer(cfg.data, tokenizer)
+    records = load_records(cfg.data)
+    rows = [{"prompt": tokenizer.decode(renderer.student_ids(r)), "answer": r.answer,
+             "solution": r.solution} for r in records]
+    verify = build_reward(cfg.reward)
+
+    def reward(prompts, completions, answer, solution, **_):  # our verifier, TRL's signature
+        scores, _, _ = verify(prompts, completions, {"answer": answer, "solution": solution,
+                                                     "metadata": [{}] * len(answer)})
+        return [s if s is not None else 0.0 for s in scores]
+
+    times, lengths = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.start)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"] * 16)
+
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16,
+                      num_generations=4, max_completion_length=64, beta=0.0,
+                      learning_rate=1e-5, max_steps=steps + 1, logging_steps=1,
+                      report_to="none", save_strategy="no", use_cpu=True, bf16=False,
+                      gradient_checkpointing=False, temperature=1.0, seed=0,
+                      disable_tqdm=True, shuffle_dataset=True)
+    trainer = GRPOTrainer(model=lm, reward_funcs=[reward], args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          callbacks=[Timer()])
+    trainer.train()
+    return {"step_s": times[1:], "phases": {}, "completion_tokens": lengths[1:],
+            "trained_frac": [], "params": sum(p.numel() for p in lm.parameters()),
+            "peak_mb": peak_rss_mb()}
+
+
+def matmul_gflops(seconds: float = 2.0) -> float:
+    """The machine's fp32 matmul rate (2048 x 2048), the peak the FLOP floor is taken at."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * 2048 ** 3 * count / (time.perf_counter() - start) / 1e9
+
+
+def flops(result: dict, name: str, prompt_tokens: int = 16 * 60) -> float:
+    """Model FLOPs of one step: 2 N per generated or prefilled token (decode), 6 N per trained
+    token (forward and backward; LoRA still back-propagates through the base), plus 2 N per
+    teacher-scored token."""
+    n, completion = result["params"], statistics.median(result["completion_tokens"] or [0])
+    trained = statistics.median(result["trained_frac"] or [1.0])
+    tokens = (prompt_tokens + completion) * trained
+    teacher = 2 * n * tokens if name in ("rlsd", "opd") else 0
+    return 2 * n * (prompt_tokens + completion) + 6 * n * tokens + teacher
+
+
+def run_child(name: str, steps: int, model: str, smoke: bool) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", name, "--steps", str(steps), "--model", model]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd + (["--smoke"] if smoke else []), capture_output=True, text=True,
+                          env=env, timeout=3600)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def summarise(results: dict[str, dict], peak: float) -> tuple[list[str], list[dict]]:
+    lines = ["| config | s/step (median) | min-max | tokens/s | peak MB | GFLOP/s | floor s | "
+             "generate | teacher | train |", "|" + "---|" * 10]
+    for name, r in results.items():
+        step = statistics.median(r["step_s"])
+        tokens = statistics.median(r["completion_tokens"] or [0])
+        work = flops(r, name)
+        p = r["phases"]
+        lines.append(f"| {name} | {step:.2f} | {min(r['step_s']):.2f}-{max(r['step_s']):.2f} | "
+                     f"{tokens / step:.1f} | {r['peak_mb']:.0f} | {work / step / 1e9:.1f} | "
+                     f"{work / peak / 1e9:.2f} | {p.get('generate', float('nan')):.2f} | "
+                     f"{p.get('teacher', float('nan')):.2f} | {p.get('train', float('nan')):.2f} |")
+    goals = []
+    for text, top, bottom, key, bound in GOALS:
+        if top in results and bottom in results:
+            value = (statistics.median(results[top][key]) if key == "step_s"
+                     else results[top][key])
+            base = (statistics.median(results[bottom][key]) if key == "step_s"
+                    else results[bottom][key])
+            goals.append({"goal": text, "ratio": value / base, "met": value / base <= bound})
+    lines += ["", "| goal | measured ratio | met |", "|---|---|---|"]
+    lines += [f"| {g['goal']} | {g['ratio']:.2f} | {'yes' if g['met'] else 'NO'} |"
+              for g in goals]
+    return lines, goals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", default=",".join(CONFIGS))
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, one step: seconds")
+    parser.add_argument("--name", default="cpu2", help="machine name for the result files")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--child")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    args = parser.parse_args()
+    if args.smoke:
+        SHARED.update({"rollout.max_new_tokens": "8", "data.size": "32", "model.threads": "1"})
+    if args.child:
+        sys.path.insert(0, str(ROOT))
+        result = (child_trl(args.steps, args.model) if args.child == "trl-grpo"
+                  else child_ours(args.child, args.steps, args.model))
+        print("RESULT " + json.dumps(result))
+        return
+    model, steps = args.model, args.steps
+    if args.smoke:
+        sys.path.insert(0, str(ROOT))
+        from tests.conftest import build_model_dir
+
+        model, steps = str(build_model_dir(Path(tempfile.mkdtemp()) / "tiny")), 1
+    names = [n for n in args.only.split(",") if n]
+    if "trl-grpo" in names and importlib.util.find_spec("trl") is None:
+        print("trl-grpo: skipped (pip install trl to compare with TRL)")
+        names.remove("trl-grpo")
+    results = {name: run_child(name, steps, model, args.smoke) for name in names}
+    peak = matmul_gflops(0.3 if args.smoke else 2.0)
+    lines, goals = summarise(results, peak)
+    command = "python benchmarks/step_bench.py " + " ".join(sys.argv[1:])
+    header = [f"# Step benchmark ({args.name}, {date.today()}, {os.cpu_count()} CPUs, fp32 "
+              f"matmul peak {peak:.0f} GFLOP/s)", "", f"Command: `{command}`", ""]
+    text = "\n".join(header + lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"step-{'smoke' if args.smoke else args.name}-{date.today()}"
+    payload = {"machine": args.name, "date": str(date.today()), "matmul_gflops": peak,
+               "steps": steps, "smoke": args.smoke, "command": command, "configs": results,
+               "goals": goals}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    print(f"written: {out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()

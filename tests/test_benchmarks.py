@@ -1,0 +1,31 @@
+"""The step benchmark runs end to end in its tiny-model smoke mode, TRL included, and writes the
+result files in the schema the committed results use."""
+
+import json
+import subprocess
+import sys
+
+from .conftest import TESTS_DIR
+
+BENCH = TESTS_DIR.parent / "benchmarks" / "step_bench.py"
+
+
+def test_step_bench_smoke_writes_its_schema(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--only",
+                           "trl-grpo,grpo-full,grpo,rlsd", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = list(tmp_path.glob("step-smoke-*.json"))
+    data = json.loads(result.read_text())
+    assert data["smoke"] is True and data["matmul_gflops"] > 0
+    assert set(data["configs"]) == {"trl-grpo", "grpo-full", "grpo", "rlsd"}
+    for name, config in data["configs"].items():
+        assert len(config["step_s"]) == 1 and config["step_s"][0] > 0, name
+        assert config["peak_mb"] > 100 and config["params"] > 0
+        assert set(config) >= {"phases", "completion_tokens", "trained_frac"}
+    assert {g["goal"] for g in data["goals"]} >= {"grpo step time <= 0.5 x TRL",
+                                                  "rlsd step time <= 1.25 x grpo"}
+    for goal in data["goals"]:
+        assert goal["ratio"] > 0 and isinstance(goal["met"], bool)
+    table = result.with_suffix(".md").read_text()
+    assert "| trl-grpo |" in table and "| goal | measured ratio | met |" in table
