@@ -6,6 +6,7 @@
     rlsd report RUN_DIR [--screenshot]
     rlsd compare RUN_DIR [RUN_DIR ...] [--out DIR] [--target ACC]
     rlsd export RUN_DIR --to DIR [--step N]
+    rlsd study STUDY.yaml [--dry-run | --summarize]
     rlsd tasks [--all]
     rlsd --version
 
@@ -118,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, metavar="DIR", help="new output directory")
     export.add_argument("--step", type=int, default=None,
                         help="checkpoint step to export (default: the latest intact one)")
+    study = sub.add_parser("study", parents=[common],
+                           help="run a grid of runs (tasks x methods x seeds, ablations), "
+                           "resumably, and summarise it with bootstrap intervals")
+    study.add_argument("study", help="study YAML (see configs/study-*.yaml)")
+    study.add_argument("--dry-run", action="store_true",
+                       help="print the grid, what is done and the time left; train nothing")
+    study.add_argument("--summarize", action="store_true",
+                       help="only write the summary of the runs so far")
     tasks = sub.add_parser("tasks", parents=[common],
                            help="list the task sources and verifiers")
     tasks.add_argument("--all", action="store_true", help="list every reasoning-gym family")
@@ -213,6 +222,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_run(Path(args.run_dir), Path(args.to), args.step)
     print(f"exported: {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import describe, load_study, run_study, summarize
+
+    study = load_study(Path(args.study))
+    if args.dry_run:
+        print(describe(study))
+        return 0
+    if not args.summarize:
+        quiet_libraries(args.debug)
+        run_study(study)
+    summarize(study)
+    print((study.out / "summary.md").read_text(encoding="utf-8"))
+    print(f"summary: {study.out / 'summary.json'}, {study.out / 'summary.md'}")
     return 0
 
 
@@ -317,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"command line: {args.command} takes no --section.field overrides "
                               f"(got --{next(iter(overrides))})")
         return {"tasks": cmd_tasks, "report": cmd_report, "compare": cmd_compare,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "study": cmd_study}[args.command](args)
     except USER_ERRORS as exc:
         if debug:
             raise

@@ -58,6 +58,8 @@ class Run:
     start_step: int = 1
     phase: str = "setup"  # what the current step is doing (named in out-of-memory reports)
     eval_records: list[Record] | None = None  # train.eval_every items, chosen at first use
+    evals: Any = field(default_factory=NullWriter)  # evals.jsonl: per-item held-out results
+    step: int = 0  # the step being evaluated (for evals.jsonl)
 
     @property
     def device(self) -> torch.device:
@@ -172,6 +174,8 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     run = Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
               renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir, *logs)
     run.start_step = start
+    if main and cfg.train.eval_every:
+        run.evals = JsonlWriter(run_dir / "evals.jsonl")
     run.history = read_jsonl(run_dir / "metrics.jsonl") if main else []  # main's bar only
     return run
 
@@ -180,7 +184,7 @@ def open_run_dir(cfg: Config, run_dir: Path, start: int) -> None:
     """Create the run directory, drop log lines written after the checkpoint we resume from
     (they are rewritten), and save the resolved config."""
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl", "evals.jsonl"):
         truncate_log(run_dir / name, start - 1)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
 

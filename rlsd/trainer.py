@@ -235,6 +235,11 @@ def evaluate_now(run: Run) -> dict[str, float]:
         run.eval_records = eval_items(run.cfg, run.cfg.train.eval_items)[0]
     start = time.perf_counter()
     result = evaluate(run.cfg, run.lm, run.tokenizer, run.eval_records, run.stop_ids, run.device)
+    items = result["items"]
+    run.evals.write({"step": run.step, "correct": [bool(i["correct"][0]) for i in items],
+                     "lenient": [bool(i["lenient"][0]) for i in items],
+                     "answers": [i["answer"] for i in items],
+                     "completions": [i["completions"][0] for i in items]})
     return {"eval/pass@1": result["pass@1"], "eval/lenient@1": result["lenient@1"],
             "eval/items": float(result["n_items"]), "eval/seconds": time.perf_counter() - start}
 
@@ -270,7 +275,7 @@ def guarded_step(run: Run, step: int) -> dict[str, Any]:
         metrics = train_step(run, step)
         every = run.cfg.train.eval_every
         if every and step % every == 0 and run.accelerator.is_main_process:
-            run.phase = "evaluation"
+            run.phase, run.step = "evaluation", step
             metrics.update(evaluate_now(run))
         return metrics
     except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -326,6 +331,7 @@ def train(cfg: Config, resume: bool = True) -> Path:
             signal.signal(sig, handler)
         run.metrics.close()
         run.samples.close()
+        run.evals.close()
         for tracker in run.accelerator.trackers:  # not end_training: it ends the process group
             tracker.finish()
     return run.run_dir

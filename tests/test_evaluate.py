@@ -82,3 +82,8 @@ def test_evaluation_during_training_is_logged(tiny_overrides):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert ["eval/pass@1" in r for r in rows] == [False, True, False, True]
     assert all(r["eval/items"] == 5 for r in rows if "eval/items" in r)
+    evals = [json.loads(x) for x in (run_dir / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4]  # per-item results, for studies and bootstraps
+    for e, row in zip(evals, [r for r in rows if "eval/pass@1" in r]):
+        assert len(e["correct"]) == len(e["completions"]) == len(e["answers"]) == 5
+        assert sum(e["correct"]) / 5 == row["eval/pass@1"]

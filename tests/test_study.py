@@ -1,0 +1,112 @@
+"""`rlsd study`: the grid, resumability, the summary, the bootstrap by hand, the leakage check."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlsd.cli import main
+from rlsd.config import ConfigError
+from rlsd.study import bootstrap, grid, leakage, load_study
+
+from .conftest import TESTS_DIR
+
+
+def write_study(tmp: Path, model_dir: Path, **extra) -> Path:
+    spec = {"base": None, "out": str(tmp / "study"), "steps": 2, "eval_every": 1,
+            "eval_items": 4, "seeds": [0, 1],
+            "tasks": {"arith": {"data.size": 48, "data.heldout_size": 4}},
+            "arms": {"grpo": {"algorithm.name": "grpo"}, "rlsd": {"algorithm.name": "rlsd"}},
+            **extra}
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": str(model_dir), "lora_r": 4, "threads": 1},
+        "rollout": {"max_new_tokens": 8, "num_generations": 4},
+        "train": {"prompts_per_step": 2, "micro_batch_size": 4, "lr": 0.01},
+        "reward": {"verifiers": [f"{TESTS_DIR / 'rewards_for_tests.py'}:length_reward"]},
+        "output": {"progress": False, "log_samples": 0}}))
+    spec["base"] = str(recipe)
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsys):
+    path = write_study(tmp_path, tiny_model_dir)
+    study = load_study(path)
+    assert [(c.arm, c.seed) for c in grid(study)] == [("grpo", 0), ("grpo", 1), ("rlsd", 0),
+                                                      ("rlsd", 1)]
+    assert main(["study", str(path), "--dry-run"]) == 0
+    assert "4 runs (0 finished)" in capsys.readouterr().out
+    assert main(["study", str(path)]) == 0
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    arms = summary["tasks"]["arith"]["arms"]
+    assert set(arms) == {"grpo", "rlsd"} and all(a["runs"] == 2 for a in arms.values())
+    assert [int(s) for s in arms["rlsd"]["curve"]] == [0, 1, 2]  # the base model is step 0
+    for arm in arms.values():
+        mean, low, high = arm["final"]
+        assert 0 <= low <= mean <= high <= 1 and arm["eval_items"] == 4
+    assert (tmp_path / "study" / "accuracy-arith.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| rlsd | 2 | 4 |" in (tmp_path / "study" / "summary.md").read_text()
+    # a killed study: drop one run's last step and checkpoint; the rerun redoes only that
+    victim = tmp_path / "study" / "arith" / "rlsd-seed1"
+    metrics = victim / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    for ckpt in victim.glob("checkpoint-2"):
+        import shutil
+
+        shutil.rmtree(ckpt)
+    (victim / "latest").write_text("checkpoint-1\n")
+    untouched = (tmp_path / "study" / "arith" / "grpo-seed0" / "metrics.jsonl").stat().st_mtime_ns
+    assert main(["study", str(path), "--dry-run"]) == 0
+    assert "4 runs (3 finished)" in capsys.readouterr().out
+    assert main(["study", str(path)]) == 0
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2]
+    assert (tmp_path / "study" / "arith" / "grpo-seed0" / "metrics.jsonl").stat().st_mtime_ns \
+        == untouched
+
+
+def exact_bootstrap(matrix):
+    """Every equally likely resample of seeds and items, enumerated: the exact distribution."""
+    seeds, items = len(matrix), len(matrix[0])
+    means = []
+    for rows in itertools.product(range(seeds), repeat=seeds):
+        for cols in itertools.product(range(items), repeat=items):
+            means.append(sum(matrix[r][c] for r in rows for c in cols) / (seeds * items))
+    return sorted(means)
+
+
+def test_bootstrap_against_the_exact_distribution():
+    assert bootstrap([[1, 1, 1]]) == (1.0, 1.0, 1.0)  # no spread, no interval
+    matrix = [[1, 0, 1], [0, 0, 1]]  # 2 seeds x 3 items, mean 0.5
+    mean, low, high = bootstrap(matrix, samples=20000, seed=3)
+    exact = exact_bootstrap(matrix)  # 4 x 27 = 108 resamples
+    assert mean == 0.5
+    assert low == pytest.approx(exact[int(0.025 * 107)], abs=1 / 6 + 1e-9)
+    assert high == pytest.approx(exact[107 - int(0.025 * 107)], abs=1 / 6 + 1e-9)
+    assert exact[0] == 0.0 and exact[-1] == 1.0 and low < mean < high
+
+
+def test_leakage_on_hand_written_completions():
+    assert leakage("Using the reference solution, 4 + 3 = 7.\nAnswer: 7", "7")["echo"]
+    assert leakage("As the reference answer says: 12", "12")["echo"]
+    assert not leakage("4 + 3 = 7\nAnswer: 7", "7")["echo"]
+    assert leakage("7\nBecause 4 + 3 = 7.\nAnswer: 7", "7")["answer_first"]
+    assert not leakage("4 + 3 = 7\nAnswer: 7", "7")["answer_first"]
+    assert not leakage("Answer: 7", "7")["answer_first"]  # a bare answer is not working after it
+    assert not leakage("17 is close\nso 4 + 3 = 7", "7")["answer_first"]  # 17 is not 7
+    assert leakage("The answer is 7.\nCheck: 4 + 3 = 7", "7")["answer_first"]
+
+
+def test_study_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": "x", "out": "o", "steps": 1, "eval_every": 1,
+                                   "eval_items": 1, "seeds": [0], "tasks": {}, "arms": {},
+                                   "typo": 1}))
+    with pytest.raises(ConfigError, match="unknown study key 'typo'"):
+        load_study(bad)
+    bad.write_text(yaml.safe_dump({"base": "x"}))
+    with pytest.raises(ConfigError, match="out: required"):
+        load_study(bad)
