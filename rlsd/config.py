@@ -217,6 +217,9 @@ def validate(cfg: Config) -> None:
                           "algorithm.name=opd")
     if mode == "external" and not cfg.teacher.model:
         raise ConfigError("teacher.model: required with teacher.mode=external")
+    if "teacher.privileged" in changed and (method == "grpo" or mode == "external"):
+        raise ConfigError("teacher.privileged: only applies to a self-teacher (rlsd, opsd, "
+                          "grpo_opsd with teacher.mode live, frozen or sync)")
     for key, needed in (("teacher.model", "external"), ("teacher.sync_every", "sync")):
         if key in changed and mode != needed:
             raise ConfigError(f"{key}: only applies to teacher.mode={needed}, not {mode}")

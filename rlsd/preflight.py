@@ -32,18 +32,22 @@ def generation_header(tokenizer: Any) -> list[int]:
     return opened[len(bare):] if opened[:len(bare)] == bare else []
 
 
-def check_teacher_prompts(renderer: PromptRenderer, tokenizer: Any, records: list[Record]) -> None:
+def check_teacher_prompts(renderer: PromptRenderer, tokenizer: Any, records: list[Record],
+                          privileged: bool = True) -> None:
+    """The teacher's prompt differs from the student's, holds the reference (unless this is a
+    `teacher.privileged: false` control) and ends like the student's."""
     header = generation_header(tokenizer)
     for record in records:
         student, teacher = renderer.student_ids(record), renderer.teacher_ids(record)
-        if student == teacher:
+        if student == teacher and privileged:
             raise ConfigError("data.teacher_template: renders the same prompt as the student's; "
                               "the teacher would see no privileged context")
-        privileged = (record.solution or record.answer).strip()
+        reference = (record.solution or record.answer).strip()
         text = tokenizer.decode(teacher, skip_special_tokens=False)
-        if privileged and privileged not in text:
+        if privileged and reference and reference not in text:
             raise ConfigError(f"data.teacher_template: the teacher's prompt does not contain the "
-                              f"reference ({privileged[:40]!r}); use {{{{ solution or answer }}}}")
+                              f"reference ({reference[:40]!r}); use {{{{ solution or answer }}}} "
+                              "(or teacher.privileged: false for a control run)")
         for name, ids in (("prompt_template", student), ("teacher_template", teacher)):
             if header and ids[-len(header):] != header:
                 raise ConfigError(f"data.{name}: the rendered prompt does not end with the chat "

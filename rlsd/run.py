@@ -149,7 +149,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
         if cfg.teacher.mode == "external":
             external = load_external_teacher(cfg, tokenizer, accelerator.device)
         else:
-            check_teacher_prompts(renderer, tokenizer, records[:8])
+            check_teacher_prompts(renderer, tokenizer, records[:8], cfg.teacher.privileged)
         teacher = Teacher(cfg.teacher.mode, accelerator.unwrap_model(scorer), cfg.model.lora,
                           cfg.teacher.batch_size or cfg.train.micro_batch_size,
                           cfg.teacher.sync_every, external)

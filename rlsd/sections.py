@@ -193,6 +193,9 @@ class TeacherConfig:
                      "its tokenizer must equal the student's.")
     batch_size: int = opt(0, "Sequences per teacher forward pass (0 = train.micro_batch_size).",
                           low=0)
+    privileged: bool = opt(True, "The self-teacher's prompt must contain the reference (checked "
+                           "before training). false = a control run whose teacher template "
+                           "holds no reference, to measure what the reference adds.")
 
 
 @dataclass

@@ -56,6 +56,8 @@ def test_split_overrides():
     (["--algorithm.name", "ppo"], "algorithm.name: must be one of grpo, rlsd"),
     (["--model.lora", "maybe"], "model.lora: expected true or false"),
     (["--algorithm.name", "grpo", "--rlsd.lambda", "0.3"], "rlsd.lambda: only applies to"),
+    (["--algorithm.name", "grpo", "--teacher.privileged", "false"],
+     "teacher.privileged: only applies to a self-teacher"),
     (["--data.task", "no_such_task"], "data.task: unknown reasoning-gym task"),
     (["--data.source", "file", "--data.path", "/nope.jsonl"], "/nope.jsonl: data file not found"),
     (["--model.name", "/no/such/model"], "model.name"),

@@ -11,6 +11,11 @@ ROOT = Path(__file__).parent.parent
 
 def test_quickstart_recipe_is_the_default():
     assert to_dict(load_config(ROOT / "configs" / "quickstart.yaml")) == to_dict(Config())
+    import yaml
+
+    spelled = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    assert {s: set(f) for s, f in spelled.items()} == \
+        {s: set(f) for s, f in to_dict(Config()).items()}  # every field spelled out
 
 
 def test_yaml_then_overrides(tmp_path):

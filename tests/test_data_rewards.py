@@ -63,6 +63,8 @@ def test_renderer_and_preflight():
     blind = PromptRenderer(DataConfig(teacher_template="{{ prompt }} (think hard)"), tok)
     with pytest.raises(ConfigError, match="does not contain the reference"):
         check_teacher_prompts(blind, tok, [rec])
+    check_teacher_prompts(blind, tok, [rec], privileged=False)  # a declared control run
+    check_teacher_prompts(same, tok, [rec], privileged=False)
     with pytest.raises(ConfigError, match="data.prompt_template"):
         PromptRenderer(DataConfig(prompt_template="{{ nope }}"), tok).student_ids(rec)
     with pytest.raises(DataError, match="exceeds data.max_prompt_tokens=3"):
