@@ -12,6 +12,7 @@ A study file names a base recipe and what varies:
     tasks: {arith: {data.task: basic_arithmetic}}
     arms: {grpo: {algorithm.name: grpo}, rlsd: {algorithm.name: rlsd}}
     ablations: {rlsd-lambda1: {algorithm.name: rlsd, rlsd.lambda: 1.0}}   # first seed only
+    ablation_tasks: [arith]           # the tasks ablations run on (default: all)
     reference_arm: grpo               # "steps to reach the reference arm's final accuracy"
 
 Each run is an `rlsd train` run directory, so a finished run is skipped and an interrupted one
@@ -53,6 +54,7 @@ class Study:
     arms: dict[str, dict[str, Any]]
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference_arm: str = "grpo"
+    ablation_tasks: list[str] | None = None  # tasks the ablations run on (None: all)
 
 
 def load_study(path: Path) -> Study:
@@ -68,6 +70,9 @@ def load_study(path: Path) -> Study:
         if key not in raw:
             raise ConfigError(f"{path}: {key}: required")
     study = Study(path=Path(path), **{**raw, "out": Path(raw["out"])})
+    unknown = sorted(set(study.ablation_tasks or []) - set(study.tasks))
+    if unknown:
+        raise ConfigError(f"{path}: ablation_tasks: {unknown[0]!r} is not in tasks")
     if study.reference_arm not in study.arms:
         raise ConfigError(f"{path}: reference_arm: {study.reference_arm!r} is not in arms")
     return study
@@ -90,7 +95,8 @@ def grid(study: Study) -> list[Cell]:
     cells = []
     for task, task_over in study.tasks.items():
         arms = [(a, o, study.seeds) for a, o in study.arms.items()]
-        arms += [(a, o, study.seeds[:1]) for a, o in study.ablations.items()]
+        if study.ablation_tasks is None or task in study.ablation_tasks:
+            arms += [(a, o, study.seeds[:1]) for a, o in study.ablations.items()]
         for arm, arm_over, seeds in arms:
             for seed in seeds:
                 over = {**task_over, **arm_over, "train.seed": seed,
@@ -264,8 +270,9 @@ def summarize(study: Study) -> dict[str, Any]:
     for task in study.tasks:
         reference = arm_summary(study, task, study.reference_arm, None)
         target = reference["final"][0] if reference["final"] else None
-        arms = {arm: arm_summary(study, task, arm, target)
-                for arm in [*study.arms, *study.ablations]}
+        names = [*study.arms, *(study.ablations if study.ablation_tasks is None
+                                or task in study.ablation_tasks else [])]
+        arms = {arm: arm_summary(study, task, arm, target) for arm in names}
         result["tasks"][task] = {"target": target, "arms": arms}
         accuracy_png(arms, study.out / f"accuracy-{task}.png", task)
     (study.out / "summary.json").write_text(json.dumps(result, indent=1))

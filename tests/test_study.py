@@ -110,3 +110,16 @@ def test_study_file_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"base": "x"}))
     with pytest.raises(ConfigError, match="out: required"):
         load_study(bad)
+
+
+def test_ablations_run_on_their_tasks_with_the_first_seed(tiny_model_dir, tmp_path):
+    path = write_study(tmp_path, tiny_model_dir, ablations={"rlsd-l1": {"rlsd.lambda": 1.0}},
+                       ablation_tasks=["arith"],
+                       tasks={"arith": {}, "other": {"data.task": "gcd"}})
+    cells = [(c.task, c.arm, c.seed) for c in grid(load_study(path))]
+    assert ("arith", "rlsd-l1", 0) in cells and ("arith", "rlsd-l1", 1) not in cells
+    assert not any(task == "other" and arm == "rlsd-l1" for task, arm, _ in cells)
+    assert len(cells) == 2 * 4 + 1
+    bad = write_study(tmp_path, tiny_model_dir, ablation_tasks=["nope"])
+    with pytest.raises(ConfigError, match="ablation_tasks: 'nope' is not in tasks"):
+        load_study(bad)
