@@ -38,3 +38,16 @@ def test_report_of_an_rlsd_run(tiny_overrides):
     assert 'value="m" checked' in page and 'value="a"' in page  # the colour switch
     assert "Here is a reference solution" in page  # the teacher's privileged context
     assert main(["report", str(run_dir.parent / "nope")]) == 2
+
+
+def test_token_pieces_keep_split_characters_whole():
+    from rlsd.report.html import token_pieces
+
+    from .conftest import build_tokenizer
+
+    tok = build_tokenizer()
+    ids = tok("9 + 6 = 15 😀 é", add_special_tokens=False)["input_ids"]
+    pieces = token_pieces(tok, ids)
+    assert len(pieces) == len(ids) and len(ids) > len("9 + 6 = 15 😀 é".split())
+    assert "".join(pieces) == tok.decode(ids) == "9 + 6 = 15 😀 é"
+    assert not any("\ufffd" in p for p in pieces) and "" in pieces  # the emoji spans tokens

@@ -102,8 +102,21 @@ def pick_samples(samples: list[dict], key: str, per_group: int = 3) -> list[dict
 
 
 def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
-    """The text of each token as it appears in the completion (decoded one by one)."""
-    return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    """The text each token adds to the completion: the difference between the decoded prefixes,
+    so a character split over several byte-level tokens shows, whole, on the token that
+    completes it (the others are empty, drawn as a thin block)."""
+    pieces, previous = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[:i + 1], skip_special_tokens=False)
+        if not text.startswith(previous):  # the tokenizer rewrote the prefix: fall back
+            pieces.append(tokenizer.decode([ids[i]], skip_special_tokens=False))
+            previous = text
+        elif text.endswith("\ufffd"):  # an unfinished character: wait for its last byte
+            pieces.append("")
+        else:
+            pieces.append(text[len(previous):])
+            previous = text
+    return pieces
 
 
 CSS = """
@@ -113,7 +126,7 @@ h1{font-size:20px}h2{font-size:16px;margin-top:28px}
 .sample.correct{border-left:4px solid #16a34a}.sample.incorrect{border-left:4px solid #dc2626}
 .meta{font-size:12px;color:#555}.prompt,.ref{font-size:12px;margin:3px 0;white-space:pre-wrap}
 .tokens{font-family:ui-monospace,monospace;white-space:pre-wrap;margin-top:6px}
-.tok{border-radius:2px}.legend span{padding:1px 6px;margin-right:6px;border-radius:2px}
+.tok{border-radius:2px}.tok:empty{padding:0 2px}.legend span{padding:1px 6px;margin-right:6px;border-radius:2px}
 .legend label{margin-right:10px}details.ref summary{cursor:pointer}
 pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px}
 """
