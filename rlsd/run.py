@@ -132,6 +132,9 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     records, _ = split_heldout(load_records(cfg.data), cfg.data.heldout_size,
                                      cfg.data.seed)  # held-out records are never trained on
     model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
+    if cfg.train.gradient_checkpointing:  # the decoder layers recompute in the backward pass
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     renderer = PromptRenderer(cfg.data, tokenizer)
     self_teacher = cfg.algorithm.name != "grpo" and cfg.teacher.mode != "external"
     records, skipped = check_lengths(renderer, records, self_teacher)

@@ -204,6 +204,9 @@ class TrainConfig:
     prompts_per_step: int = opt(8, "Prompts per step (B); each is sampled G times.", low=1)
     micro_batch_size: int = opt(8, "Sequences per forward/backward pass (gradient "
                                 "accumulation covers the rest of the step).", low=1)
+    gradient_checkpointing: bool = opt(False, "Recompute the decoder layers' activations in "
+                                       "the backward pass: much less memory for about one "
+                                       "more forward pass of time.")
     ppo_epochs: int = opt(1, "Passes over each rollout batch (> 1 computes the old log-probs "
                           "with one extra forward pass).", low=1)
     mini_batches: int = opt(1, "Optimizer steps per pass: the batch is split into this many "

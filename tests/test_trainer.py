@@ -122,3 +122,27 @@ def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatc
     if thought_only == "true":
         assert metrics["rlsd/multiplier_mean_answer"] == 1.0
         assert metrics["rlsd/reweighted_frac"] < 1.0
+
+
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_gradient_checkpointing_gives_the_same_update(tiny_overrides, tmp_path, lora):
+    """Recomputing activations changes memory, not the update: the same weights after 2 steps."""
+    from safetensors.torch import load_file
+
+    from rlsd.config import load_config
+    from rlsd.trainer import train
+
+    name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
+    weights = []
+    for flag in ("false", "true"):
+        run_dir = train(load_config(None, {**tiny_overrides, "model.lora": lora,
+                                           "train.gradient_checkpointing": flag,
+                                           "output.run_name": f"gc-{flag}"}))
+        weights.append(load_file(run_dir / "checkpoint-2" / name))
+    run = setup(load_config(None, {**tiny_overrides, "model.lora": lora,
+                                   "train.gradient_checkpointing": "true",
+                                   "output.run_name": "gc-probe"}))
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in run.lm.modules())
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
