@@ -19,12 +19,14 @@ import inspect
 
 import torch
 
+from .models import base_model
+
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """The forward argument that takes the KV cache: `cache` in transformers >= 5.2x,
     `past_key_values` before (a peft wrapper passes it through to the base model)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    forward = base_model(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float

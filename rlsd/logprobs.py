@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .algorithms.distill import token_divergence
+from .models import base_model
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, scale: float,
@@ -102,7 +103,7 @@ class TokenScorer(nn.Module):
         self.chunk_rows = chunk_rows
 
     def _parts(self) -> tuple[nn.Module, nn.Module, float]:
-        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        base = base_model(self.lm)
         softcap = float(getattr(base.config, "final_logit_softcapping", None) or 0.0)
         return base.get_decoder(), base.get_output_embeddings(), softcap
 

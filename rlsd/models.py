@@ -138,6 +138,11 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """Every token id that ends a completion: the tokenizer's EOS and the generation config's."""
     ids = {tokenizer.eos_token_id}

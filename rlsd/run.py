@@ -25,7 +25,7 @@ from .data import (PromptRenderer, PromptStream, Record, check_lengths, load_rec
                    split_heldout)
 from .distributed import from_main
 from .logprobs import TokenScorer
-from .models import load_model, pick_device, pick_dtype, stop_token_ids
+from .models import base_model, load_model, pick_device, pick_dtype, stop_token_ids
 from .preflight import check_teacher_prompts
 from .rewards import build_reward
 from .teacher import Teacher
@@ -59,7 +59,6 @@ class Run:
     phase: str = "setup"  # what the current step is doing (named in out-of-memory reports)
     eval_records: list[Record] | None = None  # train.eval_every items, chosen at first use
     evals: Any = field(default_factory=NullWriter)  # evals.jsonl: per-item held-out results
-    step: int = 0  # the step being evaluated (for evals.jsonl)
 
     @property
     def device(self) -> torch.device:
@@ -133,8 +132,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
                                      cfg.data.seed)  # held-out records are never trained on
     model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
     if cfg.train.gradient_checkpointing:  # the decoder layers recompute in the backward pass
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     renderer = PromptRenderer(cfg.data, tokenizer)
     self_teacher = cfg.algorithm.name != "grpo" and cfg.teacher.mode != "external"
     records, skipped = check_lengths(renderer, records, self_teacher)

@@ -228,8 +228,8 @@ def arm_summary(study: Study, task: str, arm: str, target: float | None) -> dict
     evals = arm_evals(study, task, arm)
     curve = {step: bootstrap(m) for step, m in sorted(evals.items())}
     runs = [run_dir(study, c) for c in grid(study) if c.task == task and c.arm == arm]
-    rows = [r for p in runs if (p / "metrics.jsonl").is_file()
-            for r in read_jsonl(p / "metrics.jsonl")]
+    per_run = [read_jsonl(p / "metrics.jsonl") for p in runs if (p / "metrics.jsonl").is_file()]
+    rows = [r for run_rows in per_run for r in run_rows]
     steps = sorted(curve)
     mean = [curve[s][0] for s in steps]
     reach = next((s for s, m in zip(steps, mean) if target is not None and m >= target), None)
@@ -249,8 +249,8 @@ def arm_summary(study: Study, task: str, arm: str, target: float | None) -> dict
                 / (steps[-1] - steps[0])) if len(steps) > 1 else None,
         "steps_to_target": reach,
         "seconds_to_target": statistics.mean(
-            sum(r["perf/step_seconds"] for r in read_jsonl(p / "metrics.jsonl")
-                if r["step"] <= reach) for p in runs) if reach else None,
+            sum(r["perf/step_seconds"] for r in run_rows if r["step"] <= reach)
+            for run_rows in per_run) if reach and per_run else None,
         "seconds_per_step": statistics.median(step_s) if step_s else None,
         "peak_mem_mb": max((r.get("perf/peak_mem_mb", 0) for r in rows), default=None),
         "leak_echo": statistics.mean(x["echo"] for x in leaks) if leaks else None,

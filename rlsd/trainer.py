@@ -227,7 +227,7 @@ def progress_bar(enabled: bool):
                     disable=not enabled)
 
 
-def evaluate_now(run: Run) -> dict[str, float]:
+def evaluate_now(run: Run, step: int) -> dict[str, float]:
     """Greedy accuracy on the held-out items (chosen once, as `rlsd eval` chooses them)."""
     from .evaluate import eval_items, evaluate
 
@@ -236,7 +236,7 @@ def evaluate_now(run: Run) -> dict[str, float]:
     start = time.perf_counter()
     result = evaluate(run.cfg, run.lm, run.tokenizer, run.eval_records, run.stop_ids, run.device)
     items = result["items"]
-    run.evals.write({"step": run.step, "correct": [bool(i["correct"][0]) for i in items],
+    run.evals.write({"step": step, "correct": [bool(i["correct"][0]) for i in items],
                      "lenient": [bool(i["lenient"][0]) for i in items],
                      "answers": [i["answer"] for i in items],
                      "completions": [i["completions"][0] for i in items]})
@@ -275,8 +275,8 @@ def guarded_step(run: Run, step: int) -> dict[str, Any]:
         metrics = train_step(run, step)
         every = run.cfg.train.eval_every
         if every and step % every == 0 and run.accelerator.is_main_process:
-            run.phase, run.step = "evaluation", step
-            metrics.update(evaluate_now(run))
+            run.phase = "evaluation"
+            metrics.update(evaluate_now(run, step))
         return metrics
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_oom(exc):

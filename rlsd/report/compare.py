@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, load_config, to_yaml
-from ..tracking import read_jsonl
-from .plots import moving_average
+from ..config import ConfigError, load_config, to_dict
+from ..tracking import flat_config, read_jsonl
+from .plots import label_panel, moving_average, panel_grid
 
 PANELS = [  # (title, metric)
     ("training accuracy", "reward/accuracy"),
@@ -41,23 +41,14 @@ class RunData:
         return ([s for s, _ in points], [v for _, v in points]) if points else ([], [])
 
 
-def flatten(yaml_text: str) -> dict[str, str]:
-    import yaml
-
-    out: dict[str, str] = {}
-    for section, fields in (yaml.safe_load(yaml_text) or {}).items():
-        for key, value in (fields or {}).items():
-            out[f"{section}.{key}"] = str(value)
-    return out
-
-
 def load_run(path: Path) -> RunData:
     if not (path / "config.yaml").is_file() or not (path / "metrics.jsonl").is_file():
         raise ConfigError(f"{path}: not a run directory (no config.yaml and metrics.jsonl)")
     rows = read_jsonl(path / "metrics.jsonl")
     if not rows:
         raise ConfigError(f"{path}/metrics.jsonl: no steps logged yet")
-    return RunData(path, flatten(to_yaml(load_config(path / "config.yaml"))), rows)
+    config = flat_config(to_dict(load_config(path / "config.yaml")))
+    return RunData(path, {key: str(value) for key, value in config.items()}, rows)
 
 
 def group_runs(runs: list[RunData]) -> dict[str, list[RunData]]:
@@ -168,16 +159,11 @@ def markdown_table(table: list[dict], target: float) -> str:
 
 
 def compare_png(groups: dict[str, list[RunData]], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [(t, m) for t, m in PANELS if any(r.series(m)[0] for g in groups.values() for r in g)]
-    cols = min(3, max(len(panels), 1))
-    nrows = max(math.ceil(len(panels) / cols), 1)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.0 * nrows), squeeze=False)
-    for ax, (title, metric) in zip(axes.flat, panels):
+    fig, axes = panel_grid(len(panels), min(3, max(len(panels), 1)), 4.4, 3.0)
+    for ax, (title, metric) in zip(axes, panels):
         for label, runs in groups.items():
             steps, mean, low, high = band(runs, metric)
             if not steps:
@@ -185,12 +171,7 @@ def compare_png(groups: dict[str, list[RunData]], out: Path) -> Path:
             line, = ax.plot(steps, mean, label=f"{label} (n={len(runs)})")
             if len(runs) > 1:
                 ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
+        label_panel(ax, title)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
