@@ -91,7 +91,9 @@ class Cell:
 
 
 def grid(study: Study) -> list[Cell]:
-    """Every run of the study: tasks x (arms x seeds + ablations x first seed)."""
+    """Every run of the study: tasks x (arms x seeds + ablations x first seed), in the order
+    they run: seed by seed (every task and arm at the first seed, then the next seed), the
+    ablations last, so a study stopped early still compares every arm on every task."""
     cells = []
     for task, task_over in study.tasks.items():
         arms = [(a, o, study.seeds) for a, o in study.arms.items()]
@@ -105,7 +107,9 @@ def grid(study: Study) -> list[Cell]:
                         "output.dir": str(study.out / task), "output.run_name": f"{arm}-seed{seed}",
                         "output.report": False}
                 cells.append(Cell(task, arm, seed, {k: _text(v) for k, v in over.items()}))
-    return cells
+    order = {name: i for i, name in enumerate([*study.tasks, *study.arms, *study.ablations])}
+    return sorted(cells, key=lambda c: (c.arm not in study.arms, c.seed, order[c.task],
+                                        order[c.arm]))
 
 
 def _text(value: Any) -> str:

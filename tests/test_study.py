@@ -36,7 +36,7 @@ def write_study(tmp: Path, model_dir: Path, **extra) -> Path:
 def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsys):
     path = write_study(tmp_path, tiny_model_dir)
     study = load_study(path)
-    assert [(c.arm, c.seed) for c in grid(study)] == [("grpo", 0), ("grpo", 1), ("rlsd", 0),
+    assert [(c.arm, c.seed) for c in grid(study)] == [("grpo", 0), ("rlsd", 0), ("grpo", 1),
                                                       ("rlsd", 1)]
     assert main(["study", str(path), "--dry-run"]) == 0
     assert "4 runs (0 finished)" in capsys.readouterr().out
@@ -120,6 +120,9 @@ def test_ablations_run_on_their_tasks_with_the_first_seed(tiny_model_dir, tmp_pa
     assert ("arith", "rlsd-l1", 0) in cells and ("arith", "rlsd-l1", 1) not in cells
     assert not any(task == "other" and arm == "rlsd-l1" for task, arm, _ in cells)
     assert len(cells) == 2 * 4 + 1
+    assert cells[:2] == [("arith", "grpo", 0), ("arith", "rlsd", 0)]  # seed by seed, tasks
+    assert cells[2:4] == [("other", "grpo", 0), ("other", "rlsd", 0)]  # in turn, ablations last
+    assert cells[-1] == ("arith", "rlsd-l1", 0)
     bad = write_study(tmp_path, tiny_model_dir, ablation_tasks=["nope"])
     with pytest.raises(ConfigError, match="ablation_tasks: 'nope' is not in tasks"):
         load_study(bad)
