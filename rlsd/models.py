@@ -6,14 +6,13 @@ Nothing is downloaded. The built-in alias `smollm2-135m-instruct` is the GGUF fi
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -142,41 +141,6 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
 def base_model(model: Any) -> Any:
     """The transformers model inside a peft wrapper (the model itself when there is none)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextlib.contextmanager
-def merged_lora(model: Any) -> Iterator[None]:
-    """Decode with the LoRA adapter folded into the base weights: each adapted layer's weight is
-    swapped for W + scale * B @ A and the adapter path is switched off, so a token costs what it
-    costs without LoRA. The original weight tensors are kept aside and put back untouched (bit
-    for bit), so the frozen teacher's adapter-off forward still sees the base model. A model
-    without LoRA (or with adapters off) is left as it is. Memory: one merged copy of the adapted
-    weights while decoding, freed after. For inference only (no gradient reaches the adapter).
-    fp32 weights only: in bf16 an early adapter's small update would be rounded away in W + dW,
-    and the rollout policy would no longer be the trained one, so bf16 decodes unmerged."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters
-              and not m.merged and any(a in m.lora_A for a in m.active_adapters)]
-    if (not layers or not hasattr(model, "disable_adapter")
-            or any(m.use_dora.get(a) for m in layers for a in m.active_adapters)
-            or any(m.get_base_layer().weight.dtype != torch.float32 for m in layers)):
-        yield
-        return
-    kept = []
-    try:
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.get_base_layer().weight
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters
-                            if a in layer.lora_A)
-                kept.append((weight, weight.data))
-                weight.data = weight.data + delta.to(weight.dtype)
-        with model.disable_adapter():
-            yield
-    finally:
-        for weight, original in kept:
-            weight.data = original
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -14,7 +14,6 @@ import torch
 
 from .config import RolloutConfig
 from .decode import decode
-from .models import merged_lora
 
 
 @dataclass
@@ -64,12 +63,10 @@ def sample_completions(model: torch.nn.Module, prompts: list[list[int]], cfg: Ro
     outs = []
     was_training = model.training
     model.eval()
-    with merged_lora(model):  # a LoRA adapter folded into the weights while decoding (fp32)
-        for start in range(0, len(prompts), per_chunk):
-            ids = prompt_ids[start:start + per_chunk].to(device)
-            mask = prompt_mask[start:start + per_chunk].to(device)
-            outs.append(generate_chunk(model, ids, mask, group, cfg, pad_id, stop_ids,
-                                       greedy).cpu())
+    for start in range(0, len(prompts), per_chunk):
+        ids = prompt_ids[start:start + per_chunk].to(device)
+        mask = prompt_mask[start:start + per_chunk].to(device)
+        outs.append(generate_chunk(model, ids, mask, group, cfg, pad_id, stop_ids, greedy).cpu())
     model.train(was_training)
     width = max(o.shape[1] for o in outs)
     completion_ids = torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]),
