@@ -26,9 +26,8 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, scale: float,
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  scale: float, softcap: float) -> torch.Tensor:
-    logits = _logits(hidden, weight, scale, softcap)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (rows,)
-    return picked - torch.logsumexp(logits, dim=-1)
+    logp = torch.log_softmax(_logits(hidden, weight, scale, softcap), dim=-1)  # one fused pass
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (rows,)
 
 
 def _chunk_logps_kl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

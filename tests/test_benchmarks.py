@@ -29,3 +29,18 @@ def test_step_bench_smoke_writes_its_schema(tmp_path):
         assert goal["ratio"] > 0 and isinstance(goal["met"], bool)
     table = result.with_suffix(".md").read_text()
     assert "| trl-grpo |" in table and "| goal | measured ratio | met |" in table
+
+
+def test_logprob_bench_measures_both_paths_and_they_agree(tmp_path):
+    bench = TESTS_DIR.parent / "benchmarks" / "logprob_bench.py"
+    done = subprocess.run([sys.executable, str(bench), "--rows", "1024", "--vocab", "16000",
+                           "--hidden", "64", "--chunk", "128", "--name", "smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = list(tmp_path.glob("logprob-smoke-*.md"))
+    text = result.read_text()
+    assert "same values and gradients: yes" in text
+    naive, chunked = (float(line.split("|")[2]) for line in text.splitlines()
+                      if line.startswith(("| naive", "| rlsd chunked")))
+    # 1024 x 16000 fp32 logits are 65 MB; the ratio at full size: tests/test_logprobs.py
+    assert naive > 100 and 0 < chunked < naive, (naive, chunked)
