@@ -132,13 +132,17 @@ def seconds_per_step(study: Study, default: float = 15.0) -> float:
     return statistics.median(times) if times else default
 
 
+def matrix_mean(matrix: list[list[float]]) -> float:
+    return sum(map(sum, matrix)) / (len(matrix) * len(matrix[0]))
+
+
 def bootstrap(matrix: list[list[float]], samples: int = 2000, seed: int = 0
               ) -> tuple[float, float, float]:
     """(mean, 2.5th, 97.5th percentile) of the mean of a seeds x items 0/1 matrix, resampling
     seeds and items with replacement."""
     rng = random.Random(seed)
     seeds, items = len(matrix), len(matrix[0])
-    mean = sum(map(sum, matrix)) / (seeds * items)
+    mean = matrix_mean(matrix)
     stats = []
     for _ in range(samples):
         rows = [matrix[rng.randrange(seeds)] for _ in range(seeds)]
@@ -146,6 +150,31 @@ def bootstrap(matrix: list[list[float]], samples: int = 2000, seed: int = 0
         stats.append(sum(row[c] for row in rows for c in cols) / (seeds * items))
     stats.sort()
     return mean, stats[int(0.025 * (samples - 1))], stats[math.ceil(0.975 * (samples - 1))]
+
+
+def bootstrap_difference(a: list[list[float]], b: list[list[float]], samples: int = 2000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), 2.5th, 97.5th percentile) for two arms' seeds x items 0/1 matrices on
+    the same held-out items: the items are resampled together (paired), each arm's seeds on
+    their own (different runs)."""
+    if len(a[0]) != len(b[0]):
+        raise ValueError(f"the arms were evaluated on {len(a[0])} and {len(b[0])} items")
+    rng = random.Random(seed)
+    items = len(a[0])
+
+    def mean(matrix: list[list[float]], rows: list[int], cols: list[int]) -> float:
+        return sum(matrix[r][c] for r in rows for c in cols) / (len(rows) * len(cols))
+
+    every = list(range(items))
+    diff = mean(a, list(range(len(a))), every) - mean(b, list(range(len(b))), every)
+    stats = []
+    for _ in range(samples):
+        cols = [rng.randrange(items) for _ in range(items)]
+        rows_a = [rng.randrange(len(a)) for _ in a]
+        rows_b = [rng.randrange(len(b)) for _ in b]
+        stats.append(mean(a, rows_a, cols) - mean(b, rows_b, cols))
+    stats.sort()
+    return diff, stats[int(0.025 * (samples - 1))], stats[math.ceil(0.975 * (samples - 1))]
 
 
 def leakage(completion: str, answer: str) -> dict[str, bool]:
@@ -211,12 +240,12 @@ def evaluate_base(study: Study, task: str) -> Path:
 
 
 def arm_evals(study: Study, task: str, arm: str) -> dict[int, list[list[float]]]:
-    """eval step -> seeds x items matrix of greedy correctness, over the arm's runs that
-    reached that step (step 0: the base model, the same for every seed)."""
+    """eval step -> seeds x items matrix of greedy correctness over the arm's finished runs
+    (a run still in progress is left out; step 0: the base model, the same for every seed)."""
     out: dict[int, list[list[float]]] = {}
     for cell in grid(study):
         path = run_dir(study, cell) / "evals.jsonl"
-        if cell.task == task and cell.arm == arm and path.is_file():
+        if cell.task == task and cell.arm == arm and finished(study, cell):
             for row in read_jsonl(path):
                 out.setdefault(row["step"], []).append([float(c) for c in row["correct"]])
     base = study.out / task / "base-evals.json"
@@ -226,12 +255,18 @@ def arm_evals(study: Study, task: str, arm: str) -> dict[int, list[list[float]]]
     return out
 
 
-def arm_summary(study: Study, task: str, arm: str, target: float | None) -> dict[str, Any]:
-    """One arm of one task: bootstrap curve, final accuracy, area under the curve, steps and
-    seconds to the target, speed, memory, leakage of its last evaluation, RLSD diagnostics."""
+def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[list[float]]]
+                ) -> dict[str, Any]:
+    """One arm of one task, over its finished runs: bootstrap curve, final and best accuracy,
+    the final difference to the reference arm (paired over items), area under the curve, steps
+    and seconds to the reference arm's final accuracy, speed, memory, leakage of its last
+    evaluation, RLSD diagnostics."""
     evals = arm_evals(study, task, arm)
     curve = {step: bootstrap(m) for step, m in sorted(evals.items())}
-    runs = [run_dir(study, c) for c in grid(study) if c.task == task and c.arm == arm]
+    cells = [c for c in grid(study) if c.task == task and c.arm == arm]
+    runs = [run_dir(study, c) for c in cells if finished(study, c)]
+    last = max(reference, default=None)
+    target = matrix_mean(reference[last]) if last is not None else None
     per_run = [read_jsonl(p / "metrics.jsonl") for p in runs if (p / "metrics.jsonl").is_file()]
     rows = [r for run_rows in per_run for r in run_rows]
     steps = sorted(curve)
@@ -246,9 +281,13 @@ def arm_summary(study: Study, task: str, arm: str, target: float | None) -> dict
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         return statistics.mean(values) if values else None
 
+    best = max(steps[1:], key=lambda s: curve[s][0], default=None)  # after step 0
     return {
-        "runs": len(runs), "curve": {s: list(curve[s]) for s in steps},
+        "runs": len(runs), "planned": len(cells), "curve": {s: list(curve[s]) for s in steps},
         "final": list(curve[steps[-1]]) if steps else None,
+        "best": [best, curve[best][0]] if best is not None else None,
+        "vs_reference": list(bootstrap_difference(evals[steps[-1]], reference[last]))
+        if steps and last is not None and steps[-1] == last else None,
         "auc": (sum((a + b) / 2 * (t - s) for s, t, a, b in zip(steps, steps[1:], mean, mean[1:]))
                 / (steps[-1] - steps[0])) if len(steps) > 1 else None,
         "steps_to_target": reach,
@@ -272,11 +311,12 @@ def summarize(study: Study) -> dict[str, Any]:
     study's out dir."""
     result: dict[str, Any] = {"study": str(study.path), "tasks": {}}
     for task in study.tasks:
-        reference = arm_summary(study, task, study.reference_arm, None)
-        target = reference["final"][0] if reference["final"] else None
+        reference = arm_evals(study, task, study.reference_arm)
+        last = max(reference, default=None)
+        target = matrix_mean(reference[last]) if last is not None else None
         names = [*study.arms, *(study.ablations if study.ablation_tasks is None
                                 or task in study.ablation_tasks else [])]
-        arms = {arm: arm_summary(study, task, arm, target) for arm in names}
+        arms = {arm: arm_summary(study, task, arm, reference) for arm in names}
         result["tasks"][task] = {"target": target, "arms": arms}
         accuracy_png(arms, study.out / f"accuracy-{task}.png", task)
     (study.out / "summary.json").write_text(json.dumps(result, indent=1))
@@ -288,25 +328,40 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _diff(value: list[float] | None) -> str:
+    return "-" if value is None else (f"{100 * value[0]:+.1f} [{100 * value[1]:+.1f}, "
+                                      f"{100 * value[2]:+.1f}]")
+
+
+def summary_row(arm: str, a: dict[str, Any]) -> str:
+    final = (f"{_pct(a['final'][0])} [{_pct(a['final'][1])}, {_pct(a['final'][2])}]"
+             if a["final"] else "-")
+    best = f"{_pct(a['best'][1])} ({a['best'][0]})" if a["best"] else "-"
+    cells = [arm, f"{a['runs']}/{a['planned']}", final, _diff(a["vs_reference"]), best,
+             _pct(a["auc"]), "-" if a["steps_to_target"] is None else str(a["steps_to_target"]),
+             "-" if a["seconds_to_target"] is None else str(round(a["seconds_to_target"])),
+             "-" if a["seconds_per_step"] is None else str(round(a["seconds_per_step"], 1)),
+             "-" if not a["peak_mem_mb"] else str(round(a["peak_mem_mb"])),
+             _pct(a["leak_echo"]), _pct(a["leak_answer_first"])]
+    return "| " + " | ".join(cells) + " |"
+
+
 def summary_markdown(study: Study, result: dict[str, Any]) -> str:
-    lines = [f"# Study `{study.path}`", ""]
+    lines = [f"# Study `{study.path}`", "",
+             "Finished runs only. Held-out greedy pass@1 (%) on the same "
+             f"{study.eval_items} items for every arm, with 95 % bootstrap intervals over seeds "
+             f"and items; *vs {study.reference_arm}*: the final difference in points, items "
+             "resampled in pairs; *best*: the highest evaluation after step 0 and its step (an "
+             "optimistic pick); *target*: the "
+             f"{study.reference_arm} arm's final accuracy; echo / answer-first: the leakage "
+             "check on the last evaluation's completions.", ""]
     for task, part in result["tasks"].items():
         lines += [f"## {task}", "", f"![accuracy](accuracy-{task}.png)", "",
-                  f"Held-out greedy pass@1 (%), 95 % bootstrap over seeds and items; target = the "
-                  f"{study.reference_arm} arm's final accuracy ({_pct(part['target'])} %).", "",
-                  "| arm | runs | items | final pass@1 [95 % CI] | AUC | steps to target | "
-                  "s to target | s/step | peak MB | echo % | answer-first % |",
-                  "|" + "---|" * 11]
-        for arm, a in part["arms"].items():
-            final = (f"{_pct(a['final'][0])} [{_pct(a['final'][1])}, {_pct(a['final'][2])}]"
-                     if a["final"] else "-")
-            lines.append(
-                f"| {arm} | {a['runs']} | {a['eval_items']} | {final} | {_pct(a['auc'])} | "
-                f"{a['steps_to_target'] if a['steps_to_target'] is not None else '-'} | "
-                f"{'-' if a['seconds_to_target'] is None else round(a['seconds_to_target'])} | "
-                f"{'-' if a['seconds_per_step'] is None else round(a['seconds_per_step'], 1)} | "
-                f"{'-' if not a['peak_mem_mb'] else round(a['peak_mem_mb'])} | "
-                f"{_pct(a['leak_echo'])} | {_pct(a['leak_answer_first'])} |")
+                  f"Target: {_pct(part['target'])} %.", "",
+                  f"| arm | runs | final pass@1 [95 % CI] | vs {study.reference_arm} | best (step) "
+                  "| AUC | steps to target | s to target | s/step | peak MB | echo % | "
+                  "answer-first % |", "|" + "---|" * 12]
+        lines += [summary_row(arm, a) for arm, a in part["arms"].items()]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -327,7 +382,8 @@ def accuracy_png(arms: dict[str, dict], out: Path, task: str) -> None:
         ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
     ax.set(title=f"{task}: held-out greedy pass@1 (95 % bootstrap)", xlabel="step",
            ylabel="pass@1")
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

@@ -9,7 +9,7 @@ import yaml
 
 from rlsd.cli import main
 from rlsd.config import ConfigError
-from rlsd.study import bootstrap, grid, leakage, load_study
+from rlsd.study import bootstrap, bootstrap_difference, grid, leakage, load_study
 
 from .conftest import TESTS_DIR
 
@@ -49,7 +49,11 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
         mean, low, high = arm["final"]
         assert 0 <= low <= mean <= high <= 1 and arm["eval_items"] == 4
     assert (tmp_path / "study" / "accuracy-arith.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| rlsd | 2 | 4 |" in (tmp_path / "study" / "summary.md").read_text()
+    assert "| rlsd | 2/2 |" in (tmp_path / "study" / "summary.md").read_text()
+    assert arms["grpo"]["vs_reference"] == [0.0, 0.0, 0.0]  # the reference against itself
+    diff, low, high = arms["rlsd"]["vs_reference"]
+    assert diff == pytest.approx(arms["rlsd"]["final"][0] - arms["grpo"]["final"][0])
+    assert low <= diff <= high
     # a killed study: drop one run's last step and checkpoint; the rerun redoes only that
     victim = tmp_path / "study" / "arith" / "rlsd-seed1"
     metrics = victim / "metrics.jsonl"
@@ -62,6 +66,9 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     untouched = (tmp_path / "study" / "arith" / "grpo-seed0" / "metrics.jsonl").stat().st_mtime_ns
     assert main(["study", str(path), "--dry-run"]) == 0
     assert "4 runs (3 finished)" in capsys.readouterr().out
+    assert main(["study", str(path), "--summarize"]) == 0  # the unfinished run is left out
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert summary["tasks"]["arith"]["arms"]["rlsd"]["runs"] == 1
     assert main(["study", str(path)]) == 0
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2]
     assert (tmp_path / "study" / "arith" / "grpo-seed0" / "metrics.jsonl").stat().st_mtime_ns \
@@ -87,6 +94,23 @@ def test_bootstrap_against_the_exact_distribution():
     assert low == pytest.approx(exact[int(0.025 * 107)], abs=1 / 6 + 1e-9)
     assert high == pytest.approx(exact[107 - int(0.025 * 107)], abs=1 / 6 + 1e-9)
     assert exact[0] == 0.0 and exact[-1] == 1.0 and low < mean < high
+
+
+def test_paired_bootstrap_difference_against_the_exact_distribution():
+    one = [[1, 0, 1, 1]]
+    assert bootstrap_difference(one, one) == (0.0, 0.0, 0.0)  # paired items: no spread
+    same = [[1, 0, 1, 1], [0, 1, 1, 0]]  # two seeds: each arm's seeds resample on their own
+    diff, low, high = bootstrap_difference(same, same)
+    assert diff == 0.0 and low < 0 < high
+    a, b = [[1, 0, 1]], [[0, 0, 1]]  # one seed each: per-item differences 1, 0, 0
+    diff, low, high = bootstrap_difference(a, b, samples=20000, seed=1)
+    exact = sorted(sum(d) / 3 for d in itertools.product([1, 0, 0], repeat=3))  # 27 resamples
+    assert diff == pytest.approx(1 / 3)
+    assert low == pytest.approx(exact[int(0.025 * 26)], abs=1 / 3 + 1e-9)
+    assert high == pytest.approx(exact[26 - int(0.025 * 26)], abs=1 / 3 + 1e-9)
+    assert low == 0.0 and high == 1.0  # 1/27 of resamples are all-1 or all-0 diffs: > 2.5 %
+    with pytest.raises(ValueError, match="3 and 4 items"):
+        bootstrap_difference(a, same)
 
 
 def test_leakage_on_hand_written_completions():
