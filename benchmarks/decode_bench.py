@@ -7,6 +7,13 @@ Both decoders sample the same quick-start prompts (SmolLM2-135M-Instruct, fp32 C
 call each. Reported: median seconds per batch, completion tokens per second, the ratio, and the
 mean completion length (the decoders draw different random numbers, so lengths differ a little;
 tokens per second accounts for it). Results go to benchmarks/results/decode-<machine>-<date>.md.
+
+    python benchmarks/decode_bench.py --sampler   # the own decoder's draw: multinomial vs ours
+
+With `--sampler` the own decoder runs twice per round, drawing each token with
+`torch.multinomial` (an exponential number per vocabulary entry) and with rlsd's inverse-CDF
+draw (`rlsd.decode.sample_rows`, one uniform number per row); results go to
+benchmarks/results/decode-sampler-<machine>-<date>.md.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ import statistics
 import sys
 import time
 from datetime import date
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
+from unittest.mock import patch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,19 +53,23 @@ def run(args: argparse.Namespace) -> str:
     renderer = PromptRenderer(cfg.data, tokenizer)
     prompts = [renderer.student_ids(r) for r in load_records(cfg.data)[:args.prompts]]
     stops = stop_token_ids(lm, tokenizer)
-    results: dict[str, list[tuple[float, float]]] = {"generate": [], "own": []}
+    variants = ({"multinomial": multinomial_draws, "inverse-cdf": nullcontext} if args.sampler
+                else {"generate": nullcontext, "own": nullcontext})
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for repeat in range(args.repeats + 1):
-        for decoder in results:
-            rollout = dataclasses.replace(cfg.rollout, decoder=decoder, max_new_tokens=args.max_new,
+        for name, context in variants.items():
+            rollout = dataclasses.replace(cfg.rollout, decoder="generate" if name == "generate"
+                                          else "own", max_new_tokens=args.max_new,
                                           num_generations=args.group)
             torch.manual_seed(repeat)
             start = time.perf_counter()
-            batch = sample_completions(lm, prompts, rollout, tokenizer.pad_token_id, stops,
-                                       device)
+            with context():
+                batch = sample_completions(lm, prompts, rollout, tokenizer.pad_token_id, stops,
+                                           device)
             seconds = time.perf_counter() - start
             if repeat:  # the first round warms up
-                results[decoder].append((seconds, batch.completion_mask.sum().item()))
-    lines = [f"# Rollout decoders, {args.prompts} prompts x {args.group} samples, max "
+                results[name].append((seconds, batch.completion_mask.sum().item()))
+    lines = [f"# Rollout {'samplers' if args.sampler else 'decoders'}, {args.prompts} prompts x {args.group} samples, max "
              f"{args.max_new} new tokens ({platform.machine()}, {torch.get_num_threads()} "
              f"threads, {cfg.model.dtype} on {device}, {date.today()})", "",
              "| decoder | s/batch (median) | completion tokens/s | mean length |",
@@ -66,9 +80,18 @@ def run(args: argparse.Namespace) -> str:
         speed[decoder] = statistics.median(n / s for s, n in rows)
         length = statistics.mean(n for _, n in rows) / (args.prompts * args.group)
         lines.append(f"| {decoder} | {seconds:.2f} | {speed[decoder]:.1f} | {length:.1f} |")
-    lines += ["", f"own / generate tokens per second: **{speed['own'] / speed['generate']:.2f}x**",
+    first, second = results
+    lines += ["", f"{second} / {first} tokens per second: **{speed[second] / speed[first]:.2f}x**",
               "", f"Command: `python benchmarks/decode_bench.py {' '.join(sys.argv[1:])}`"]
     return "\n".join(lines) + "\n"
+
+
+def multinomial_draws() -> Any:
+    """The own decoder drawing with torch.multinomial instead of rlsd's sampler."""
+    import torch
+
+    return patch("rlsd.decode.sample_rows",
+                 lambda probs: torch.multinomial(probs.float(), 1).squeeze(-1))
 
 
 def main() -> None:
@@ -79,10 +102,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--name", default="cpu2", help="machine name in the result file")
+    parser.add_argument("--sampler", action="store_true", help="multinomial vs inverse-CDF draw")
     args = parser.parse_args()
     text = run(args)
     print(text)
-    out = ROOT / "benchmarks" / "results" / f"decode-{args.name}-{date.today()}.md"
+    kind = "decode-sampler" if args.sampler else "decode"
+    out = ROOT / "benchmarks" / "results" / f"{kind}-{args.name}-{date.today()}.md"
     out.write_text(text)
     print(f"written: {out}")
 

@@ -4,7 +4,7 @@ that recomputes every sequence (same random draws), and the filters equal transf
 import pytest
 import torch
 
-from rlsd.decode import decode, filter_logits, next_tokens
+from rlsd.decode import decode, filter_logits, next_tokens, sample_rows
 from rlsd.rollout import left_pad
 
 
@@ -78,6 +78,21 @@ def test_sampling_equals_a_naive_loop(lm, sampling):
     assert torch.equal(ours, ref)
     assert (ours == pad).any() and (ours[:, -1] != pad).any()  # rows stopped at different times
     assert len({tuple(r.tolist()) for r in ours}) > 3  # sampled, not all the same
+
+
+def test_sample_rows_draws_from_the_distribution(monkeypatch):
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0],
+                          [0.1, 0.1, 0.1, 0.1, 0.6]])
+    torch.manual_seed(0)
+    draws = torch.stack([sample_rows(probs) for _ in range(20000)])  # (20000, 3)
+    for row in range(3):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / len(draws)
+        assert torch.allclose(freq, probs[row].double(), atol=0.012), (row, freq)
+    assert not torch.isin(draws[:, 0], torch.tensor([1, 4])).any()  # zero mass: never drawn
+    assert (draws[:, 1] == 4).all()
+    # u at the very top of the range (rounded up to the total) still picks a real id
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a, **k))
+    assert sample_rows(torch.tensor([[0.25, 0.75, 0.0]])).tolist() == [1]
 
 
 def test_filters_equal_transformers_processors():
