@@ -19,6 +19,10 @@ from .config import Config
 from .data import PromptRenderer, Record
 from .rewards import build_reward, extract_answer, extract_last_number
 from .rewards.builtin import normalise
+
+# sequences decoded at once in evaluation: on the 2-core CPU, 512 greedy items take 1.55x less
+# time at 64 than at 8 (batch 128: 1.73x); the KV cache of 64 rows is a few hundred MB
+EVAL_SEQUENCES = 64
 from .rollout import sample_completions
 
 
@@ -52,13 +56,16 @@ def heldout_records(records: list[Record], candidates: list[Record], n: int) -> 
 
 @torch.no_grad()
 def evaluate(cfg: Config, lm: Any, tokenizer: Any, records: list[Record], stop_ids: list[int],
-             device: torch.device, k: int = 1, greedy: bool = True, batch_prompts: int = 8,
+             device: torch.device, k: int = 1, greedy: bool = True, batch_prompts: int = 0,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Score k completions per record (greedy: one); pass@1, pass@k, maj@k and per-item detail."""
+    """Score k completions per record (greedy: one); pass@1, pass@k, maj@k and per-item detail.
+    `batch_prompts` 0: as many prompts as make EVAL_SEQUENCES sequences per decode (capped
+    further by `rollout.batch_size` when it is set)."""
     renderer = PromptRenderer(cfg.data, tokenizer)
     reward_fn = build_reward(cfg.reward)
     rollout = replace(cfg.rollout, num_generations=k)
     samples = 1 if greedy else k
+    batch_prompts = batch_prompts or max(EVAL_SEQUENCES // samples, 1)
     items = []
     for start in range(0, len(records), batch_prompts):
         chunk = records[start:start + batch_prompts]
@@ -103,7 +110,7 @@ def summarise(items: list[dict], samples: int) -> dict[str, Any]:
 
 
 def greedy_accuracy(cfg: Config, lm: Any, tokenizer: Any, records: list[Record],
-                    stop_ids: list[int], device: torch.device, batch_size: int = 32,
+                    stop_ids: list[int], device: torch.device, batch_size: int = 0,
                     ) -> dict[str, Any]:
     """Greedy accuracy (the first verifier at full marks) and lenient accuracy (the last number
     of the reply equals the answer's), with the completions."""

@@ -24,7 +24,9 @@ def test_greedy_accuracy_is_deterministic_and_scored_by_the_first_verifier(tiny_
     stops = stop_token_ids(lm, tok)
     first = greedy_accuracy(cfg, lm, tok, records, stops, torch.device("cpu"), batch_size=2)
     second = greedy_accuracy(cfg, lm, tok, records, stops, torch.device("cpu"), batch_size=3)
-    assert first["completions"] == second["completions"] and len(first["completions"]) == 3
+    auto = greedy_accuracy(cfg, lm, tok, records, stops, torch.device("cpu"))  # all at once
+    assert first["completions"] == second["completions"] == auto["completions"]
+    assert len(first["completions"]) == 3
     assert first["n"] == 3
     wanted = sum(c.strip().endswith(f"Answer: {r.answer}") for c, r in
                  zip(first["completions"], records)) / 3
