@@ -37,8 +37,9 @@ from .config import ConfigError
 from .tracking import read_jsonl
 
 OPENER = re.compile(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", re.IGNORECASE)
-ECHO = re.compile(r"reference (solution|answer)|here is a reference|in your own way",
-                  re.IGNORECASE)
+# the teacher template's own words, absent from the student's prompt: a completion using them
+# (down to OPSD's collapse into "solution solution ...") behaves as if it had seen that prompt
+ECHO = re.compile(r"\b(reference|solution)s?\b|in your own way", re.IGNORECASE)
 
 
 @dataclass
