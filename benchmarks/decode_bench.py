@@ -23,8 +23,8 @@ import platform
 import statistics
 import sys
 import time
-from datetime import date
 from contextlib import nullcontext
+from datetime import date
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -69,9 +69,10 @@ def run(args: argparse.Namespace) -> str:
             seconds = time.perf_counter() - start
             if repeat:  # the first round warms up
                 results[name].append((seconds, batch.completion_mask.sum().item()))
-    lines = [f"# Rollout {'samplers' if args.sampler else 'decoders'}, {args.prompts} prompts x {args.group} samples, max "
-             f"{args.max_new} new tokens ({platform.machine()}, {torch.get_num_threads()} "
-             f"threads, {cfg.model.dtype} on {device}, {date.today()})", "",
+    lines = [f"# Rollout {'samplers' if args.sampler else 'decoders'}, {args.prompts} prompts x "
+             f"{args.group} samples, max {args.max_new} new tokens ({platform.machine()}, "
+             f"{torch.get_num_threads()} threads, {cfg.model.dtype} on {device}, {date.today()})",
+             "",
              "| decoder | s/batch (median) | completion tokens/s | mean length |",
              "|---|---|---|---|"]
     speed = {}

@@ -132,7 +132,8 @@ def setup(cfg: Config, resume: bool = True) -> Run:
                                      cfg.data.seed)  # held-out records are never trained on
     model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
     if cfg.train.gradient_checkpointing:  # the decoder layers recompute in the backward pass
-        base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base_model(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     renderer = PromptRenderer(cfg.data, tokenizer)
     self_teacher = cfg.algorithm.name != "grpo" and cfg.teacher.mode != "external"
     records, skipped = check_lengths(renderer, records, self_teacher)

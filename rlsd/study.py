@@ -133,8 +133,24 @@ def seconds_per_step(study: Study, default: float = 15.0) -> float:
     return statistics.median(times) if times else default
 
 
+def resampled_mean(matrix: list[list[float]], rows: list[int], cols: list[int]) -> float:
+    """The mean of matrix[r][c] over the (possibly repeated) rows and columns."""
+    return sum(matrix[r][c] for r in rows for c in cols) / (len(rows) * len(cols))
+
+
 def matrix_mean(matrix: list[list[float]]) -> float:
-    return sum(map(sum, matrix)) / (len(matrix) * len(matrix[0]))
+    return resampled_mean(matrix, list(range(len(matrix))), list(range(len(matrix[0]))))
+
+
+def final_mean(evals: dict[int, list[list[float]]]) -> float | None:
+    """The mean accuracy at the last evaluation step (None before any)."""
+    return matrix_mean(evals[max(evals)]) if evals else None
+
+
+def _interval(center: float, stats: list[float]) -> tuple[float, float, float]:
+    stats = sorted(stats)
+    count = len(stats)
+    return center, stats[int(0.025 * (count - 1))], stats[math.ceil(0.975 * (count - 1))]
 
 
 def bootstrap(matrix: list[list[float]], samples: int = 2000, seed: int = 0
@@ -143,14 +159,12 @@ def bootstrap(matrix: list[list[float]], samples: int = 2000, seed: int = 0
     seeds and items with replacement."""
     rng = random.Random(seed)
     seeds, items = len(matrix), len(matrix[0])
-    mean = matrix_mean(matrix)
     stats = []
     for _ in range(samples):
-        rows = [matrix[rng.randrange(seeds)] for _ in range(seeds)]
+        rows = [rng.randrange(seeds) for _ in range(seeds)]
         cols = [rng.randrange(items) for _ in range(items)]
-        stats.append(sum(row[c] for row in rows for c in cols) / (seeds * items))
-    stats.sort()
-    return mean, stats[int(0.025 * (samples - 1))], stats[math.ceil(0.975 * (samples - 1))]
+        stats.append(resampled_mean(matrix, rows, cols))
+    return _interval(matrix_mean(matrix), stats)
 
 
 def bootstrap_difference(a: list[list[float]], b: list[list[float]], samples: int = 2000,
@@ -162,25 +176,18 @@ def bootstrap_difference(a: list[list[float]], b: list[list[float]], samples: in
         raise ValueError(f"the arms were evaluated on {len(a[0])} and {len(b[0])} items")
     rng = random.Random(seed)
     items = len(a[0])
-
-    def mean(matrix: list[list[float]], rows: list[int], cols: list[int]) -> float:
-        return sum(matrix[r][c] for r in rows for c in cols) / (len(rows) * len(cols))
-
-    every = list(range(items))
-    diff = mean(a, list(range(len(a))), every) - mean(b, list(range(len(b))), every)
     stats = []
     for _ in range(samples):
         cols = [rng.randrange(items) for _ in range(items)]
         rows_a = [rng.randrange(len(a)) for _ in a]
         rows_b = [rng.randrange(len(b)) for _ in b]
-        stats.append(mean(a, rows_a, cols) - mean(b, rows_b, cols))
-    stats.sort()
-    return diff, stats[int(0.025 * (samples - 1))], stats[math.ceil(0.975 * (samples - 1))]
+        stats.append(resampled_mean(a, rows_a, cols) - resampled_mean(b, rows_b, cols))
+    return _interval(matrix_mean(a) - matrix_mean(b), stats)
 
 
 def leakage(completion: str, answer: str) -> dict[str, bool]:
-    """Does a completion behave as if it had seen the reference? `echo`: it mentions the
-    teacher prompt's wording (a reference solution or answer); `answer_first`: it opens with
+    """Does a completion behave as if it had seen the reference? `echo`: it uses the teacher
+    template's own words ("reference", "solution", "in your own way"); `answer_first`: it opens with
     the reference answer (optionally after "the answer is") and only then works it out."""
     lines = [x.strip() for x in completion.strip().splitlines() if x.strip()]
     first = OPENER.sub("", lines[0]) if lines else ""
@@ -267,7 +274,7 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
     cells = [c for c in grid(study) if c.task == task and c.arm == arm]
     runs = [run_dir(study, c) for c in cells if finished(study, c)]
     last = max(reference, default=None)
-    target = matrix_mean(reference[last]) if last is not None else None
+    target = final_mean(reference)
     per_run = [read_jsonl(p / "metrics.jsonl") for p in runs if (p / "metrics.jsonl").is_file()]
     rows = [r for run_rows in per_run for r in run_rows]
     steps = sorted(curve)
@@ -313,12 +320,10 @@ def summarize(study: Study) -> dict[str, Any]:
     result: dict[str, Any] = {"study": str(study.path), "tasks": {}}
     for task in study.tasks:
         reference = arm_evals(study, task, study.reference_arm)
-        last = max(reference, default=None)
-        target = matrix_mean(reference[last]) if last is not None else None
         names = [*study.arms, *(study.ablations if study.ablation_tasks is None
                                 or task in study.ablation_tasks else [])]
         arms = {arm: arm_summary(study, task, arm, reference) for arm in names}
-        result["tasks"][task] = {"target": target, "arms": arms}
+        result["tasks"][task] = {"target": final_mean(reference), "arms": arms}
         accuracy_png(arms, study.out / f"accuracy-{task}.png", task)
     (study.out / "summary.json").write_text(json.dumps(result, indent=1))
     (study.out / "summary.md").write_text(summary_markdown(study, result))
