@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .algorithms import group_advantages, span_split
+from .algorithms import credit_split, group_advantages, reweighted_tokens, span_split
 from .config import DISTILLATION, Config
 from .data import Record
 from .distributed import anywhere, reduce_metrics, shard, world
@@ -26,7 +26,7 @@ from .rollout import Batch, left_pad, sample_completions
 from .run import Run, TrainingStopped, save, setup  # noqa: F401 (re-exported)
 from .teacher import Teacher
 from .tracking import peak_memory_mb, tracker_values
-from .update import Rows, optimise, reasoning_span, token_credit
+from .update import Rows, answer_tokens, optimise, reasoning_span, token_credit
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +55,29 @@ def score(run: Run, recs: list[Record], batch: Batch) -> tuple[list[str], torch.
 
 def credit_diagnostics(run: Run, step: int, adv: torch.Tensor, logps: torch.Tensor,
                        teacher_logps: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,
-                       span: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Teacher statistics over every trained token of the step (not means of micro-batch means)."""
-    token_adv, metrics = token_credit(run.cfg, step, adv, logps, teacher_logps, mask, span)
-    if span is not None and not run.cfg.rlsd.thought_only:  # where did the teacher's credit go?
+                       span: torch.Tensor | None, answer: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Teacher statistics over every trained token of the step (not means of micro-batch means):
+    Delta and (rlsd) clip fractions split by correct / incorrect completions and by final-answer
+    tokens / the other tokens."""
+    cfg = run.cfg
+    token_adv, metrics = token_credit(cfg, step, adv, logps, teacher_logps, mask, span)
+    if span is not None and not cfg.rlsd.thought_only:  # where did the teacher's credit go?
         signed = adv != 0
         multiplier = token_adv[signed] / adv[signed].unsqueeze(1)
         metrics.update(span_split(multiplier, span[signed], mask[signed]))
-    delta = (teacher_logps - logps) * mask
-    metrics["teacher/kl"] = -(delta.sum() / mask.sum().clamp(min=1)).item()
-    for name, rows in (("correct", correct), ("incorrect", ~correct)):
-        count = mask[rows].sum()
-        metrics[f"rlsd/delta_mean_{name}"] = (delta[rows].sum() / count).item() if count else 0.0
+    delta = teacher_logps - logps
+    metrics["teacher/kl"] = -((delta * mask).sum() / mask.sum().clamp(min=1)).item()
+    tokens = mask.bool()
+    groups = {"correct": tokens & correct.unsqueeze(1), "incorrect": tokens & ~correct.unsqueeze(1)}
+    if answer is not None:
+        groups.update(answer_tokens=tokens & answer, other_tokens=tokens & ~answer)
+    clip = None
+    if cfg.algorithm.name == "rlsd":
+        r = cfg.rlsd
+        clip = (adv, reweighted_tokens(adv, mask, r.negative_only, span if r.thought_only
+                                       else None), r.eps_w)
+    metrics.update(credit_split(delta, groups, clip))
     return token_adv, metrics
 
 
@@ -155,7 +166,8 @@ def learn(run: Run, step: int, recs: list[Record], batch: Batch, texts: list[str
         if data.teacher_logps is not None:
             credit, teacher_metrics = credit_diagnostics(
                 run, step, data.adv, logps, data.teacher_logps, mask,
-                torch.tensor(correct)[rows], data.span)
+                torch.tensor(correct)[rows], data.span,
+                answer_tokens(cfg, run.tokenizer, data.batch))
             metrics.update(teacher_metrics)
     metrics["train/skipped_update"] = float(not update)
     times["train"] = time.perf_counter()

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .algorithms import (aggregate, clipped_policy_loss, lambda_at, loss_normaliser,
-                         opsd_token_advantages, reasoning_span_mask, rlsd_token_advantages,
-                         sampled_forward_token_advantages)
+from .algorithms import (aggregate, answer_span_mask, clipped_policy_loss, lambda_at,
+                         loss_normaliser, opsd_token_advantages, reasoning_span_mask,
+                         rlsd_token_advantages, sampled_forward_token_advantages)
 from .config import Config
 from .distributed import anywhere, total
 from .rollout import Batch, join
@@ -88,6 +88,22 @@ def reasoning_span(cfg: Config, tokenizer: Any, batch: Batch) -> torch.Tensor | 
     tags = [tokenizer(t, add_special_tokens=False)["input_ids"]
             for t in (r.thought_open, r.thought_close)]
     return reasoning_span_mask(batch.completion_ids, batch.completion_mask, *tags)
+
+
+ANSWER_ANCHORS = {"boxed": "\\boxed{", "answer_tag": "<answer>"}  # extract=marker: its marker
+
+
+def answer_tokens(cfg: Config, tokenizer: Any, batch: Batch) -> torch.Tensor | None:
+    """(N, T) the final-answer tokens of each completion (from the last answer marker, boxed or
+    answer tag, as `reward.extract` finds the answer, to the end), for the credit diagnostics;
+    None when the extraction has no anchor (last_number, none)."""
+    r = cfg.reward
+    anchor = r.answer_marker if r.extract == "marker" else ANSWER_ANCHORS.get(r.extract)
+    if not anchor:
+        return None
+    pieces = [tokenizer.batch_decode(ids[mask].unsqueeze(1).tolist(), skip_special_tokens=True)
+              for ids, mask in zip(batch.completion_ids, batch.completion_mask.bool())]
+    return answer_span_mask(pieces, anchor, batch.completion_ids.shape[1])
 
 
 def _scoring_inputs(batch: Batch, rows: slice, device: torch.device):

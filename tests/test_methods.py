@@ -1,12 +1,14 @@
 """The method options: RLOO, loss aggregations, negative_only, thought_only, OPSD, GRPO+OPSD."""
 
 import math
+import statistics
 
 import pytest
 import torch
 
-from rlsd.algorithms import (aggregate, clipped_policy_loss, group_advantages, loss_normaliser,
-                             opsd_token_advantages, reasoning_span_mask, rlsd_token_advantages)
+from rlsd.algorithms import (aggregate, answer_span_mask, clipped_policy_loss, credit_split,
+                             group_advantages, loss_normaliser, opsd_token_advantages,
+                             reasoning_span_mask, reweighted_tokens, rlsd_token_advantages)
 from rlsd.config import ConfigError, load_config
 
 from .test_algorithms import naive_rlsd, rlsd_case
@@ -70,6 +72,44 @@ def test_reasoning_span_mask_by_hand():
     want = torch.tensor([[0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 0, 0, 0, 1],
                          [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(reasoning_span_mask(ids, mask, o, c), want)
+
+
+def test_answer_span_mask_by_hand():
+    pieces = [["12", " +", " 7", "\n", "Answer", ":", " 19", ""],  # the marker spans two tokens
+              ["no", " answer", " here"],                            # no marker (case counts)
+              ["Answer:", " 1", "\nAnswer", ": 2"]]                 # the last marker counts
+    want = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0] * 8, [0, 0, 1, 1, 0, 0, 0, 0]],
+                        dtype=torch.bool)
+    assert torch.equal(answer_span_mask(pieces, "Answer:", 8), want)
+
+
+def test_credit_split_by_hand():
+    seq_adv, logps, teacher, mask = rlsd_case()  # Delta = [0.1, -0.5, 0.5, 0.0] in both rows
+    correct = torch.tensor([[True] * 4, [False] * 4]) & mask  # row 1 has 3 tokens
+    answer = torch.tensor([[False, False, True, True]] * 2) & mask
+    groups = {"correct": correct, "incorrect": mask & ~correct, "answer_tokens": answer,
+              "empty": torch.zeros_like(mask)}
+    reweighted = reweighted_tokens(seq_adv, mask)
+    got = credit_split(teacher - logps, groups, (seq_adv, reweighted, 0.2))
+    d = [0.1, -0.5, 0.5, 0.0]
+    want = {"correct": (d, 1 / 4, 1 / 4),  # A > 0: exp(Delta) = 1.105, 0.607 (low), 1.649 (high), 1
+            "incorrect": (d[:3], 1 / 3, 1 / 3),  # A < 0: exp(-Delta) = 0.905, 1.649 (high), 0.607
+            "answer_tokens": ([0.5, 0.0, 0.5], 1 / 3, 1 / 3)}  # 1.649 (high), 1, 0.607 (low)
+    for name, (values, low, high) in want.items():
+        assert got[f"rlsd/delta_mean_{name}"] == pytest.approx(statistics.mean(values))
+        assert got[f"rlsd/delta_std_{name}"] == pytest.approx(statistics.pstdev(values))
+        assert got[f"rlsd/clip_low_frac_{name}"] == pytest.approx(low)
+        assert got[f"rlsd/clip_high_frac_{name}"] == pytest.approx(high)
+    assert not any("empty" in k for k in got)
+    # the group's whole clip fractions agree with rlsd_token_advantages' own (all tokens)
+    _, metrics = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.5, 0.2)
+    whole = credit_split(teacher - logps, {"all": mask}, (seq_adv, reweighted, 0.2))
+    assert whole["rlsd/clip_low_frac_all"] == pytest.approx(metrics["rlsd/clip_low_frac"])
+    assert whole["rlsd/delta_std_all"] == pytest.approx(metrics["rlsd/delta_std"])
+    # negative_only: only the A < 0 row is reweighted, so the correct row has no clip fraction
+    neg = credit_split(teacher - logps, groups, (seq_adv, reweighted_tokens(seq_adv, mask, True), 0.2))
+    assert "rlsd/clip_low_frac_correct" not in neg and "rlsd/delta_mean_correct" in neg
+    assert "rlsd/clip_low_frac" not in credit_split(teacher - logps, groups)  # no clip: Delta only
 
 
 def test_thought_only_keeps_tags_and_answer_at_one():

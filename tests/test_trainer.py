@@ -119,6 +119,14 @@ def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatc
     monkeypatch.setattr(trainer, "rollout", fixed_rollout)
     metrics = trainer.train_step(run, 1)
     assert "rlsd/multiplier_mean_thought" in metrics and "rlsd/multiplier_mean_answer" in metrics
+    # the credit split: every completion ends in "Answer: 19", so both token groups have tokens
+    for name in ("answer_tokens", "other_tokens"):
+        for stat in ("delta_mean", "delta_std", "clip_high_frac"):
+            if stat != "clip_high_frac" or thought_only == "false" or name == "other_tokens":
+                assert math.isfinite(metrics[f"rlsd/{stat}_{name}"])
+    # under thought_only the answer line is never reweighted, so it has no clip fraction
+    assert ("rlsd/clip_low_frac_answer_tokens" in metrics) == (thought_only == "false")
+    assert any(f"rlsd/delta_std_{name}" in metrics for name in ("correct", "incorrect"))
     if thought_only == "true":
         assert metrics["rlsd/multiplier_mean_answer"] == 1.0
         assert metrics["rlsd/reweighted_frac"] < 1.0
@@ -146,3 +154,29 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_overrides, tmp_path, 
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extract,tail", [("marker", "Answer: 19"), ("boxed", "\\boxed{19}."),
+                                          ("last_number", None)])
+def test_answer_tokens_cover_the_final_answer(tiny_model_dir, extract, tail):
+    """The diagnostics' final-answer tokens, found with the real tokenizer: from the token that
+    starts the last answer anchor to the end; none when the extraction has no anchor."""
+    from transformers import AutoTokenizer
+
+    from rlsd.update import answer_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = load_config(None, {"reward.extract": extract})
+    texts = ["12 + 7 = 19.\nAnswer: 3\nAnswer: 19", "I think it is 19, so \\boxed{19}."]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, rows)) + 1
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[i < len(r) for i in range(width)] for r in rows])
+    batch = Batch(ids[:, :1], torch.ones(2, 1, dtype=torch.bool), ids, mask)
+    got = answer_tokens(cfg, tok, batch)
+    if tail is None:
+        assert got is None
+        return
+    row = 0 if extract == "marker" else 1
+    assert tok.decode(ids[row][got[row]]).strip() == tail
+    assert not got[1 - row].any() and not (got & ~mask).any()

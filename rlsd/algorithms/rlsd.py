@@ -62,6 +62,20 @@ def reasoning_span_mask(completion_ids: torch.Tensor, completion_mask: torch.Ten
     return out
 
 
+def reweighted_tokens(seq_adv: torch.Tensor, completion_mask: torch.Tensor,
+                      negative_only: bool = False, span_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """(N, T) True on the tokens whose credit the teacher sets: completion tokens of sequences
+    with A != 0 (A < 0 only under `negative_only`), inside `span_mask` when given."""
+    sign = torch.sign(seq_adv).unsqueeze(1)
+    out = completion_mask.bool() & (sign != 0)
+    if negative_only:
+        out = out & (sign < 0)
+    if span_mask is not None:
+        out = out & span_mask.bool()
+    return out
+
+
 def rlsd_token_advantages(seq_adv: torch.Tensor, logps: torch.Tensor,
                           teacher_logps: torch.Tensor, completion_mask: torch.Tensor,
                           lam: float, eps_w: float, negative_only: bool = False,
@@ -76,11 +90,7 @@ def rlsd_token_advantages(seq_adv: torch.Tensor, logps: torch.Tensor,
     sign = torch.sign(seq_adv).unsqueeze(1)  # (N, 1)
     raw = torch.exp(sign * delta)  # (N, T)
     weight = raw.clamp(1.0 - eps_w, 1.0 + eps_w)
-    reweighted = (mask > 0) & (sign != 0)  # (N, T) tokens whose credit the teacher sets
-    if negative_only:
-        reweighted = reweighted & (sign < 0)
-    if span_mask is not None:
-        reweighted = reweighted & span_mask.bool()
+    reweighted = reweighted_tokens(seq_adv, completion_mask, negative_only, span_mask)
     multiplier = torch.where(reweighted, (1.0 - lam) + lam * weight, torch.ones_like(weight))
     token_adv = seq_adv.unsqueeze(1) * multiplier * mask  # (N, T)
 
@@ -116,4 +126,45 @@ def span_split(multiplier: torch.Tensor, span_mask: torch.Tensor,
         where = where & completion_mask.bool()
         if where.any():
             out[f"rlsd/multiplier_mean_{name}"] = multiplier[where].mean().item()
+    return out
+
+
+def answer_span_mask(pieces: list[list[str]], anchor: str, width: int) -> torch.Tensor:
+    """(N, width) True from the token holding the start of the last `anchor` (e.g. "Answer:")
+    to the end of the completion: the final-answer tokens; a row without the anchor has none.
+    `pieces[i]` holds the decoded text of each of row i's completion tokens, in order."""
+    out = torch.zeros(len(pieces), width, dtype=torch.bool)
+    for row, parts in enumerate(pieces):
+        pos = "".join(parts).rfind(anchor)
+        end = 0
+        for t, part in enumerate(parts if pos >= 0 else []):
+            end += len(part)
+            if end > pos:
+                out[row, t:len(parts)] = True
+                break
+    return out
+
+
+def credit_split(delta: torch.Tensor, groups: dict[str, torch.Tensor],
+                 clip: tuple[torch.Tensor, torch.Tensor, float] | None = None
+                 ) -> dict[str, float]:
+    """Per group of tokens ((N, T) bool, completion tokens only): mean and std of the
+    teacher-student gap Delta (N, T); with `clip` = (seq_adv (N,), reweighted (N, T), eps_w),
+    the fractions of the group's reweighted tokens whose RLSD weight exp(sign(A) * Delta) was
+    clipped low (< 1 - eps_w) and high (> 1 + eps_w). A group without tokens is left out."""
+    out = {}
+    for name, where in groups.items():
+        if not where.any():
+            continue
+        values = delta[where]
+        out[f"rlsd/delta_mean_{name}"] = values.mean().item()
+        out[f"rlsd/delta_std_{name}"] = values.std(unbiased=False).item()
+        if clip is None:
+            continue
+        seq_adv, reweighted, eps_w = clip
+        active = where & reweighted
+        if active.any():
+            raw = torch.exp(torch.sign(seq_adv).unsqueeze(1) * delta)[active]
+            out[f"rlsd/clip_low_frac_{name}"] = (raw < 1.0 - eps_w).float().mean().item()
+            out[f"rlsd/clip_high_frac_{name}"] = (raw > 1.0 + eps_w).float().mean().item()
     return out
