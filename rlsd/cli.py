@@ -226,7 +226,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .study import describe, load_study, run_study, summarize
+    from .report.study import summarize
+    from .study import describe, load_study, run_study
 
     study = load_study(Path(args.study))
     if args.dry_run:

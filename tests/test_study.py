@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,14 +10,15 @@ import yaml
 
 from rlsd.cli import main
 from rlsd.config import ConfigError
-from rlsd.study import bootstrap, bootstrap_difference, grid, leakage, load_study
+from rlsd.report.study import bootstrap, bootstrap_difference, leakage
+from rlsd.study import grid, load_study
 
 from .conftest import TESTS_DIR
 
 
 def write_study(tmp: Path, model_dir: Path, **extra) -> Path:
     spec = {"base": None, "out": str(tmp / "study"), "steps": 2, "eval_every": 1,
-            "eval_items": 4, "seeds": [0, 1],
+            "eval_items": 4, "seeds": [0, 1], "pass_k": 2, "pass_k_items": 3,
             "tasks": {"arith": {"data.size": 48, "data.heldout_size": 4}},
             "arms": {"grpo": {"algorithm.name": "grpo"}, "rlsd": {"algorithm.name": "rlsd"}},
             **extra}
@@ -51,6 +53,21 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     assert (tmp_path / "study" / "accuracy-arith.png").read_bytes()[:4] == b"\x89PNG"
     assert "| rlsd | 2/2 |" in (tmp_path / "study" / "summary.md").read_text()
     assert arms["grpo"]["vs_reference"] == [0.0, 0.0, 0.0]  # the reference against itself
+    # pass@2 of each final checkpoint on 3 items: whether any of the 2 samples was correct
+    for arm in ("grpo", "rlsd"):
+        counts = [json.loads((tmp_path / "study" / "arith" / f"{arm}-seed{seed}" / "passk.json")
+                             .read_text())["correct"] for seed in (0, 1)]
+        assert all(len(c) == 3 and all(0 <= x <= 2 for x in c) for c in counts)
+        assert arms[arm]["pass_k"][0] == pytest.approx(sum(x > 0 for c in counts for x in c) / 6)
+        assert arms[arm]["sampled_pass1"][0] == pytest.approx(sum(map(sum, counts)) / 12)
+        assert arms[arm]["pass_k_runs"] == 2
+    assert summary["tasks"]["arith"]["base"]["pass_k"] is not None
+    text = (tmp_path / "study" / "summary.md").read_text()
+    assert "pass@2 [95 % CI]" in text and "Base model: greedy pass@1" in text
+    # the credit diagnostics: a row for the arm with a teacher, none for grpo, and their plot
+    assert "| rlsd | " in text.split("teacher KL")[1] and "| grpo | " not in text.split("teacher KL")[1]
+    assert "rlsd/delta_std_incorrect" in arms["rlsd"]["diagnostics"] and not arms["grpo"]["diagnostics"]
+    assert (tmp_path / "study" / "diagnostics-arith.png").read_bytes()[:4] == b"\x89PNG"
     diff, low, high = arms["rlsd"]["vs_reference"]
     assert diff == pytest.approx(arms["rlsd"]["final"][0] - arms["grpo"]["final"][0])
     assert low <= diff <= high
@@ -59,10 +76,9 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     metrics = victim / "metrics.jsonl"
     metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
     for ckpt in victim.glob("checkpoint-2"):
-        import shutil
-
         shutil.rmtree(ckpt)
     (victim / "latest").write_text("checkpoint-1\n")
+    (victim / "passk.json").unlink()  # written only once a run has finished
     untouched = (tmp_path / "study" / "arith" / "grpo-seed0" / "metrics.jsonl").stat().st_mtime_ns
     assert main(["study", str(path), "--dry-run"]) == 0
     assert "4 runs (3 finished)" in capsys.readouterr().out
@@ -73,6 +89,18 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2]
     assert (tmp_path / "study" / "arith" / "grpo-seed0" / "metrics.jsonl").stat().st_mtime_ns \
         == untouched
+    assert (victim / "passk.json").is_file()
+    # a finished run without its checkpoints (a fresh clone): no pass@k, said, nothing lost
+    other = tmp_path / "study" / "arith" / "grpo-seed1"
+    for ckpt in other.glob("checkpoint-*"):
+        shutil.rmtree(ckpt)
+    (other / "passk.json").unlink()
+    capsys.readouterr()
+    assert main(["study", str(path)]) == 0
+    assert "grpo-seed1: no checkpoint here, so no pass@2" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert summary["tasks"]["arith"]["arms"]["grpo"]["pass_k_runs"] == 1
+    assert summary["tasks"]["arith"]["arms"]["grpo"]["runs"] == 2
 
 
 def exact_bootstrap(matrix):
@@ -135,6 +163,11 @@ def test_study_file_errors(tmp_path):
         load_study(bad)
     bad.write_text(yaml.safe_dump({"base": "x"}))
     with pytest.raises(ConfigError, match="out: required"):
+        load_study(bad)
+    bad.write_text(yaml.safe_dump({"base": "x", "out": "o", "steps": 1, "eval_every": 1,
+                                   "eval_items": 1, "seeds": [0], "tasks": {}, "arms": {},
+                                   "pass_k": 1}))
+    with pytest.raises(ConfigError, match="pass_k: 1 .0 for none, or k >= 2 samples"):
         load_study(bad)
 
 

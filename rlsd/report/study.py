@@ -1,0 +1,370 @@
+"""The summary of `rlsd study`: per task and arm, held-out accuracy over its finished runs with
+95 % percentile bootstrap intervals (seeds and items resampled together; the difference to the
+reference arm pairs the items), steps and seconds to the reference arm's final accuracy, area
+under the curve, speed, memory, the leakage check and the teacher's credit diagnostics; written as
+JSON, a markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..study import Study, eval_path, finished, grid, run_dir
+from ..tracking import read_jsonl
+
+OPENER = re.compile(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", re.IGNORECASE)
+GROUPS = ("correct", "incorrect", "answer_tokens", "other_tokens")  # of the credit diagnostics
+DIAGNOSTICS = ("teacher/kl", "rlsd/clip_low_frac", "rlsd/clip_high_frac",
+               *(f"rlsd/{stat}_{group}" for group in GROUPS
+                 for stat in ("delta_mean", "delta_std", "clip_low_frac", "clip_high_frac")))
+# the teacher template's own words, absent from the student's prompt: a completion using them
+# (down to OPSD's collapse into "solution solution ...") behaves as if it had seen that prompt
+ECHO = re.compile(r"\b(reference|solution)s?\b|in your own way", re.IGNORECASE)
+
+
+def resampled_mean(matrix: list[list[float]], rows: list[int], cols: list[int]) -> float:
+    """The mean of matrix[r][c] over the (possibly repeated) rows and columns."""
+    return sum(matrix[r][c] for r in rows for c in cols) / (len(rows) * len(cols))
+
+
+def matrix_mean(matrix: list[list[float]]) -> float:
+    return resampled_mean(matrix, list(range(len(matrix))), list(range(len(matrix[0]))))
+
+
+def final_mean(evals: dict[int, list[list[float]]]) -> float | None:
+    """The mean accuracy at the last evaluation step (None before any)."""
+    return matrix_mean(evals[max(evals)]) if evals else None
+
+
+def _interval(center: float, stats: list[float]) -> tuple[float, float, float]:
+    stats = sorted(stats)
+    count = len(stats)
+    return center, stats[int(0.025 * (count - 1))], stats[math.ceil(0.975 * (count - 1))]
+
+
+def bootstrap(matrix: list[list[float]], samples: int = 2000, seed: int = 0
+              ) -> tuple[float, float, float]:
+    """(mean, 2.5th, 97.5th percentile) of the mean of a seeds x items 0/1 matrix, resampling
+    seeds and items with replacement."""
+    rng = random.Random(seed)
+    seeds, items = len(matrix), len(matrix[0])
+    stats = []
+    for _ in range(samples):
+        rows = [rng.randrange(seeds) for _ in range(seeds)]
+        cols = [rng.randrange(items) for _ in range(items)]
+        stats.append(resampled_mean(matrix, rows, cols))
+    return _interval(matrix_mean(matrix), stats)
+
+
+def bootstrap_difference(a: list[list[float]], b: list[list[float]], samples: int = 2000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), 2.5th, 97.5th percentile) for two arms' seeds x items 0/1 matrices on
+    the same held-out items: the items are resampled together (paired), each arm's seeds on
+    their own (different runs)."""
+    if len(a[0]) != len(b[0]):
+        raise ValueError(f"the arms were evaluated on {len(a[0])} and {len(b[0])} items")
+    rng = random.Random(seed)
+    items = len(a[0])
+    stats = []
+    for _ in range(samples):
+        cols = [rng.randrange(items) for _ in range(items)]
+        rows_a = [rng.randrange(len(a)) for _ in a]
+        rows_b = [rng.randrange(len(b)) for _ in b]
+        stats.append(resampled_mean(a, rows_a, cols) - resampled_mean(b, rows_b, cols))
+    return _interval(matrix_mean(a) - matrix_mean(b), stats)
+
+
+def leakage(completion: str, answer: str) -> dict[str, bool]:
+    """Does a completion behave as if it had seen the reference? `echo`: it uses the teacher
+    template's own words ("reference", "solution", "in your own way"); `answer_first`: it opens with
+    the reference answer (optionally after "the answer is") and only then works it out."""
+    lines = [x.strip() for x in completion.strip().splitlines() if x.strip()]
+    first = OPENER.sub("", lines[0]) if lines else ""
+    opens = bool(answer) and re.match(rf"{re.escape(answer)}(?![\w]|\.\d)", first) is not None
+    return {"echo": bool(ECHO.search(completion)), "answer_first": opens and len(lines) > 1}
+
+
+def arm_evals(study: Study, task: str, arm: str) -> dict[int, list[list[float]]]:
+    """eval step -> seeds x items matrix of greedy correctness over the arm's finished runs
+    (a run still in progress is left out; step 0: the base model, the same for every seed)."""
+    out: dict[int, list[list[float]]] = {}
+    for cell in grid(study):
+        path = run_dir(study, cell) / "evals.jsonl"
+        if cell.task == task and cell.arm == arm and finished(study, cell):
+            for row in read_jsonl(path):
+                out.setdefault(row["step"], []).append([float(c) for c in row["correct"]])
+    base = study.out / task / "base-evals.json"
+    if out and base.is_file():
+        correct = [float(c) for c in json.loads(base.read_text())["correct"]]
+        out[0] = [correct] * len(next(iter(out.values())))
+    return out
+
+
+def arm_pass_k(study: Study, task: str, arm: str) -> tuple[list[list[float]], list[list[float]]]:
+    """(pass@k, sampled pass@1) seeds x items matrices over the arm's finished runs that have a
+    pass@k evaluation (k samples per item, so pass@k is whether any was correct)."""
+    found, single = [], []
+    for cell in grid(study):
+        path = eval_path(study, task, cell, sampled=True)
+        if cell.task == task and cell.arm == arm and finished(study, cell) and path.is_file():
+            record = json.loads(path.read_text())
+            found.append([float(c > 0) for c in record["correct"]])
+            single.append([c / record["k"] for c in record["correct"]])
+    return found, single
+
+
+def diagnostics(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
+    """The credit diagnostics of an arm's metric rows (all its finished runs): each key's mean
+    over steps and runs, and its mean over runs at every step (for the plot). Runs that did
+    not log a key are left out of its means."""
+    means, curves = {}, {}
+    for key in DIAGNOSTICS:
+        values = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            means[key] = statistics.mean(v for _, v in values)
+            by_step: dict[int, list[float]] = {}
+            for step, v in values:
+                by_step.setdefault(step, []).append(v)
+            curves[key] = {step: statistics.mean(v) for step, v in sorted(by_step.items())}
+    return means, curves
+
+
+def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[list[float]]]
+                ) -> dict[str, Any]:
+    """One arm of one task, over its finished runs: bootstrap curve, final and best accuracy,
+    the final difference to the reference arm (paired over items), area under the curve, steps
+    and seconds to the reference arm's final accuracy, speed, memory, leakage of its last
+    evaluation, RLSD diagnostics."""
+    evals = arm_evals(study, task, arm)
+    curve = {step: bootstrap(m) for step, m in sorted(evals.items())}
+    cells = [c for c in grid(study) if c.task == task and c.arm == arm]
+    runs = [run_dir(study, c) for c in cells if finished(study, c)]
+    last = max(reference, default=None)
+    target = final_mean(reference)
+    per_run = [read_jsonl(p / "metrics.jsonl") for p in runs if (p / "metrics.jsonl").is_file()]
+    rows = [r for run_rows in per_run for r in run_rows]
+    steps = sorted(curve)
+    mean = [curve[s][0] for s in steps]
+    reach = next((s for s, m in zip(steps, mean) if target is not None and m >= target), None)
+    step_s = [r["perf/step_seconds"] for r in rows if "perf/step_seconds" in r]
+    leaks = [leakage(c, a) for p in runs if (p / "evals.jsonl").is_file()
+             for e in read_jsonl(p / "evals.jsonl")[-1:]
+             for c, a in zip(e["completions"], e["answers"])]
+
+    pass_k, sampled = arm_pass_k(study, task, arm)
+    diag, diag_curves = diagnostics(rows)
+    best = max(steps[1:], key=lambda s: curve[s][0], default=None)  # after step 0
+    return {
+        "runs": len(runs), "planned": len(cells), "curve": {s: list(curve[s]) for s in steps},
+        "final": list(curve[steps[-1]]) if steps else None,
+        "best": [best, curve[best][0]] if best is not None else None,
+        "vs_reference": list(bootstrap_difference(evals[steps[-1]], reference[last]))
+        if steps and last is not None and steps[-1] == last else None,
+        "auc": (sum((a + b) / 2 * (t - s) for s, t, a, b in zip(steps, steps[1:], mean, mean[1:]))
+                / (steps[-1] - steps[0])) if len(steps) > 1 else None,
+        "steps_to_target": reach,
+        "seconds_to_target": statistics.mean(
+            sum(r["perf/step_seconds"] for r in run_rows if r["step"] <= reach)
+            for run_rows in per_run) if reach and per_run else None,
+        "seconds_per_step": statistics.median(step_s) if step_s else None,
+        "peak_mem_mb": max((r.get("perf/peak_mem_mb", 0) for r in rows), default=None),
+        "leak_echo": statistics.mean(x["echo"] for x in leaks) if leaks else None,
+        "leak_answer_first": statistics.mean(x["answer_first"] for x in leaks) if leaks else None,
+        "pass_k": list(bootstrap(pass_k)) if pass_k else None, "pass_k_runs": len(pass_k),
+        "sampled_pass1": list(bootstrap(sampled)) if sampled else None,
+        "diagnostics": diag, "diagnostics_curves": diag_curves,
+        "eval_items": len(evals[steps[-1]][0]) if steps else 0,
+    }
+
+
+def base_accuracy(study: Study, task: str) -> dict[str, float | None]:
+    """The untrained model's greedy pass@1 and (with pass_k) pass@k on the task."""
+    out: dict[str, float | None] = {"greedy": None, "pass_k": None}
+    greedy, sampled = eval_path(study, task), eval_path(study, task, sampled=True)
+    if greedy.is_file():
+        out["greedy"] = statistics.mean(map(float, json.loads(greedy.read_text())["correct"]))
+    if sampled.is_file():
+        out["pass_k"] = statistics.mean(float(c > 0) for c in
+                                        json.loads(sampled.read_text())["correct"])
+    return out
+
+
+def summarize(study: Study) -> dict[str, Any]:
+    """Per task and arm (ablations included): `arm_summary`, with the target = the reference
+    arm's final accuracy. Writes summary.json, summary.md, accuracy-<task>.png and
+    diagnostics-<task>.png under the study's out dir."""
+    result: dict[str, Any] = {"study": str(study.path), "tasks": {}}
+    for task in study.tasks:
+        reference = arm_evals(study, task, study.reference_arm)
+        names = [*study.arms, *(study.ablations if study.ablation_tasks is None
+                                or task in study.ablation_tasks else [])]
+        arms = {arm: arm_summary(study, task, arm, reference) for arm in names}
+        result["tasks"][task] = {"target": final_mean(reference),
+                                 "base": base_accuracy(study, task), "arms": arms}
+        accuracy_png(arms, study.out / f"accuracy-{task}.png", task)
+        diagnostics_png(arms, study.out / f"diagnostics-{task}.png", task)
+    (study.out / "summary.json").write_text(json.dumps(result, indent=1))
+    (study.out / "summary.md").write_text(summary_markdown(study, result))
+    return result
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _ci(value: list[float] | None) -> str:
+    return "-" if not value else f"{_pct(value[0])} [{_pct(value[1])}, {_pct(value[2])}]"
+
+
+def _diff(value: list[float] | None) -> str:
+    return "-" if value is None else (f"{100 * value[0]:+.1f} [{100 * value[1]:+.1f}, "
+                                      f"{100 * value[2]:+.1f}]")
+
+
+def summary_row(arm: str, a: dict[str, Any], pass_k: int) -> str:
+    best = f"{_pct(a['best'][1])} ({a['best'][0]})" if a["best"] else "-"
+    cells = [arm, f"{a['runs']}/{a['planned']}", _ci(a["final"]), _diff(a["vs_reference"]),
+             best, _pct(a["auc"]),
+             "-" if a["steps_to_target"] is None else str(a["steps_to_target"]),
+             "-" if a["seconds_to_target"] is None else str(round(a["seconds_to_target"])),
+             "-" if a["seconds_per_step"] is None else str(round(a["seconds_per_step"], 1)),
+             "-" if not a["peak_mem_mb"] else str(round(a["peak_mem_mb"])),
+             _pct(a["leak_echo"]), _pct(a["leak_answer_first"])]
+    if pass_k:
+        cells[3:3] = [_ci(a["pass_k"]) + (f" (n={a['pass_k_runs']})" if a["pass_k"] else "")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _delta(d: dict[str, float], group: str) -> str:
+    mean, std = d.get(f"rlsd/delta_mean_{group}"), d.get(f"rlsd/delta_std_{group}")
+    if mean is None:
+        return "-"
+    return f"{mean:+.3f}" + ("" if std is None else f" ± {std:.3f}")
+
+
+def _clips(d: dict[str, float], group: str) -> str:
+    low, high = d.get(f"rlsd/clip_low_frac_{group}"), d.get(f"rlsd/clip_high_frac_{group}")
+    return "-" if low is None else f"{_pct(low)} / {_pct(high)}"
+
+
+def diagnostics_rows(arms: dict[str, dict]) -> list[str]:
+    """The credit diagnostics table of the arms that have a teacher."""
+    rows = ["| arm | teacher KL | " + " | ".join(f"Delta {g}" for g in GROUPS) + " | "
+            + " | ".join(f"clipped low / high % {g}" for g in GROUPS) + " |",
+            "|" + "---|" * (2 + 2 * len(GROUPS))]
+    for arm, a in arms.items():
+        d = a["diagnostics"]
+        if "teacher/kl" in d:
+            kl = f"{d['teacher/kl']:.3f}"
+            rows.append(f"| {arm} | {kl} | " + " | ".join(_delta(d, g) for g in GROUPS) + " | "
+                        + " | ".join(_clips(d, g) for g in GROUPS) + " |")
+    return rows if len(rows) > 2 else []
+
+
+def summary_markdown(study: Study, result: dict[str, Any]) -> str:
+    k = study.pass_k
+    lines = [f"# Study `{study.path}`", "",
+             "Finished runs only. Held-out greedy pass@1 (%) on the same "
+             f"{study.eval_items} items for every arm, with 95 % bootstrap intervals over seeds "
+             f"and items; *vs {study.reference_arm}*: the final difference in points, items "
+             "resampled in pairs; *best*: the highest evaluation after step 0 and its step (an "
+             "optimistic pick); *target*: the "
+             f"{study.reference_arm} arm's final accuracy; echo / answer-first: the leakage "
+             "check on the last evaluation's completions.", ""]
+    if k:
+        lines += [f"*pass@{k}*: {k} samples per item at the rollout temperature from the final "
+                  f"checkpoint, on the first {study.pass_k_items or study.eval_items} held-out "
+                  "items (n: runs with it).", ""]
+    lines += ["Credit diagnostics: means over every step of every run that logged them; Delta = "
+              "log P_teacher - log P_student per completion token (mean ± the within-step std), "
+              "*clipped*: RLSD weights exp(sign(A) Delta) outside [1 - eps_w, 1 + eps_w].", ""]
+    for task, part in result["tasks"].items():
+        base = part.get("base", {})
+        head = ["arm", "runs", "final pass@1 [95 % CI]", f"vs {study.reference_arm}",
+                "best (step)", "AUC", "steps to target", "s to target", "s/step", "peak MB",
+                "echo %", "answer-first %"]
+        if k:
+            head[3:3] = [f"pass@{k} [95 % CI]"]
+        lines += [f"## {task}", "", f"![accuracy](accuracy-{task}.png)", "",
+                  f"Base model: greedy pass@1 {_pct(base.get('greedy'))} %"
+                  + (f", pass@{k} {_pct(base.get('pass_k'))} %" if k else "")
+                  + f". Target: {_pct(part['target'])} %.", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [summary_row(arm, a, k) for arm, a in part["arms"].items()]
+        table = diagnostics_rows(part["arms"])
+        if table:
+            lines += ["", f"![diagnostics](diagnostics-{task}.png)", "", *table]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_png(arms: dict[str, dict], out: Path, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for arm, a in arms.items():
+        steps = [int(s) for s in a["curve"]]
+        if not steps:
+            continue
+        mean, low, high = zip(*(a["curve"][s] for s in a["curve"]))
+        line, = ax.plot(steps, mean, marker="o", label=f"{arm} (n={a['runs']})")
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+    ax.set(title=f"{task}: held-out greedy pass@1 (95 % bootstrap)", xlabel="step",
+           ylabel="pass@1")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def smooth(values: list[float], width: int = 5) -> list[float]:
+    """Trailing moving average over up to `width` points."""
+    return [statistics.mean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
+
+
+PANELS = [("Delta: correct (solid) vs incorrect", "rlsd/delta_mean_correct",
+           "rlsd/delta_mean_incorrect"),
+          ("Delta: answer tokens (solid) vs other", "rlsd/delta_mean_answer_tokens",
+           "rlsd/delta_mean_other_tokens"),
+          ("RLSD weights clipped low: correct vs incorrect", "rlsd/clip_low_frac_correct",
+           "rlsd/clip_low_frac_incorrect"),
+          ("RLSD weights clipped high: correct vs incorrect", "rlsd/clip_high_frac_correct",
+           "rlsd/clip_high_frac_incorrect")]
+
+
+def diagnostics_png(arms: dict[str, dict], out: Path, task: str) -> None:
+    """The credit diagnostics over training, one colour per arm with a teacher (mean over its
+    runs, 5-step moving average); nothing is written when no arm has them."""
+    shown = {arm: a["diagnostics_curves"] for arm, a in arms.items() if a["diagnostics_curves"]}
+    if not shown:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, solid, dashed) in zip(axes.flat, PANELS):
+        for i, (arm, curves) in enumerate(shown.items()):
+            drawn = [(key, style) for key, style in ((solid, "-"), (dashed, "--")) if key in curves]
+            for j, (key, style) in enumerate(drawn):  # the arm's name on its first line
+                ax.plot([int(s) for s in curves[key]], smooth(list(curves[key].values())), style,
+                        color=colours[i % len(colours)], label=None if j else arm)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.suptitle(f"{task}: what the teacher did (5-step moving average)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
