@@ -10,7 +10,7 @@ import yaml
 
 from rlsd.cli import main
 from rlsd.config import ConfigError
-from rlsd.report.study import bootstrap, bootstrap_difference, leakage
+from rlsd.report.study import bootstrap, bootstrap_difference, diagnostics, leakage
 from rlsd.study import grid, load_study
 
 from .conftest import TESTS_DIR
@@ -185,3 +185,19 @@ def test_ablations_run_on_their_tasks_with_the_first_seed(tiny_model_dir, tmp_pa
     bad = write_study(tmp_path, tiny_model_dir, ablation_tasks=["nope"])
     with pytest.raises(ConfigError, match="ablation_tasks: 'nope' is not in tasks"):
         load_study(bad)
+
+
+def test_diagnostics_means_and_curves_by_hand():
+    rows = [{"step": 1, "reward/accuracy": 0.0, "teacher/kl": 0.2, "rlsd/delta_mean_correct": 0.0,
+             "rlsd/delta_mean_incorrect": -0.4},  # no correct completion: its 0.0 is no value
+            {"step": 2, "reward/accuracy": 0.5, "teacher/kl": 0.4, "rlsd/delta_mean_correct": -0.1,
+             "rlsd/delta_mean_incorrect": -0.2},
+            {"step": 2, "reward/accuracy": 1.0, "teacher/kl": 0.0, "rlsd/delta_mean_correct": -0.3,
+             "rlsd/delta_mean_incorrect": 0.0}]  # a second run; no incorrect completion
+    means, curves = diagnostics(rows)
+    assert means["teacher/kl"] == pytest.approx(0.2)
+    assert means["rlsd/delta_mean_correct"] == pytest.approx(-0.2)
+    assert means["rlsd/delta_mean_incorrect"] == pytest.approx(-0.3)
+    assert curves["teacher/kl"] == pytest.approx({1: 0.2, 2: 0.2})
+    assert curves["rlsd/delta_mean_correct"] == pytest.approx({2: -0.2})
+    assert "rlsd/clip_low_frac" not in means and diagnostics([]) == ({}, {})

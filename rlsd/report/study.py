@@ -121,10 +121,17 @@ def arm_pass_k(study: Study, task: str, arm: str) -> tuple[list[list[float]], li
 def diagnostics(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
     """The credit diagnostics of an arm's metric rows (all its finished runs): each key's mean
     over steps and runs, and its mean over runs at every step (for the plot). Runs that did
-    not log a key are left out of its means."""
+    not log a key are left out of its means, and so are a step's correct (incorrect) group
+    values when none of its completions was correct (incorrect): older runs logged 0.0 there."""
+    def empty(row: dict[str, Any], key: str) -> bool:
+        accuracy = row.get("reward/accuracy")
+        return (key.endswith("_correct") and accuracy == 0) or \
+            (key.endswith("_incorrect") and accuracy == 1)
+
     means, curves = {}, {}
     for key in DIAGNOSTICS:
-        values = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        values = [(r["step"], r[key]) for r in rows
+                  if isinstance(r.get(key), (int, float)) and not empty(r, key)]
         if values:
             means[key] = statistics.mean(v for _, v in values)
             by_step: dict[int, list[float]] = {}
