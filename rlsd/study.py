@@ -13,6 +13,7 @@ A study file names a base recipe and what varies:
     arms: {grpo: {algorithm.name: grpo}, rlsd: {algorithm.name: rlsd}}
     ablations: {rlsd-lambda1: {algorithm.name: rlsd, rlsd.lambda: 1.0}}   # first seed only
     ablation_tasks: [arith]           # the tasks ablations run on (default: all)
+    headline_arms: [grpo, rlsd]       # run all their seeds before the ablations (default: all)
     reference_arm: grpo               # "steps to reach the reference arm's final accuracy"
     pass_k: 4                         # also pass@k of each finished run's final checkpoint
     pass_k_items: 256                 # on the first N held-out items (default: eval_items)
@@ -53,6 +54,7 @@ class Study:
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference_arm: str = "grpo"
     ablation_tasks: list[str] | None = None  # tasks the ablations run on (None: all)
+    headline_arms: list[str] | None = None  # arms whose later seeds come first (None: all)
     pass_k: int = 0  # k samples per item for the final pass@k (0: greedy evaluation only)
     pass_k_items: int = 0  # held-out items of the pass@k evaluation (0: eval_items)
 
@@ -72,9 +74,11 @@ def load_study(path: Path) -> Study:
     if raw.get("pass_k", 0) == 1 or raw.get("pass_k", 0) < 0:
         raise ConfigError(f"{path}: pass_k: {raw['pass_k']} (0 for none, or k >= 2 samples)")
     study = Study(path=Path(path), **{**raw, "out": Path(raw["out"])})
-    unknown = sorted(set(study.ablation_tasks or []) - set(study.tasks))
-    if unknown:
-        raise ConfigError(f"{path}: ablation_tasks: {unknown[0]!r} is not in tasks")
+    for key, known in (("ablation_tasks", study.tasks), ("headline_arms", study.arms)):
+        unknown = sorted(set(getattr(study, key) or []) - set(known))
+        if unknown:
+            raise ConfigError(f"{path}: {key}: {unknown[0]!r} is not in "
+                              f"{'tasks' if key == 'ablation_tasks' else 'arms'}")
     if study.reference_arm not in study.arms:
         raise ConfigError(f"{path}: reference_arm: {study.reference_arm!r} is not in arms")
     return study
@@ -94,8 +98,9 @@ class Cell:
 
 def grid(study: Study) -> list[Cell]:
     """Every run of the study: tasks x (arms x seeds + ablations x first seed), in the order
-    they run: seed by seed (every task and arm at the first seed, then the next seed), the
-    ablations last, so a study stopped early still compares every arm on every task."""
+    they run, so that a study stopped early has answered the most: the first seed of every
+    task and arm, then the headline arms' later seeds, the ablations, the other arms' later
+    seeds; seed by seed within each (every task and arm at one seed, then the next)."""
     cells = []
     for task, task_over in study.tasks.items():
         arms = [(a, o, study.seeds) for a, o in study.arms.items()]
@@ -110,8 +115,14 @@ def grid(study: Study) -> list[Cell]:
                         "output.report": False}
                 cells.append(Cell(task, arm, seed, {k: _text(v) for k, v in over.items()}))
     order = {name: i for i, name in enumerate([*study.tasks, *study.arms, *study.ablations])}
-    return sorted(cells, key=lambda c: (c.arm not in study.arms, c.seed, order[c.task],
-                                        order[c.arm]))
+    headline = study.arms if study.headline_arms is None else study.headline_arms
+
+    def tier(cell: Cell) -> int:
+        if cell.arm not in study.arms:
+            return 1  # an ablation
+        return 0 if cell.seed == study.seeds[0] or cell.arm in headline else 2
+
+    return sorted(cells, key=lambda c: (tier(c), c.seed, order[c.task], order[c.arm]))
 
 
 def _text(value: Any) -> str:

@@ -185,6 +185,24 @@ def test_ablations_run_on_their_tasks_with_the_first_seed(tiny_model_dir, tmp_pa
     bad = write_study(tmp_path, tiny_model_dir, ablation_tasks=["nope"])
     with pytest.raises(ConfigError, match="ablation_tasks: 'nope' is not in tasks"):
         load_study(bad)
+    bad = write_study(tmp_path, tiny_model_dir, headline_arms=["nope"])
+    with pytest.raises(ConfigError, match="headline_arms: 'nope' is not in arms"):
+        load_study(bad)
+
+
+def test_headline_arms_run_all_their_seeds_before_ablations_and_other_seeds(tiny_model_dir,
+                                                                            tmp_path):
+    path = write_study(tmp_path, tiny_model_dir, seeds=[0, 1, 2], headline_arms=["rlsd"],
+                       ablations={"rlsd-l1": {"rlsd.lambda": 1.0}},
+                       tasks={"arith": {}, "other": {}})
+    cells = [f"{c.task}/{c.name}" for c in grid(load_study(path))]
+    assert cells == ["arith/grpo-seed0", "arith/rlsd-seed0", "other/grpo-seed0",
+                     "other/rlsd-seed0",  # every arm's first seed
+                     "arith/rlsd-seed1", "other/rlsd-seed1", "arith/rlsd-seed2",
+                     "other/rlsd-seed2",  # the headline arm's other seeds
+                     "arith/rlsd-l1-seed0", "other/rlsd-l1-seed0",  # the ablations
+                     "arith/grpo-seed1", "other/grpo-seed1", "arith/grpo-seed2",
+                     "other/grpo-seed2"]  # the other arms' later seeds
 
 
 def test_diagnostics_means_and_curves_by_hand():
