@@ -68,6 +68,7 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     assert "| rlsd | " in text.split("teacher KL")[1] and "| grpo | " not in text.split("teacher KL")[1]
     assert "rlsd/delta_std_incorrect" in arms["rlsd"]["diagnostics"] and not arms["grpo"]["diagnostics"]
     assert (tmp_path / "study" / "diagnostics-arith.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| rlsd | 2 |" in (tmp_path / "study" / "compare-arith" / "compare.md").read_text()
     diff, low, high = arms["rlsd"]["vs_reference"]
     assert diff == pytest.approx(arms["rlsd"]["final"][0] - arms["grpo"]["final"][0])
     assert low <= diff <= high

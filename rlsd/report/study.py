@@ -16,6 +16,7 @@ from typing import Any
 
 from ..study import Study, eval_path, finished, grid, run_dir
 from ..tracking import read_jsonl
+from .compare import FINAL_WINDOW, final_value, load_run, write_compare
 
 OPENER = re.compile(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", re.IGNORECASE)
 GROUPS = ("correct", "incorrect", "answer_tokens", "other_tokens")  # of the credit diagnostics
@@ -189,6 +190,19 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
     }
 
 
+def training_curves(study: Study, task: str) -> None:
+    """`rlsd compare` of the task's finished runs (grouped by arm) in compare-<task>/, its
+    target the reference arm's final training accuracy (last 5 steps, mean over its runs)."""
+    cells = [c for c in grid(study) if c.task == task and finished(study, c)]
+    if not cells:
+        return
+    finals = [final_value(load_run(run_dir(study, c)), "reward/accuracy", FINAL_WINDOW)
+              for c in cells if c.arm == study.reference_arm]
+    finals = [f for f in finals if f is not None]
+    write_compare([run_dir(study, c) for c in cells], study.out / f"compare-{task}",
+                  statistics.mean(finals) if finals else None)
+
+
 def base_accuracy(study: Study, task: str) -> dict[str, float | None]:
     """The untrained model's greedy pass@1 and (with pass_k) pass@k on the task."""
     out: dict[str, float | None] = {"greedy": None, "pass_k": None}
@@ -203,8 +217,9 @@ def base_accuracy(study: Study, task: str) -> dict[str, float | None]:
 
 def summarize(study: Study) -> dict[str, Any]:
     """Per task and arm (ablations included): `arm_summary`, with the target = the reference
-    arm's final accuracy. Writes summary.json, summary.md, accuracy-<task>.png and
-    diagnostics-<task>.png under the study's out dir."""
+    arm's final accuracy. Writes summary.json, summary.md, accuracy-<task>.png,
+    diagnostics-<task>.png and `rlsd compare`'s training curves (compare-<task>/) under the
+    study's out dir."""
     result: dict[str, Any] = {"study": str(study.path), "tasks": {}}
     for task in study.tasks:
         reference = arm_evals(study, task, study.reference_arm)
@@ -215,6 +230,7 @@ def summarize(study: Study) -> dict[str, Any]:
                                  "base": base_accuracy(study, task), "arms": arms}
         accuracy_png(arms, study.out / f"accuracy-{task}.png", task)
         diagnostics_png(arms, study.out / f"diagnostics-{task}.png", task)
+        training_curves(study, task)
     (study.out / "summary.json").write_text(json.dumps(result, indent=1))
     (study.out / "summary.md").write_text(summary_markdown(study, result))
     return result
@@ -298,6 +314,7 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
         if k:
             head[3:3] = [f"pass@{k} [95 % CI]"]
         lines += [f"## {task}", "", f"![accuracy](accuracy-{task}.png)", "",
+                  f"Training curves of every run: [compare-{task}](compare-{task}/compare.md).", "",
                   f"Base model: greedy pass@1 {_pct(base.get('greedy'))} %"
                   + (f", pass@{k} {_pct(base.get('pass_k'))} %" if k else "")
                   + f". Target: {_pct(part['target'])} %.", "",
