@@ -277,8 +277,9 @@ def _clips(d: dict[str, float], group: str) -> str:
 
 def diagnostics_rows(arms: dict[str, dict]) -> list[str]:
     """The credit diagnostics table of the arms that have a teacher."""
-    rows = ["| arm | teacher KL | " + " | ".join(f"Delta {g}" for g in GROUPS) + " | "
-            + " | ".join(f"clipped low / high % {g}" for g in GROUPS) + " |",
+    names = [g.replace("_", " ") for g in GROUPS]
+    rows = ["| arm | teacher KL | " + " | ".join(f"Delta {g}" for g in names) + " | "
+            + " | ".join(f"clipped low / high % {g}" for g in names) + " |",
             "|" + "---|" * (2 + 2 * len(GROUPS))]
     for arm, a in arms.items():
         d = a["diagnostics"]
