@@ -147,6 +147,7 @@ def test_leakage_on_hand_written_completions():
     assert leakage("As the reference answer says: 12", "12")["echo"]
     assert not leakage("4 + 3 = 7\nAnswer: 7", "7")["echo"]
     assert leakage("Solution solution solution solution", "7")["echo"]  # OPSD's collapse
+    assert leakage("I solved the problem in my own way.", "7")["echo"]  # GRPO+OPSD's collapse
     assert not leakage("Resolutions aside, 4 + 3 = 7\nAnswer: 7", "7")["echo"]  # whole words
     assert leakage("7\nBecause 4 + 3 = 7.\nAnswer: 7", "7")["answer_first"]
     assert not leakage("4 + 3 = 7\nAnswer: 7", "7")["answer_first"]

@@ -25,7 +25,7 @@ DIAGNOSTICS = ("teacher/kl", "rlsd/clip_low_frac", "rlsd/clip_high_frac",
                  for stat in ("delta_mean", "delta_std", "clip_low_frac", "clip_high_frac")))
 # the teacher template's own words, absent from the student's prompt: a completion using them
 # (down to OPSD's collapse into "solution solution ...") behaves as if it had seen that prompt
-ECHO = re.compile(r"\b(reference|solution)s?\b|in your own way", re.IGNORECASE)
+ECHO = re.compile(r"\b(reference|solution)s?\b|\bin (your|my) own way", re.IGNORECASE)
 
 
 def resampled_mean(matrix: list[list[float]], rows: list[int], cols: list[int]) -> float:
@@ -82,7 +82,7 @@ def bootstrap_difference(a: list[list[float]], b: list[list[float]], samples: in
 
 def leakage(completion: str, answer: str) -> dict[str, bool]:
     """Does a completion behave as if it had seen the reference? `echo`: it uses the teacher
-    template's own words ("reference", "solution", "in your own way"); `answer_first`: it opens with
+    template's own words ("reference", "solution", "in your/my own way"); `answer_first`: it opens with
     the reference answer (optionally after "the answer is") and only then works it out."""
     lines = [x.strip() for x in completion.strip().splitlines() if x.strip()]
     first = OPENER.sub("", lines[0]) if lines else ""
