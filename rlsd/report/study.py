@@ -203,9 +203,23 @@ def training_curves(study: Study, task: str) -> None:
                   statistics.mean(finals) if finals else None)
 
 
-def base_accuracy(study: Study, task: str) -> dict[str, float | None]:
-    """The untrained model's greedy pass@1 and (with pass_k) pass@k on the task."""
-    out: dict[str, float | None] = {"greedy": None, "pass_k": None}
+def constant_answer(study: Study, task: str) -> tuple[str, float] | None:
+    """The most frequent reference answer of the held-out items and its share: the accuracy of
+    a model that always gives it (the bar a real gain must clear); None before any evaluation."""
+    for cell in grid(study):
+        path = run_dir(study, cell) / "evals.jsonl"
+        if cell.task == task and finished(study, cell) and path.is_file():
+            answers = read_jsonl(path)[0]["answers"]
+            top = max(set(answers), key=answers.count)
+            return top, answers.count(top) / len(answers)
+    return None
+
+
+def base_accuracy(study: Study, task: str) -> dict[str, Any]:
+    """The untrained model's greedy pass@1 and (with pass_k) pass@k on the task, and the
+    constant-answer baseline."""
+    out: dict[str, Any] = {"greedy": None, "pass_k": None,
+                           "constant_answer": constant_answer(study, task)}
     greedy, sampled = eval_path(study, task), eval_path(study, task, sampled=True)
     if greedy.is_file():
         out["greedy"] = statistics.mean(map(float, json.loads(greedy.read_text())["correct"]))
@@ -290,6 +304,14 @@ def diagnostics_rows(arms: dict[str, dict]) -> list[str]:
     return rows if len(rows) > 2 else []
 
 
+def _constant(base: dict[str, Any]) -> str:
+    if not base.get("constant_answer"):
+        return ""
+    answer, share = base["constant_answer"]
+    return (f" Always answering {answer!r}, the most frequent held-out answer, would score "
+            f"{_pct(share)} %.")
+
+
 def summary_markdown(study: Study, result: dict[str, Any]) -> str:
     k = study.pass_k
     lines = [f"# Study `{study.path}`", "",
@@ -318,7 +340,7 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
                   f"Training curves of every run: [compare-{task}](compare-{task}/compare.md).", "",
                   f"Base model: greedy pass@1 {_pct(base.get('greedy'))} %"
                   + (f", pass@{k} {_pct(base.get('pass_k'))} %" if k else "")
-                  + f". Target: {_pct(part['target'])} %.", "",
+                  + f". Target: {_pct(part['target'])} %." + _constant(base), "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += [summary_row(arm, a, k) for arm, a in part["arms"].items()]
         table = diagnostics_rows(part["arms"])
