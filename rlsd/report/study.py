@@ -315,6 +315,8 @@ def _constant(base: dict[str, Any]) -> str:
 def summary_markdown(study: Study, result: dict[str, Any]) -> str:
     k = study.pass_k
     lines = [f"# Study `{study.path}`", "",
+             f"Made by `rlsd study {study.path}` (rerun it to continue or reproduce the study; "
+             "`--summarize` rebuilds this page from the finished runs).", "",
              "Finished runs only. Held-out greedy pass@1 (%) on the same "
              f"{study.eval_items} items for every arm, with 95 % bootstrap intervals over seeds "
              f"and items; *vs {study.reference_arm}*: the final difference in points, items "
