@@ -25,6 +25,7 @@ from .algorithms import (aggregate, answer_span_mask, clipped_policy_loss, lambd
                          rlsd_token_advantages, sampled_forward_token_advantages)
 from .config import Config
 from .distributed import anywhere, total
+from .rewards.builtin import answer_anchor
 from .rollout import Batch, join
 from .teacher import trim_left
 
@@ -90,15 +91,11 @@ def reasoning_span(cfg: Config, tokenizer: Any, batch: Batch) -> torch.Tensor | 
     return reasoning_span_mask(batch.completion_ids, batch.completion_mask, *tags)
 
 
-ANSWER_ANCHORS = {"boxed": "\\boxed{", "answer_tag": "<answer>"}  # extract=marker: its marker
-
-
 def answer_tokens(cfg: Config, tokenizer: Any, batch: Batch) -> torch.Tensor | None:
     """(N, T) the final-answer tokens of each completion (from the last answer marker, boxed or
     answer tag, as `reward.extract` finds the answer, to the end), for the credit diagnostics;
     None when the extraction has no anchor (last_number, none)."""
-    r = cfg.reward
-    anchor = r.answer_marker if r.extract == "marker" else ANSWER_ANCHORS.get(r.extract)
+    anchor = answer_anchor(cfg.reward.extract, cfg.reward.answer_marker)
     if not anchor:
         return None
     pieces = [tokenizer.batch_decode(ids[mask].unsqueeze(1).tolist(), skip_special_tokens=True)

@@ -153,6 +153,9 @@ def credit_split(delta: torch.Tensor, groups: dict[str, torch.Tensor],
     the fractions of the group's reweighted tokens whose RLSD weight exp(sign(A) * Delta) was
     clipped low (< 1 - eps_w) and high (> 1 + eps_w). A group without tokens is left out."""
     out = {}
+    if clip is not None:
+        seq_adv, reweighted, eps_w = clip
+        raw = torch.exp(torch.sign(seq_adv).unsqueeze(1) * delta)  # (N, T) unclipped weights
     for name, where in groups.items():
         if not where.any():
             continue
@@ -161,10 +164,8 @@ def credit_split(delta: torch.Tensor, groups: dict[str, torch.Tensor],
         out[f"rlsd/delta_std_{name}"] = values.std(unbiased=False).item()
         if clip is None:
             continue
-        seq_adv, reweighted, eps_w = clip
         active = where & reweighted
         if active.any():
-            raw = torch.exp(torch.sign(seq_adv).unsqueeze(1) * delta)[active]
-            out[f"rlsd/clip_low_frac_{name}"] = (raw < 1.0 - eps_w).float().mean().item()
-            out[f"rlsd/clip_high_frac_{name}"] = (raw > 1.0 + eps_w).float().mean().item()
+            out[f"rlsd/clip_low_frac_{name}"] = (raw[active] < 1.0 - eps_w).float().mean().item()
+            out[f"rlsd/clip_high_frac_{name}"] = (raw[active] > 1.0 + eps_w).float().mean().item()
     return out

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..study import Study, eval_path, finished, grid, run_dir
+from ..study import Cell, Study, eval_path, finished, grid, run_dir
 from ..tracking import read_jsonl
 from .compare import FINAL_WINDOW, final_value, load_run, write_compare
 
@@ -90,15 +90,19 @@ def leakage(completion: str, answer: str) -> dict[str, bool]:
     return {"echo": bool(ECHO.search(completion)), "answer_first": opens and len(lines) > 1}
 
 
+def finished_cells(study: Study, task: str, arm: str | None = None) -> list[Cell]:
+    """The finished runs of a task (of one arm when given), in grid order."""
+    return [c for c in grid(study) if c.task == task and (arm is None or c.arm == arm)
+            and finished(study, c)]
+
+
 def arm_evals(study: Study, task: str, arm: str) -> dict[int, list[list[float]]]:
     """eval step -> seeds x items matrix of greedy correctness over the arm's finished runs
     (a run still in progress is left out; step 0: the base model, the same for every seed)."""
     out: dict[int, list[list[float]]] = {}
-    for cell in grid(study):
-        path = run_dir(study, cell) / "evals.jsonl"
-        if cell.task == task and cell.arm == arm and finished(study, cell):
-            for row in read_jsonl(path):
-                out.setdefault(row["step"], []).append([float(c) for c in row["correct"]])
+    for cell in finished_cells(study, task, arm):
+        for row in read_jsonl(run_dir(study, cell) / "evals.jsonl"):
+            out.setdefault(row["step"], []).append([float(c) for c in row["correct"]])
     base = study.out / task / "base-evals.json"
     if out and base.is_file():
         correct = [float(c) for c in json.loads(base.read_text())["correct"]]
@@ -110,9 +114,9 @@ def arm_pass_k(study: Study, task: str, arm: str) -> tuple[list[list[float]], li
     """(pass@k, sampled pass@1) seeds x items matrices over the arm's finished runs that have a
     pass@k evaluation (k samples per item, so pass@k is whether any was correct)."""
     found, single = [], []
-    for cell in grid(study):
+    for cell in finished_cells(study, task, arm):
         path = eval_path(study, task, cell, sampled=True)
-        if cell.task == task and cell.arm == arm and finished(study, cell) and path.is_file():
+        if path.is_file():
             record = json.loads(path.read_text())
             found.append([float(c > 0) for c in record["correct"]])
             single.append([c / record["k"] for c in record["correct"]])
@@ -150,8 +154,8 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
     evaluation, RLSD diagnostics."""
     evals = arm_evals(study, task, arm)
     curve = {step: bootstrap(m) for step, m in sorted(evals.items())}
-    cells = [c for c in grid(study) if c.task == task and c.arm == arm]
-    runs = [run_dir(study, c) for c in cells if finished(study, c)]
+    planned = sum(c.task == task and c.arm == arm for c in grid(study))
+    runs = [run_dir(study, c) for c in finished_cells(study, task, arm)]
     last = max(reference, default=None)
     target = final_mean(reference)
     per_run = [read_jsonl(p / "metrics.jsonl") for p in runs if (p / "metrics.jsonl").is_file()]
@@ -168,7 +172,7 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
     diag, diag_curves = diagnostics(rows)
     best = max(steps[1:], key=lambda s: curve[s][0], default=None)  # after step 0
     return {
-        "runs": len(runs), "planned": len(cells), "curve": {s: list(curve[s]) for s in steps},
+        "runs": len(runs), "planned": planned, "curve": {s: list(curve[s]) for s in steps},
         "final": list(curve[steps[-1]]) if steps else None,
         "best": [best, curve[best][0]] if best is not None else None,
         "vs_reference": list(bootstrap_difference(evals[steps[-1]], reference[last]))
@@ -193,7 +197,7 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
 def training_curves(study: Study, task: str) -> None:
     """`rlsd compare` of the task's finished runs (grouped by arm) in compare-<task>/, its
     target the reference arm's final training accuracy (last 5 steps, mean over its runs)."""
-    cells = [c for c in grid(study) if c.task == task and finished(study, c)]
+    cells = finished_cells(study, task)
     if not cells:
         return
     finals = [final_value(load_run(run_dir(study, c)), "reward/accuracy", FINAL_WINDOW)
@@ -206,9 +210,9 @@ def training_curves(study: Study, task: str) -> None:
 def constant_answer(study: Study, task: str) -> tuple[str, float] | None:
     """The most frequent reference answer of the held-out items and its share: the accuracy of
     a model that always gives it (the bar a real gain must clear); None before any evaluation."""
-    for cell in grid(study):
+    for cell in finished_cells(study, task):
         path = run_dir(study, cell) / "evals.jsonl"
-        if cell.task == task and finished(study, cell) and path.is_file():
+        if path.is_file():
             answers = read_jsonl(path)[0]["answers"]
             top = max(set(answers), key=answers.count)
             return top, answers.count(top) / len(answers)

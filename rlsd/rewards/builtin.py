@@ -46,6 +46,12 @@ def extract_boxed(text: str) -> str | None:
     return None  # unbalanced
 
 
+def answer_anchor(mode: str, marker: str = "Answer:") -> str | None:
+    """The text that opens the final answer under an extraction mode (the marker, "\\boxed{",
+    "<answer>"); None for the modes without one (last_number, none)."""
+    return {"marker": marker, "answer_tag": "<answer>", "boxed": "\\boxed{"}.get(mode)
+
+
 def extract_answer(text: str, mode: str = "marker", marker: str = "Answer:") -> str | None:
     """The final answer of a completion according to `mode` (see the module docstring)."""
     text = text[-MAX_CHARS:]
@@ -192,7 +198,7 @@ def answer_format(prompts: list[str], completions: list[str], extract: str = "ma
             checks.append(bool(got and got.strip()))
         if format_think:
             opened, closed = completion.find("<think>"), completion.find("</think>")
-            anchor = {"marker": marker, "answer_tag": "<answer>", "boxed": "\\boxed{"}.get(extract)
+            anchor = answer_anchor(extract, marker)
             found = completion.rfind(anchor) if anchor else -1
             answer_at = found if found >= 0 else len(completion)
             checks.append(0 <= opened < closed <= answer_at)
