@@ -66,6 +66,7 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
                (tmp_path / "study" / "arith" / "grpo-seed0" / "evals.jsonl").open()][0]
     top, share = summary["tasks"]["arith"]["base"]["constant_answer"]
     assert share == max(answers.count(a) for a in answers) / len(answers) == answers.count(top) / 4
+    assert top == next(a for a in answers if answers.count(a) == share * len(answers))  # first seen
     text = (tmp_path / "study" / "summary.md").read_text()
     assert "pass@2 [95 % CI]" in text and "Base model: greedy pass@1" in text
     # the credit diagnostics: a row for the arm with a teacher, none for grpo, and their plot

@@ -11,6 +11,7 @@ import math
 import random
 import re
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -208,14 +209,15 @@ def training_curves(study: Study, task: str) -> None:
 
 
 def constant_answer(study: Study, task: str) -> tuple[str, float] | None:
-    """The most frequent reference answer of the held-out items and its share: the accuracy of
-    a model that always gives it (the bar a real gain must clear); None before any evaluation."""
+    """The most frequent reference answer of the held-out items (ties: the first seen) and its
+    share: the accuracy of a model that always gives it (the bar a real gain must clear); None
+    before any evaluation."""
     for cell in finished_cells(study, task):
         path = run_dir(study, cell) / "evals.jsonl"
         if path.is_file():
             answers = read_jsonl(path)[0]["answers"]
-            top = max(set(answers), key=answers.count)
-            return top, answers.count(top) / len(answers)
+            top, count = Counter(answers).most_common(1)[0]  # ties: the first seen
+            return top, count / len(answers)
     return None
 
 
