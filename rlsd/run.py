@@ -29,7 +29,8 @@ from .models import base_model, load_model, pick_device, pick_dtype, stop_token_
 from .preflight import check_teacher_prompts
 from .rewards import build_reward
 from .teacher import Teacher
-from .tracking import JsonlWriter, NullWriter, build_trackers, flat_config, read_jsonl
+from .tracking import (JsonlWriter, NullWriter, build_trackers, flat_config, read_jsonl,
+                       reset_peak_memory)
 
 log = logging.getLogger(__name__)
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate engines that split the weights
@@ -59,6 +60,7 @@ class Run:
     phase: str = "setup"  # what the current step is doing (named in out-of-memory reports)
     eval_records: list[Record] | None = None  # train.eval_every items, chosen at first use
     evals: Any = field(default_factory=NullWriter)  # evals.jsonl: per-item held-out results
+    mem_scope: str = "process"  # what perf/peak_mem_mb covers: "run" or the whole "process"
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +116,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     """Load data and model, build optimizer and teacher, run the preflight, open the run dir;
     restore the latest checkpoint when resuming."""
     device = pick_device(cfg.model)
+    mem_scope = reset_peak_memory(device)  # before loading: the run's peak includes the model
     state = PartialState(cpu=device.type == "cpu")  # the process group, when launched with several
     if cfg.train.prompts_per_step % state.num_processes:
         raise ConfigError(f"train.prompts_per_step: {cfg.train.prompts_per_step} prompts do not "
@@ -175,7 +178,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
             for name in ("metrics.jsonl", "samples.jsonl")]
     run = Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
               renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir, *logs)
-    run.start_step = start
+    run.start_step, run.mem_scope = start, mem_scope
     if main and cfg.train.eval_every:
         run.evals = JsonlWriter(run_dir / "evals.jsonl")
     run.history = read_jsonl(run_dir / "metrics.jsonl") if main else []  # main's bar only

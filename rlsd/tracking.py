@@ -7,10 +7,12 @@ JSONL files stay the source for reports and comparisons.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import resource
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +53,39 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> str:
+    """Start a new peak-memory window, so that a run reports its own peak and not that of an
+    earlier run in the same process (`rlsd study` trains many runs in one). Returns the scope
+    that `peak_memory_mb` then measures: "run", or "process" where the peak cannot be reset
+    (CPU outside Linux: `ru_maxrss` only grows)."""
+    gc.collect()  # drop what an earlier run left unreferenced before the new window starts
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return "run"
+    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
+        PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return "process"
+    return "run"
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated CUDA memory, or the process's peak resident set size on CPU."""
+    """Peak allocated CUDA memory, or the peak resident set size on CPU, since the last
+    `reset_peak_memory` (Linux, CUDA) or since the process started (elsewhere)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; else KiB
 
 
 def build_trackers(names: list[str], project: str, run_dir: Path) -> list[Any]:

@@ -195,6 +195,7 @@ def step_metrics(run: Run, step: int, batch: Batch, rewards: torch.Tensor, corre
         "perf/step_seconds": times["train"] - times["start"],
         "perf/completion_tokens_per_second": lengths.sum().item() / max(gen_seconds, 1e-9),
         "perf/peak_mem_mb": peak_memory_mb(run.device),
+        "perf/peak_mem_scope": run.mem_scope,  # "process": may include an earlier run's peak
     }
 
 

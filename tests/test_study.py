@@ -10,7 +10,7 @@ import yaml
 
 from rlsd.cli import main
 from rlsd.config import ConfigError
-from rlsd.report.study import bootstrap, bootstrap_difference, diagnostics, leakage
+from rlsd.report.study import bootstrap, bootstrap_difference, diagnostics, leakage, run_peak_mb
 from rlsd.study import grid, load_study
 
 from .conftest import TESTS_DIR
@@ -53,6 +53,7 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     assert (tmp_path / "study" / "accuracy-arith.png").read_bytes()[:4] == b"\x89PNG"
     assert "| rlsd | 2/2 |" in (tmp_path / "study" / "summary.md").read_text()
     assert arms["grpo"]["vs_reference"] == [0.0, 0.0, 0.0]  # the reference against itself
+    assert all(a["peak_mem_mb"] > 0 for a in arms.values())  # each run's own peak (Linux)
     # pass@2 of each final checkpoint on 3 items: whether any of the 2 samples was correct
     for arm in ("grpo", "rlsd"):
         counts = [json.loads((tmp_path / "study" / "arith" / f"{arm}-seed{seed}" / "passk.json")
@@ -226,3 +227,12 @@ def test_diagnostics_means_and_curves_by_hand():
     assert curves["teacher/kl"] == pytest.approx({1: 0.2, 2: 0.2})
     assert curves["rlsd/delta_mean_correct"] == pytest.approx({2: -0.2})
     assert "rlsd/clip_low_frac" not in means and diagnostics([]) == ({}, {})
+
+
+def test_peak_memory_counts_only_what_runs_measured_for_themselves():
+    rows = [{"perf/peak_mem_mb": 900.0},  # logged before the per-run reset: may be another run's
+            {"perf/peak_mem_mb": 800.0, "perf/peak_mem_scope": "process"},
+            {"perf/peak_mem_mb": 300.0, "perf/peak_mem_scope": "run"},
+            {"perf/peak_mem_mb": 350.0, "perf/peak_mem_scope": "run"}]
+    assert run_peak_mb(rows) == 350.0
+    assert run_peak_mb(rows[:2]) is None and run_peak_mb([]) is None

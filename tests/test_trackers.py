@@ -1,11 +1,13 @@
-"""Optional trackers (TensorBoard, W&B, MLflow) get the same numbers as metrics.jsonl."""
+"""Optional trackers (TensorBoard, W&B, MLflow) get the same numbers as metrics.jsonl; the
+peak-memory figure they all log restarts at each run."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from rlsd import sections
+from rlsd import sections, tracking
 from rlsd.config import ConfigError, load_config
 from rlsd.trainer import train
 
@@ -89,3 +91,26 @@ def test_tracker_errors_are_clear(tiny_overrides, monkeypatch):
     monkeypatch.setitem(sections.TRACKERS, "wandb", "wandb_is_not_installed_here")
     with pytest.raises(ConfigError, match=r"wandb is not installed; pip install 'rlsd\[wandb\]'"):
         load_config(None, {"output.trackers": "[wandb]"})
+
+
+@pytest.mark.skipif(not tracking.PROC_CLEAR_REFS.exists(), reason="needs Linux /proc")
+def test_peak_memory_restarts_at_each_run():
+    cpu = torch.device("cpu")
+    big = torch.ones(96 * 2**20 // 4)  # 96 MiB, written: resident
+    during = tracking.peak_memory_mb(cpu)
+    del big  # large blocks go back to the system
+    assert tracking.reset_peak_memory(cpu) == "run"
+    assert tracking.peak_memory_mb(cpu) < during - 48
+
+
+def test_peak_memory_without_proc_falls_back_to_the_process_peak(monkeypatch, tmp_path):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tracking, "PROC_CLEAR_REFS", tmp_path / "no-proc" / "clear_refs")
+    monkeypatch.setattr(tracking, "PROC_STATUS", tmp_path / "no-proc" / "status")
+    assert tracking.reset_peak_memory(cpu) == "process"
+    usage = type("Usage", (), {"ru_maxrss": 3 * 2**20})
+    monkeypatch.setattr(tracking.resource, "getrusage", lambda who: usage)
+    monkeypatch.setattr(tracking.sys, "platform", "linux")
+    assert tracking.peak_memory_mb(cpu) == 3072.0  # KiB
+    monkeypatch.setattr(tracking.sys, "platform", "darwin")
+    assert tracking.peak_memory_mb(cpu) == 3.0  # bytes on macOS

@@ -147,6 +147,14 @@ def diagnostics(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str,
     return means, curves
 
 
+def run_peak_mb(rows: list[dict[str, Any]]) -> float | None:
+    """The largest peak memory that runs measured for themselves. A study trains many runs in
+    one process: rows scoped to the "process" (CPU outside Linux), or without a scope (logged
+    before rlsd reset the peak at each run's start), may hold an earlier run's peak."""
+    return max((r["perf/peak_mem_mb"] for r in rows if r.get("perf/peak_mem_scope") == "run"),
+               default=None)
+
+
 def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[list[float]]]
                 ) -> dict[str, Any]:
     """One arm of one task, over its finished runs: bootstrap curve, final and best accuracy,
@@ -185,7 +193,7 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
             sum(r["perf/step_seconds"] for r in run_rows if r["step"] <= reach)
             for run_rows in per_run) if reach and per_run else None,
         "seconds_per_step": statistics.median(step_s) if step_s else None,
-        "peak_mem_mb": max((r.get("perf/peak_mem_mb", 0) for r in rows), default=None),
+        "peak_mem_mb": run_peak_mb(rows),
         "leak_echo": statistics.mean(x["echo"] for x in leaks) if leaks else None,
         "leak_answer_first": statistics.mean(x["answer_first"] for x in leaks) if leaks else None,
         "pass_k": list(bootstrap(pass_k)) if pass_k else None, "pass_k_runs": len(pass_k),
@@ -329,7 +337,10 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
              "resampled in pairs; *best*: the highest evaluation after step 0 and its step (an "
              "optimistic pick); *target*: the "
              f"{study.reference_arm} arm's final accuracy; echo / answer-first: the leakage "
-             "check on the last evaluation's completions.", ""]
+             "check on the last evaluation's completions; *peak MB*: the largest of the runs' "
+             "own peaks (resident set on CPU, allocated on CUDA), runs that could only log the "
+             "study process's peak (before rlsd measured per run, or on CPU outside Linux) "
+             "left out.", ""]
     if k:
         lines += [f"*pass@{k}*: {k} samples per item at the rollout temperature from the final "
                   f"checkpoint, on the first {study.pass_k_items or study.eval_items} held-out "
