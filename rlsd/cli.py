@@ -235,7 +235,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 0
     if not args.summarize:
         quiet_libraries(args.debug)
-        run_study(study)
+        from .trainer import TrainingStopped
+
+        try:
+            run_study(study)
+        except TrainingStopped as stop:  # Ctrl-C or SIGTERM: the run wrote its checkpoint
+            print(f"rlsd: {stop}\nrlsd: study stopped; rerun `rlsd study {args.study}` to go on "
+                  "(finished runs are skipped, this one resumes)", file=sys.stderr)
+            return stop.exit_code
     summarize(study)
     print((study.out / "summary.md").read_text(encoding="utf-8"))
     print(f"summary: {study.out / 'summary.json'}, {study.out / 'summary.md'}")

@@ -236,3 +236,18 @@ def test_peak_memory_counts_only_what_runs_measured_for_themselves():
             {"perf/peak_mem_mb": 350.0, "perf/peak_mem_scope": "run"}]
     assert run_peak_mb(rows) == 350.0
     assert run_peak_mb(rows[:2]) is None and run_peak_mb([]) is None
+
+
+def test_a_stopped_study_says_how_to_go_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from rlsd import trainer
+
+    def stopped(cfg, resume=True):
+        raise trainer.TrainingStopped("stopped by signal SIGTERM after step 1; checkpoint "
+                                      "written", 143)
+
+    monkeypatch.setattr(trainer, "train", stopped)
+    path = write_study(tmp_path, tiny_model_dir, pass_k=0)
+    assert main(["study", str(path)]) == 143  # no traceback, the signal's exit code
+    err = capsys.readouterr().err
+    assert "after step 1" in err and f"rerun `rlsd study {path}` to go on" in err
+    assert not (tmp_path / "study" / "summary.json").exists()
