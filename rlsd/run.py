@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +29,7 @@ from .preflight import check_teacher_prompts
 from .rewards import build_reward
 from .teacher import Teacher
 from .tracking import (JsonlWriter, NullWriter, build_trackers, flat_config, read_jsonl,
-                       reset_peak_memory)
+                       reset_peak_memory, write_atomic)
 
 log = logging.getLogger(__name__)
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate engines that split the weights
@@ -210,14 +209,23 @@ def restore(ckpt: Path, lm: Any, optimizer: Any, stream: PromptStream, teacher: 
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Keep only the lines of steps <= step (atomically): a resumed run rewrites the rest."""
+    """Keep only the lines of steps <= step (atomically): a resumed run rewrites the rest. A
+    last line cut short (the process was killed while writing it) is dropped with the rest."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines(keepends=True) if x.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not line.endswith("\n"):
+                break  # a torn write: the step it belonged to is rerun
+            raise ConfigError(f"{path}:{number}: not a JSON record ({exc.msg}); the run's log "
+                              "is damaged, move it away to start the run afresh") from exc
+        if record["step"] <= step:
+            kept.append(line)
+    write_atomic(path, "".join(kept))
 
 
 def save(run: Run, step: int) -> Path:

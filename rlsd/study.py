@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError
-from .tracking import read_jsonl
+from .tracking import read_jsonl, write_atomic
 
 
 @dataclass
@@ -231,5 +231,5 @@ def evaluate_model(study: Study, task: str, cell: Cell | None = None, sampled: b
         else {"k": k, "temperature": cfg.rollout.temperature,
               "correct": [sum(i["correct"]) for i in result["items"]],
               "majority_correct": [i["majority_correct"] for i in result["items"]]}
-    out.write_text(json.dumps(record))
+    write_atomic(out, json.dumps(record))  # a study killed here reruns this evaluation
     return out

@@ -53,6 +53,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a process killed while writing leaves the old file (or
+    none) and a stray <name>.tmp, never a truncated file that a rerun would fail to read."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 

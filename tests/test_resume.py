@@ -214,3 +214,34 @@ def test_long_prompts_error_or_skip(tiny_overrides, tmp_path):
         setup(load_config(None, base))
     run = setup(load_config(None, {**base, "data.long_prompts": "skip"}))
     assert [r.prompt for r in run.records] == ["1 + 1"]
+
+
+def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    from rlsd.run import truncate_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')
+    truncate_log(log, 2)
+    assert log.read_text() == '{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'
+    truncate_log(log, 1)
+    assert log.read_text() == '{"step": 1, "a": 1}\n'
+    log.write_text('{"step": 1}\n{"step": 2, "a"\n{"step": 3}\n')  # damage inside: no guess
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not a JSON record"):
+        truncate_log(log, 3)
+    assert log.read_text() == '{"step": 1}\n{"step": 2, "a"\n{"step": 3}\n'  # untouched
+
+
+def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    from rlsd.tracking import write_atomic
+
+    target = tmp_path / "passk.json"
+    write_atomic(target, '{"k": 4}')
+    assert target.read_text() == '{"k": 4}' and not list(tmp_path.glob("*.tmp"))
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as if stopped between writing the temporary file and renaming
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, '{"k": 8}')
+    assert target.read_text() == '{"k": 4}'

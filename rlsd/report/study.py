@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..study import Cell, Study, eval_path, finished, grid, run_dir
-from ..tracking import read_jsonl
+from ..tracking import read_jsonl, write_atomic
 from .compare import FINAL_WINDOW, final_value, load_run, write_compare
 
 OPENER = re.compile(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", re.IGNORECASE)
@@ -259,8 +259,8 @@ def summarize(study: Study) -> dict[str, Any]:
         accuracy_png(arms, study.out / f"accuracy-{task}.png", task)
         diagnostics_png(arms, study.out / f"diagnostics-{task}.png", task)
         training_curves(study, task)
-    (study.out / "summary.json").write_text(json.dumps(result, indent=1))
-    (study.out / "summary.md").write_text(summary_markdown(study, result))
+    write_atomic(study.out / "summary.json", json.dumps(result, indent=1))
+    write_atomic(study.out / "summary.md", summary_markdown(study, result))
     return result
 
 
