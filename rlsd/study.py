@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,27 +139,59 @@ def finished(study: Study, cell: Cell) -> bool:
     return path.is_file() and any(r["step"] >= study.steps for r in read_jsonl(path))
 
 
-def measured(study: Study, key: str, default: float) -> float:
-    """The median of a metric over the study's runs so far (the default before any)."""
-    values = [r[key] for p in study.out.glob("*/*/metrics.jsonl") for r in read_jsonl(p)
-              if key in r]
+def measured(study: Study, key: str, default: float, cells: list[Cell] | None = None) -> float:
+    """The median of a metric over the study's runs so far, or over the runs of `cells` (the
+    default before any)."""
+    paths = (study.out.glob("*/*/metrics.jsonl") if cells is None
+             else [run_dir(study, c) / "metrics.jsonl" for c in cells])
+    values = [r[key] for p in paths if p.is_file() for r in read_jsonl(p) if key in r]
     return statistics.median(values) if values else default
 
 
+def seconds_left(study: Study, cells: list[Cell]) -> tuple[float, float, float]:
+    """Estimated seconds of training and held-out evaluation left, and of pass@k evaluation
+    left: each run at the median step time of the runs of its task and algorithm (of all runs
+    before those have run, 15 s before any), evaluations at their median time so far; a pass@k
+    evaluation at its measured median, or as many greedy evaluations as it samples sequences."""
+    def kind(c: Cell) -> tuple[str, str | None]:
+        return c.task, c.overrides.get("algorithm.name")
+
+    overall = measured(study, "perf/step_seconds", 15.0)
+    per_eval = measured(study, "eval/seconds", study.eval_items * 0.4)  # ~0.4 s a greedy item
+    items = study.pass_k_items or study.eval_items
+    timed = [json.loads(p.read_text()).get("seconds") for p in study.out.glob("*/*/passk.json")]
+    per_pass_k = statistics.median([t for t in timed if t] or [
+        per_eval * study.pass_k * items / study.eval_items])
+    per_step: dict[tuple[str, str | None], float] = {}
+    train = pass_k = 0.0
+    for cell in cells:
+        if kind(cell) not in per_step:
+            per_step[kind(cell)] = measured(study, "perf/step_seconds", overall,
+                                            [c for c in cells if kind(c) == kind(cell)])
+        path = run_dir(study, cell) / "metrics.jsonl"
+        done = max((r["step"] for r in read_jsonl(path)), default=0) if path.is_file() else 0
+        evals = (study.steps // study.eval_every - done // study.eval_every
+                 if study.eval_every else 0)
+        if done < study.steps:
+            train += (study.steps - done) * per_step[kind(cell)] + evals * per_eval
+        if study.pass_k and not eval_path(study, cell.task, cell, True).is_file():
+            pass_k += per_pass_k
+    return train, pass_k, per_eval
+
+
 def describe(study: Study) -> str:
-    """The grid, what is done, and the estimated time of the rest (`--dry-run`), from the median
-    step and held-out evaluation times measured so far."""
+    """The grid, what is done, and the estimated time of the rest (`--dry-run`), from the
+    step, evaluation and pass@k times measured so far."""
     cells = grid(study)
     todo = [c for c in cells if not finished(study, c)]
-    per_step = measured(study, "perf/step_seconds", 15.0)
-    per_eval = measured(study, "eval/seconds", study.eval_items * 0.4)  # ~0.4 s a greedy item
-    evals = study.steps // study.eval_every if study.eval_every else 0
-    per_run = study.steps * per_step + evals * per_eval
     lines = [f"{len(cells)} runs ({len(cells) - len(todo)} finished), {study.steps} steps each, "
              f"held-out eval of {study.eval_items} items every {study.eval_every} steps"]
     lines += [f"  {'done' if c not in todo else 'todo'}  {c.task}/{c.name}" for c in cells]
-    lines.append(f"estimated time left: {len(todo) * per_run / 3600:.1f} h at {per_step:.1f} s "
-                 f"a step and {per_eval:.0f} s an evaluation")
+    train, pass_k, per_eval = seconds_left(study, cells)
+    lines.append(f"estimated time left: {(train + pass_k) / 3600:.1f} h ({train / 3600:.1f} h of "
+                 f"training at each task and algorithm's median s/step and {per_eval:.0f} s an "
+                 "evaluation" + (f", {pass_k / 3600:.1f} h of pass@{study.pass_k})" if study.pass_k
+                                 else ")"))
     if study.pass_k:
         missing = [c for c in cells if not eval_path(study, c.task, c, True).is_file()]
         lines.append(f"pass@{study.pass_k} of the final checkpoints on "
@@ -223,6 +256,7 @@ def evaluate_model(study: Study, task: str, cell: Cell | None = None, sampled: b
     if sampled and study.pass_k_items:
         items = items[:study.pass_k_items]
     torch.manual_seed(0)
+    start = time.perf_counter()
     with torch.no_grad():
         result = evaluate(cfg, lm, tokenizer, items, stop_token_ids(lm, tokenizer), device,
                           k=k, greedy=not sampled)
@@ -230,6 +264,7 @@ def evaluate_model(study: Study, task: str, cell: Cell | None = None, sampled: b
     record = {"step": 0, "correct": [i["correct"][0] for i in result["items"]]} if not sampled \
         else {"k": k, "temperature": cfg.rollout.temperature,
               "correct": [sum(i["correct"]) for i in result["items"]],
-              "majority_correct": [i["majority_correct"] for i in result["items"]]}
+              "majority_correct": [i["majority_correct"] for i in result["items"]],
+              "seconds": time.perf_counter() - start}
     write_atomic(out, json.dumps(record))  # a study killed here reruns this evaluation
     return out

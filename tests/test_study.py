@@ -11,7 +11,7 @@ import yaml
 from rlsd.cli import main
 from rlsd.config import ConfigError
 from rlsd.report.study import bootstrap, bootstrap_difference, diagnostics, leakage, run_peak_mb
-from rlsd.study import grid, load_study
+from rlsd.study import describe, grid, load_study, seconds_left
 
 from .conftest import TESTS_DIR
 
@@ -251,3 +251,19 @@ def test_a_stopped_study_says_how_to_go_on(tiny_model_dir, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "after step 1" in err and f"rerun `rlsd study {path}` to go on" in err
     assert not (tmp_path / "study" / "summary.json").exists()
+
+
+def test_time_left_by_hand(tiny_model_dir, tmp_path):
+    study = load_study(write_study(tmp_path, tiny_model_dir))  # 2 steps, eval every step
+    runs = tmp_path / "study" / "arith"
+    for name, rows in (("grpo-seed0", [(1, 10.0, 4.0), (2, 20.0, 4.0)]),
+                       ("rlsd-seed0", [(1, 40.0, 6.0)])):  # rlsd-seed0 stopped after step 1
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "perf/step_seconds": t, "eval/seconds": e}) + "\n"
+            for s, t, e in rows))
+    (runs / "grpo-seed0" / "passk.json").write_text(json.dumps({"k": 2, "seconds": 30.0}))
+    # grpo runs at its median 15 s a step, rlsd at 40; evaluations at the median 4 s:
+    # rlsd-seed0 1 step + 1 eval = 44, grpo-seed1 2 * 15 + 2 * 4 = 38, rlsd-seed1 2 * 40 + 8 = 88
+    assert seconds_left(study, grid(study)) == (170.0, 3 * 30.0, 4.0)
+    assert "estimated time left: 0.1 h (0.0 h of training" in describe(study)
