@@ -72,10 +72,14 @@ def from_main(accelerator: Any, compute: Callable[[], T]) -> T:
 def reduce_metrics(accelerator: Any, metrics: dict[str, float], tokens: float
                    ) -> dict[str, float]:
     """Combine each process's metrics into the step's (see the module docstring). A metric a
-    process did not log (e.g. no trained rows there) does not count towards its mean."""
+    process did not log (e.g. no trained rows there) does not count towards its mean. Text
+    values (e.g. perf/peak_mem_scope) are the same on every process and pass through."""
     if accelerator.num_processes == 1:
         return metrics
     from accelerate.utils import gather_object
+
+    texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
+    metrics = {k: v for k, v in metrics.items() if k not in texts}
 
     keys = sorted({k for part in gather_object([sorted(metrics)]) for k in part})
     values, weights = [], []
@@ -100,4 +104,4 @@ def reduce_metrics(accelerator: Any, metrics: dict[str, float], tokens: float
             out[key] = float(sums[0, i] / sums[1, i]) if sums[1, i] > 0 else 0.0
     if "step" in metrics:
         out["step"] = metrics["step"]
-    return out
+    return {**out, **texts}

@@ -73,6 +73,7 @@ def test_two_processes_train_with_identical_weights(runs, method):
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 * 2 * 4  # the main process's 2 prompts x 4 samples per step
     assert all(0.0 <= r["reward/accuracy"] <= 1.0 for r in rows)
+    assert all(r["perf/peak_mem_scope"] == "run" for r in rows)  # text passes the reduction
 
 
 def test_two_halves_make_the_same_update_as_one_whole(tiny_model_dir, tmp_path):
