@@ -52,7 +52,9 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
         assert 0 <= low <= mean <= high <= 1 and arm["eval_items"] == 4
     assert (tmp_path / "study" / "accuracy-arith.png").read_bytes()[:4] == b"\x89PNG"
     assert "| rlsd | 2/2 |" in (tmp_path / "study" / "summary.md").read_text()
-    assert arms["grpo"]["vs_reference"] == [0.0, 0.0, 0.0]  # the reference against itself
+    assert arms["grpo"]["vs_reference"] is None  # the reference is not compared with itself
+    md = (tmp_path / "study" / "summary.md").read_text()
+    assert "| (reference) |" in next(x for x in md.splitlines() if x.startswith("| grpo | 2/2 |"))
     assert all(a["peak_mem_mb"] > 0 for a in arms.values())  # each run's own peak (Linux)
     # pass@2 of each final checkpoint on 3 items: whether any of the 2 samples was correct
     for arm in ("grpo", "rlsd"):

@@ -185,7 +185,8 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
         "final": list(curve[steps[-1]]) if steps else None,
         "best": [best, curve[best][0]] if best is not None else None,
         "vs_reference": list(bootstrap_difference(evals[steps[-1]], reference[last]))
-        if steps and last is not None and steps[-1] == last else None,
+        if steps and last is not None and steps[-1] == last and arm != study.reference_arm
+        else None,  # the reference against itself is 0 (its seeds resampled twice are not)
         "auc": (sum((a + b) / 2 * (t - s) for s, t, a, b in zip(steps, steps[1:], mean, mean[1:]))
                 / (steps[-1] - steps[0])) if len(steps) > 1 else None,
         "steps_to_target": reach,
@@ -279,7 +280,8 @@ def _diff(value: list[float] | None) -> str:
 
 def summary_row(arm: str, a: dict[str, Any], pass_k: int) -> str:
     best = f"{_pct(a['best'][1])} ({a['best'][0]})" if a["best"] else "-"
-    cells = [arm, f"{a['runs']}/{a['planned']}", _ci(a["final"]), _diff(a["vs_reference"]),
+    versus = "(reference)" if a["runs"] and a["vs_reference"] is None else _diff(a["vs_reference"])
+    cells = [arm, f"{a['runs']}/{a['planned']}", _ci(a["final"]), versus,
              best, _pct(a["auc"]),
              "-" if a["steps_to_target"] is None else str(a["steps_to_target"]),
              "-" if a["seconds_to_target"] is None else str(round(a["seconds_to_target"])),
