@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError, to_dict
+from .tracking import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: torch.optim
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = run_dir / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, run_dir / "latest")
+    write_atomic(run_dir / "latest", final.name + "\n")
     if keep_last:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

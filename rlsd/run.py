@@ -28,8 +28,8 @@ from .models import base_model, load_model, pick_device, pick_dtype, stop_token_
 from .preflight import check_teacher_prompts
 from .rewards import build_reward
 from .teacher import Teacher
-from .tracking import (JsonlWriter, NullWriter, build_trackers, flat_config, read_jsonl,
-                       reset_peak_memory, write_atomic)
+from .tracking import (JsonlWriter, NullWriter, build_trackers, flat_config, jsonl_lines,
+                       read_jsonl, reset_peak_memory, write_atomic)
 
 log = logging.getLogger(__name__)
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate engines that split the weights
@@ -213,18 +213,7 @@ def truncate_log(path: Path, step: int) -> None:
     last line cut short (the process was killed while writing it) is dropped with the rest."""
     if not path.is_file():
         return
-    lines = [x for x in path.read_text(encoding="utf-8").splitlines(keepends=True) if x.strip()]
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines) and not line.endswith("\n"):
-                break  # a torn write: the step it belonged to is rerun
-            raise ConfigError(f"{path}:{number}: not a JSON record ({exc.msg}); the run's log "
-                              "is damaged, move it away to start the run afresh") from exc
-        if record["step"] <= step:
-            kept.append(line)
+    kept = [line for line, record in jsonl_lines(path) if record["step"] <= step]
     write_atomic(path, "".join(kept))
 
 

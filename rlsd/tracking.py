@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .config import ConfigError
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -48,9 +50,26 @@ class NullWriter:
         pass
 
 
+def jsonl_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each record line of a JSONL file (with its newline) and its record. A last line cut
+    short (the process was killed while writing it) is left out; damage anywhere else is an
+    error naming the file and line."""
+    lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+             if x.strip()]
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not line.endswith("\n"):
+                break  # a torn write: the step it belonged to is rerun on resume
+            raise ConfigError(f"{path}:{number}: not a JSON record ({exc.msg}); the log is "
+                              "damaged, move the run away to start it afresh") from exc
+    return out
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [record for _, record in jsonl_lines(path)]
 
 
 def write_atomic(path: Path, text: str) -> None:

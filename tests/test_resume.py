@@ -218,9 +218,11 @@ def test_long_prompts_error_or_skip(tiny_overrides, tmp_path):
 
 def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     from rlsd.run import truncate_log
+    from rlsd.tracking import read_jsonl
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')
+    assert read_jsonl(log) == [{"step": 1, "a": 1}, {"step": 2, "a": 2}]  # e.g. study's finished()
     truncate_log(log, 2)
     assert log.read_text() == '{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'
     truncate_log(log, 1)
@@ -228,6 +230,8 @@ def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     log.write_text('{"step": 1}\n{"step": 2, "a"\n{"step": 3}\n')  # damage inside: no guess
     with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not a JSON record"):
         truncate_log(log, 3)
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not a JSON record"):
+        read_jsonl(log)
     assert log.read_text() == '{"step": 1}\n{"step": 2, "a"\n{"step": 3}\n'  # untouched
 
 
