@@ -15,6 +15,7 @@ A study file names a base recipe and what varies:
     ablation_tasks: [arith]           # the tasks ablations run on (default: all)
     headline_arms: [grpo, rlsd]       # run all their seeds before the ablations (default: all)
     reference_arm: grpo               # "steps to reach the reference arm's final accuracy"
+    ablation_reference: rlsd          # each ablation against this arm's run at the same seed
     pass_k: 4                         # also pass@k of each finished run's final checkpoint
     pass_k_items: 256                 # on the first N held-out items (default: eval_items)
 
@@ -54,6 +55,7 @@ class Study:
     arms: dict[str, dict[str, Any]]
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     reference_arm: str = "grpo"
+    ablation_reference: str | None = None  # the arm each ablation is compared with, same seed
     ablation_tasks: list[str] | None = None  # tasks the ablations run on (None: all)
     headline_arms: list[str] | None = None  # arms whose later seeds come first (None: all)
     pass_k: int = 0  # k samples per item for the final pass@k (0: greedy evaluation only)
@@ -80,8 +82,10 @@ def load_study(path: Path) -> Study:
         if unknown:
             raise ConfigError(f"{path}: {key}: {unknown[0]!r} is not in "
                               f"{'tasks' if key == 'ablation_tasks' else 'arms'}")
-    if study.reference_arm not in study.arms:
-        raise ConfigError(f"{path}: reference_arm: {study.reference_arm!r} is not in arms")
+    for key, arm in (("reference_arm", study.reference_arm),
+                     ("ablation_reference", study.ablation_reference or study.reference_arm)):
+        if arm not in study.arms:
+            raise ConfigError(f"{path}: {key}: {arm!r} is not in arms")
     return study
 
 

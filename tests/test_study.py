@@ -10,7 +10,8 @@ import yaml
 
 from rlsd.cli import main
 from rlsd.config import ConfigError
-from rlsd.report.study import bootstrap, bootstrap_difference, diagnostics, leakage, run_peak_mb
+from rlsd.report.study import (ablation_rows, ablation_summary, bootstrap, bootstrap_difference,
+                               diagnostics, leakage, run_peak_mb, summarize)
 from rlsd.study import describe, grid, load_study, seconds_left
 
 from .conftest import TESTS_DIR
@@ -162,6 +163,10 @@ def test_leakage_on_hand_written_completions():
     assert not leakage("Answer: 7", "7")["answer_first"]  # a bare answer is not working after it
     assert not leakage("17 is close\nso 4 + 3 = 7", "7")["answer_first"]  # 17 is not 7
     assert leakage("The answer is 7.\nCheck: 4 + 3 = 7", "7")["answer_first"]
+    # repeating the answer up to the token cap is not working it out (RLSD arith seed 2)
+    assert not leakage("Answer: 138.\n\nFinal answer: 138.\n\nThe answer is 138.\n\nThe "
+                       "answer is 1", "138")["answer_first"]
+    assert leakage("Answer: 138.\nThe answer is 138.\n100 + 38 = 138", "138")["answer_first"]
 
 
 def test_study_file_errors(tmp_path):
@@ -213,6 +218,46 @@ def test_headline_arms_run_all_their_seeds_before_ablations_and_other_seeds(tiny
                      "arith/rlsd-l1-seed0", "other/rlsd-l1-seed0",  # the ablations
                      "arith/grpo-seed1", "other/grpo-seed1", "arith/grpo-seed2",
                      "other/grpo-seed2"]  # the other arms' later seeds
+
+
+def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_model_dir,
+                                                                       tmp_path):
+    path = write_study(tmp_path, tiny_model_dir, ablation_reference="rlsd",
+                       ablations={"rlsd-l1": {"algorithm.name": "rlsd", "rlsd.lambda": 1.0}})
+    study = load_study(path)
+    runs = tmp_path / "study" / "arith"
+    for name, evals in (("rlsd-seed0", {1: [1, 0, 0, 0], 2: [1, 1, 0, 0]}),
+                        ("rlsd-seed1", {1: [1, 1, 1, 1], 2: [1, 1, 1, 1]}),  # another seed
+                        ("rlsd-l1-seed0", {1: [0, 0, 0, 0], 2: [1, 1, 1, 0]})):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text('{"step": 2}\n')
+        (runs / name / "config.yaml").write_text(yaml.safe_dump({"algorithm": {"name": "rlsd"}}))
+        (runs / name / "evals.jsonl").write_text("".join(
+            json.dumps({"step": s, "correct": c, "completions": ["Answer: 1"] * 4,
+                        "answers": ["1"] * 4}) + "\n" for s, c in evals.items()))
+    vs = ablation_summary(study, "arith", "rlsd-l1")
+    assert vs["against"] == "rlsd-seed0"  # seed 1 is left out: it would make the final 0.75
+    assert vs["final"] == 0.5 and vs["auc"] == pytest.approx((0.25 + 0.5) / 2)
+    # paired item differences [0, 0, 1, 0]: the mean of 4 resampled ones is k/4, k ~ Bin(4, 1/4);
+    # P(k = 0) = 32 % > 2.5 %, P(k >= 3) = 5.1 % > 2.5 % > P(k = 4) = 0.4 %
+    assert vs["difference"] == [0.25, 0.0, 0.75]
+    arms = {"rlsd": {"final": [0.75, 0.5, 1.0], "auc": 0.6},
+            "rlsd-l1": {"final": [0.75, 0.5, 1.0], "auc": 0.4, "vs_ablation_reference": vs}}
+    rows = ablation_rows(study, arms)
+    assert rows[-1] == ("| rlsd-l1 | rlsd.lambda=1.0 | 75.0 [50.0, 100.0] | 50.0 | "
+                        "+25.0 [+0.0, +75.0] | 40.0 | 37.5 |")
+    summary = summarize(study)["tasks"]["arith"]["arms"]  # the summary carries it to its page
+    assert summary["rlsd-l1"]["vs_ablation_reference"] == vs
+    assert "vs_ablation_reference" not in summary["rlsd"]
+    line = next(x for x in (tmp_path / "study" / "summary.md").read_text().splitlines()
+                if x.startswith("| rlsd-l1 | rlsd.lambda=1.0 | 75.0 ["))  # its own bootstrap
+    assert line.endswith("| 50.0 | +25.0 [+0.0, +75.0] | 37.5 | 37.5 |")
+    (runs / "rlsd-seed0" / "metrics.jsonl").write_text('{"step": 1}\n')  # not finished
+    assert ablation_summary(study, "arith", "rlsd-l1") is None
+    assert ablation_rows(study, {"rlsd": arms["rlsd"]}) == []
+    bad = write_study(tmp_path, tiny_model_dir, ablation_reference="nope")
+    with pytest.raises(ConfigError, match="ablation_reference: 'nope' is not in arms"):
+        load_study(bad)
 
 
 def test_diagnostics_means_and_curves_by_hand():

@@ -84,11 +84,14 @@ def bootstrap_difference(a: list[list[float]], b: list[list[float]], samples: in
 def leakage(completion: str, answer: str) -> dict[str, bool]:
     """Does a completion behave as if it had seen the reference? `echo`: it uses the teacher
     template's own words ("reference", "solution", "in your/my own way"); `answer_first`: it opens with
-    the reference answer (optionally after "the answer is") and only then works it out."""
+    the reference answer (optionally after "the answer is") and only then works it out: a
+    later line does more than restate the answer ("Final answer: 7.", or one cut short by the
+    token cap, "The answer is 1" for 17)."""
     lines = [x.strip() for x in completion.strip().splitlines() if x.strip()]
     first = OPENER.sub("", lines[0]) if lines else ""
     opens = bool(answer) and re.match(rf"{re.escape(answer)}(?![\w]|\.\d)", first) is not None
-    return {"echo": bool(ECHO.search(completion)), "answer_first": opens and len(lines) > 1}
+    works = any(not answer.startswith(OPENER.sub("", x).rstrip(" .")) for x in lines[1:])
+    return {"echo": bool(ECHO.search(completion)), "answer_first": opens and works}
 
 
 def finished_cells(study: Study, task: str, arm: str | None = None) -> list[Cell]:
@@ -97,11 +100,15 @@ def finished_cells(study: Study, task: str, arm: str | None = None) -> list[Cell
             and finished(study, c)]
 
 
-def arm_evals(study: Study, task: str, arm: str) -> dict[int, list[list[float]]]:
-    """eval step -> seeds x items matrix of greedy correctness over the arm's finished runs
-    (a run still in progress is left out; step 0: the base model, the same for every seed)."""
+def arm_evals(study: Study, task: str, arm: str, seeds: list[int] | None = None
+              ) -> dict[int, list[list[float]]]:
+    """eval step -> seeds x items matrix of greedy correctness over the arm's finished runs (of
+    `seeds` only, when given; a run still in progress is left out; step 0: the base model, the
+    same for every seed)."""
     out: dict[int, list[list[float]]] = {}
     for cell in finished_cells(study, task, arm):
+        if seeds is not None and cell.seed not in seeds:
+            continue
         for row in read_jsonl(run_dir(study, cell) / "evals.jsonl"):
             out.setdefault(row["step"], []).append([float(c) for c in row["correct"]])
     base = study.out / task / "base-evals.json"
@@ -187,8 +194,7 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
         "vs_reference": list(bootstrap_difference(evals[steps[-1]], reference[last]))
         if steps and last is not None and steps[-1] == last and arm != study.reference_arm
         else None,  # the reference against itself is 0 (its seeds resampled twice are not)
-        "auc": (sum((a + b) / 2 * (t - s) for s, t, a, b in zip(steps, steps[1:], mean, mean[1:]))
-                / (steps[-1] - steps[0])) if len(steps) > 1 else None,
+        "auc": curve_auc(evals),
         "steps_to_target": reach,
         "seconds_to_target": statistics.mean(
             sum(r["perf/step_seconds"] for r in run_rows if r["step"] <= reach)
@@ -202,6 +208,31 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
         "diagnostics": diag, "diagnostics_curves": diag_curves,
         "eval_items": len(evals[steps[-1]][0]) if steps else 0,
     }
+
+
+def curve_auc(evals: dict[int, list[list[float]]]) -> float | None:
+    """The mean accuracy over training: the area under the (trapezoid) curve of the mean
+    accuracy at each evaluation step, divided by the steps it spans (None below two points)."""
+    steps = sorted(evals)
+    mean = [matrix_mean(evals[s]) for s in steps]
+    if len(steps) < 2:
+        return None
+    return (sum((a + b) / 2 * (t - s) for s, t, a, b in zip(steps, steps[1:], mean, mean[1:]))
+            / (steps[-1] - steps[0]))
+
+
+def ablation_summary(study: Study, task: str, arm: str) -> dict[str, Any] | None:
+    """An ablation against the `ablation_reference` arm's run at the same seed (the same data
+    order and held-out items: the difference pairs the items): that run's final accuracy and
+    AUC, and the final difference with its 95 % interval. None until both have finished."""
+    base = study.ablation_reference
+    mine = arm_evals(study, task, arm)
+    theirs = arm_evals(study, task, base, study.seeds[:1]) if base else {}
+    if not mine or not theirs or max(mine) != max(theirs):
+        return None
+    return {"against": f"{base}-seed{study.seeds[0]}", "final": final_mean(theirs),
+            "auc": curve_auc(theirs),
+            "difference": list(bootstrap_difference(mine[max(mine)], theirs[max(theirs)]))}
 
 
 def training_curves(study: Study, task: str) -> None:
@@ -255,6 +286,8 @@ def summarize(study: Study) -> dict[str, Any]:
         names = [*study.arms, *(study.ablations if study.ablation_tasks is None
                                 or task in study.ablation_tasks else [])]
         arms = {arm: arm_summary(study, task, arm, reference) for arm in names}
+        for arm in set(names) - set(study.arms):
+            arms[arm]["vs_ablation_reference"] = ablation_summary(study, task, arm)
         result["tasks"][task] = {"target": final_mean(reference),
                                  "base": base_accuracy(study, task), "arms": arms}
         accuracy_png(arms, study.out / f"accuracy-{task}.png", task)
@@ -320,6 +353,32 @@ def diagnostics_rows(arms: dict[str, dict]) -> list[str]:
     return rows if len(rows) > 2 else []
 
 
+def _changes(overrides: dict[str, Any]) -> str:
+    """An ablation's overrides as `key=value` (long values cut), the algorithm's name left out."""
+    text = [f"{k}={v}" if len(str(v)) <= 24 else f"{k}={str(v)[:21]}..."
+            for k, v in overrides.items() if k != "algorithm.name"]
+    return ", ".join(text).replace("|", "/") or "-"
+
+
+def ablation_rows(study: Study, arms: dict[str, dict]) -> list[str]:
+    """The ablations against the `ablation_reference` arm at the same seed (finished pairs)."""
+    pairs = [(arm, a["vs_ablation_reference"]) for arm, a in arms.items()
+             if a.get("vs_ablation_reference")]
+    if not pairs:
+        return []
+    against = pairs[0][1]["against"]
+    rows = [f"Ablations against {against} (the same seed, data order and held-out items; the "
+            "difference pairs the items, so it is the change the ablation made on this seed, "
+            "not across seeds):", "",
+            f"| ablation | changes | final pass@1 [95 % CI] | {against} | difference [95 % CI] "
+            f"| AUC | AUC of {against} |", "|" + "---|" * 7]
+    for arm, vs in pairs:
+        rows.append(f"| {arm} | {_changes(study.ablations[arm])} | {_ci(arms[arm]['final'])} | "
+                    f"{_pct(vs['final'])} | {_diff(vs['difference'])} | "
+                    f"{_pct(arms[arm]['auc'])} | {_pct(vs['auc'])} |")
+    return rows
+
+
 def _constant(base: dict[str, Any]) -> str:
     if not base.get("constant_answer"):
         return ""
@@ -364,6 +423,8 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
                   + f". Target: {_pct(part['target'])} %." + _constant(base), "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += [summary_row(arm, a, k) for arm, a in part["arms"].items()]
+        ablations = ablation_rows(study, part["arms"])
+        lines += ["", *ablations] if ablations else []
         table = diagnostics_rows(part["arms"])
         if table:
             lines += ["", f"![diagnostics](diagnostics-{task}.png)", "", *table]
