@@ -243,7 +243,7 @@ def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_mod
     assert vs["difference"] == [0.25, 0.0, 0.75]
     arms = {"rlsd": {"final": [0.75, 0.5, 1.0], "auc": 0.6},
             "rlsd-l1": {"final": [0.75, 0.5, 1.0], "auc": 0.4, "vs_ablation_reference": vs}}
-    rows = ablation_rows(study, arms)
+    rows = ablation_rows(study, arms, "arith")
     assert rows[-1] == ("| rlsd-l1 | rlsd.lambda=1.0 | 75.0 [50.0, 100.0] | 50.0 | "
                         "+25.0 [+0.0, +75.0] | 40.0 | 37.5 |")
     summary = summarize(study)["tasks"]["arith"]["arms"]  # the summary carries it to its page
@@ -252,9 +252,11 @@ def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_mod
     line = next(x for x in (tmp_path / "study" / "summary.md").read_text().splitlines()
                 if x.startswith("| rlsd-l1 | rlsd.lambda=1.0 | 75.0 ["))  # its own bootstrap
     assert line.endswith("| 50.0 | +25.0 [+0.0, +75.0] | 37.5 | 37.5 |")
+    assert vs["curve"] == {1: 0.25, 2: 0.5}  # the reference run's curve, plotted beside it
+    assert (tmp_path / "study" / "ablations-arith.png").read_bytes()[:4] == b"\x89PNG"
     (runs / "rlsd-seed0" / "metrics.jsonl").write_text('{"step": 1}\n')  # not finished
     assert ablation_summary(study, "arith", "rlsd-l1") is None
-    assert ablation_rows(study, {"rlsd": arms["rlsd"]}) == []
+    assert ablation_rows(study, {"rlsd": arms["rlsd"]}, "arith") == []
     bad = write_study(tmp_path, tiny_model_dir, ablation_reference="nope")
     with pytest.raises(ConfigError, match="ablation_reference: 'nope' is not in arms"):
         load_study(bad)

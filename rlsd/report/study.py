@@ -12,12 +12,12 @@ import random
 import re
 import statistics
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from ..study import Cell, Study, eval_path, finished, grid, run_dir
 from ..tracking import read_jsonl, write_atomic
 from .compare import FINAL_WINDOW, final_value, load_run, write_compare
+from .study_plots import ablations_png, accuracy_png, diagnostics_png
 
 OPENER = re.compile(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", re.IGNORECASE)
 GROUPS = ("correct", "incorrect", "answer_tokens", "other_tokens")  # of the credit diagnostics
@@ -232,6 +232,7 @@ def ablation_summary(study: Study, task: str, arm: str) -> dict[str, Any] | None
         return None
     return {"against": f"{base}-seed{study.seeds[0]}", "final": final_mean(theirs),
             "auc": curve_auc(theirs),
+            "curve": {step: matrix_mean(m) for step, m in sorted(theirs.items())},
             "difference": list(bootstrap_difference(mine[max(mine)], theirs[max(theirs)]))}
 
 
@@ -290,7 +291,9 @@ def summarize(study: Study) -> dict[str, Any]:
             arms[arm]["vs_ablation_reference"] = ablation_summary(study, task, arm)
         result["tasks"][task] = {"target": final_mean(reference),
                                  "base": base_accuracy(study, task), "arms": arms}
-        accuracy_png(arms, study.out / f"accuracy-{task}.png", task)
+        accuracy_png({arm: arms[arm] for arm in study.arms}, study.out / f"accuracy-{task}.png",
+                     task)
+        ablations_png(arms, study.out / f"ablations-{task}.png", task)
         diagnostics_png(arms, study.out / f"diagnostics-{task}.png", task)
         training_curves(study, task)
     write_atomic(study.out / "summary.json", json.dumps(result, indent=1))
@@ -360,7 +363,7 @@ def _changes(overrides: dict[str, Any]) -> str:
     return ", ".join(text).replace("|", "/") or "-"
 
 
-def ablation_rows(study: Study, arms: dict[str, dict]) -> list[str]:
+def ablation_rows(study: Study, arms: dict[str, dict], task: str) -> list[str]:
     """The ablations against the `ablation_reference` arm at the same seed (finished pairs)."""
     pairs = [(arm, a["vs_ablation_reference"]) for arm, a in arms.items()
              if a.get("vs_ablation_reference")]
@@ -369,7 +372,7 @@ def ablation_rows(study: Study, arms: dict[str, dict]) -> list[str]:
     against = pairs[0][1]["against"]
     rows = [f"Ablations against {against} (the same seed, data order and held-out items; the "
             "difference pairs the items, so it is the change the ablation made on this seed, "
-            "not across seeds):", "",
+            "not across seeds):", "", f"![ablations](ablations-{task}.png)", "",
             f"| ablation | changes | final pass@1 [95 % CI] | {against} | difference [95 % CI] "
             f"| AUC | AUC of {against} |", "|" + "---|" * 7]
     for arm, vs in pairs:
@@ -423,77 +426,10 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
                   + f". Target: {_pct(part['target'])} %." + _constant(base), "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += [summary_row(arm, a, k) for arm, a in part["arms"].items()]
-        ablations = ablation_rows(study, part["arms"])
+        ablations = ablation_rows(study, part["arms"], task)
         lines += ["", *ablations] if ablations else []
         table = diagnostics_rows(part["arms"])
         if table:
             lines += ["", f"![diagnostics](diagnostics-{task}.png)", "", *table]
         lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def accuracy_png(arms: dict[str, dict], out: Path, task: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for arm, a in arms.items():
-        steps = [int(s) for s in a["curve"]]
-        if not steps:
-            continue
-        mean, low, high = zip(*(a["curve"][s] for s in a["curve"]))
-        line, = ax.plot(steps, mean, marker="o", label=f"{arm} (n={a['runs']})")
-        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
-    ax.set(title=f"{task}: held-out greedy pass@1 (95 % bootstrap)", xlabel="step",
-           ylabel="pass@1")
-    if ax.lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-
-
-def smooth(values: list[float], width: int = 5) -> list[float]:
-    """Trailing moving average over up to `width` points."""
-    return [statistics.mean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
-
-
-PANELS = [("Delta: correct (solid) vs incorrect", "rlsd/delta_mean_correct",
-           "rlsd/delta_mean_incorrect"),
-          ("Delta: answer tokens (solid) vs other", "rlsd/delta_mean_answer_tokens",
-           "rlsd/delta_mean_other_tokens"),
-          ("RLSD weights clipped low: correct vs incorrect", "rlsd/clip_low_frac_correct",
-           "rlsd/clip_low_frac_incorrect"),
-          ("RLSD weights clipped high: correct vs incorrect", "rlsd/clip_high_frac_correct",
-           "rlsd/clip_high_frac_incorrect")]
-
-
-def diagnostics_png(arms: dict[str, dict], out: Path, task: str) -> None:
-    """The credit diagnostics over training, one colour per arm with a teacher (mean over its
-    runs, 5-step moving average); nothing is written when no arm has them."""
-    shown = {arm: a["diagnostics_curves"] for arm, a in arms.items() if a["diagnostics_curves"]}
-    if not shown:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, solid, dashed) in zip(axes.flat, PANELS):
-        for i, (arm, curves) in enumerate(shown.items()):
-            drawn = [(key, style) for key, style in ((solid, "-"), (dashed, "--")) if key in curves]
-            for j, (key, style) in enumerate(drawn):  # the arm's name on its first line
-                ax.plot([int(s) for s in curves[key]], smooth(list(curves[key].values())), style,
-                        color=colours[i % len(colours)], label=None if j else arm)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        if ax.lines:
-            ax.legend(fontsize=6)
-    fig.suptitle(f"{task}: what the teacher did (5-step moving average)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
