@@ -241,6 +241,7 @@ def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_mod
     # paired item differences [0, 0, 1, 0]: the mean of 4 resampled ones is k/4, k ~ Bin(4, 1/4);
     # P(k = 0) = 32 % > 2.5 %, P(k >= 3) = 5.1 % > 2.5 % > P(k = 4) = 0.4 %
     assert vs["difference"] == [0.25, 0.0, 0.75]
+    assert vs["seeds"] == 2 and vs["seed_spread"] == 0.5  # rlsd's seeds end at 0.5 and 1.0
     arms = {"rlsd": {"final": [0.75, 0.5, 1.0], "auc": 0.6},
             "rlsd-l1": {"final": [0.75, 0.5, 1.0], "auc": 0.4, "vs_ablation_reference": vs}}
     rows = ablation_rows(study, arms, "arith")
@@ -256,6 +257,7 @@ def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_mod
     assert (tmp_path / "study" / "ablations-arith.png").read_bytes()[:4] == b"\x89PNG"
     (runs / "rlsd-seed0" / "metrics.jsonl").write_text('{"step": 1}\n')  # not finished
     assert ablation_summary(study, "arith", "rlsd-l1") is None
+    assert "the 2 seeds of rlsd end 50.0 points apart" in rows[0]
     assert ablation_rows(study, {"rlsd": arms["rlsd"]}, "arith") == []
     bad = write_study(tmp_path, tiny_model_dir, ablation_reference="nope")
     with pytest.raises(ConfigError, match="ablation_reference: 'nope' is not in arms"):

@@ -224,14 +224,19 @@ def curve_auc(evals: dict[int, list[list[float]]]) -> float | None:
 def ablation_summary(study: Study, task: str, arm: str) -> dict[str, Any] | None:
     """An ablation against the `ablation_reference` arm's run at the same seed (the same data
     order and held-out items: the difference pairs the items): that run's final accuracy and
-    AUC, and the final difference with its 95 % interval. None until both have finished."""
+    AUC, and the final difference with its 95 % interval (items only), and `seed_spread`: how
+    far apart the reference arm's own seeds end (the run-to-run noise that interval leaves out).
+    None until both have finished."""
     base = study.ablation_reference
     mine = arm_evals(study, task, arm)
+    every = arm_evals(study, task, base) if base else {}
     theirs = arm_evals(study, task, base, study.seeds[:1]) if base else {}
     if not mine or not theirs or max(mine) != max(theirs):
         return None
+    finals = [statistics.mean(run) for run in every[max(every)]]
     return {"against": f"{base}-seed{study.seeds[0]}", "final": final_mean(theirs),
-            "auc": curve_auc(theirs),
+            "auc": curve_auc(theirs), "seed_spread": max(finals) - min(finals),
+            "seeds": len(finals),
             "curve": {step: matrix_mean(m) for step, m in sorted(theirs.items())},
             "difference": list(bootstrap_difference(mine[max(mine)], theirs[max(theirs)]))}
 
@@ -369,10 +374,13 @@ def ablation_rows(study: Study, arms: dict[str, dict], task: str) -> list[str]:
              if a.get("vs_ablation_reference")]
     if not pairs:
         return []
-    against = pairs[0][1]["against"]
+    against, first = pairs[0][1]["against"], pairs[0][1]
+    spread = (f" The interval covers the items only, not the runs' own randomness: the "
+              f"{first['seeds']} seeds of {study.ablation_reference} end "
+              f"{_pct(first['seed_spread'])} points apart." if first["seeds"] > 1 else "")
     rows = [f"Ablations against {against} (the same seed, data order and held-out items; the "
             "difference pairs the items, so it is the change the ablation made on this seed, "
-            "not across seeds):", "", f"![ablations](ablations-{task}.png)", "",
+            f"not across seeds).{spread}", "", f"![ablations](ablations-{task}.png)", "",
             f"| ablation | changes | final pass@1 [95 % CI] | {against} | difference [95 % CI] "
             f"| AUC | AUC of {against} |", "|" + "---|" * 7]
     for arm, vs in pairs:
