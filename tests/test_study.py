@@ -10,8 +10,9 @@ import yaml
 
 from rlsd.cli import main
 from rlsd.config import ConfigError
-from rlsd.report.study import (ablation_rows, ablation_summary, bootstrap, bootstrap_difference,
-                               diagnostics, leakage, run_peak_mb, summarize)
+from rlsd.report.study import (ablation_rows, ablation_summary, arm_evals, bootstrap,
+                               bootstrap_difference, diagnostics, leakage, run_peak_mb,
+                               summarize)
 from rlsd.study import describe, grid, load_study, seconds_left
 
 from .conftest import TESTS_DIR
@@ -235,7 +236,12 @@ def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_mod
         (runs / name / "evals.jsonl").write_text("".join(
             json.dumps({"step": s, "correct": c, "completions": ["Answer: 1"] * 4,
                         "answers": ["1"] * 4}) + "\n" for s, c in evals.items()))
-    vs = ablation_summary(study, "arith", "rlsd-l1")
+    def against_seed0():
+        return ablation_summary(arm_evals(study, "arith", "rlsd-l1"),
+                                arm_evals(study, "arith", "rlsd"),
+                                arm_evals(study, "arith", "rlsd", [0]), "rlsd-seed0")
+
+    vs = against_seed0()
     assert vs["against"] == "rlsd-seed0"  # seed 1 is left out: it would make the final 0.75
     assert vs["final"] == 0.5 and vs["auc"] == pytest.approx((0.25 + 0.5) / 2)
     # paired item differences [0, 0, 1, 0]: the mean of 4 resampled ones is k/4, k ~ Bin(4, 1/4);
@@ -256,7 +262,7 @@ def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_mod
     assert vs["curve"] == {1: 0.25, 2: 0.5}  # the reference run's curve, plotted beside it
     assert (tmp_path / "study" / "ablations-arith.png").read_bytes()[:4] == b"\x89PNG"
     (runs / "rlsd-seed0" / "metrics.jsonl").write_text('{"step": 1}\n')  # not finished
-    assert ablation_summary(study, "arith", "rlsd-l1") is None
+    assert against_seed0() is None
     assert "the 2 seeds of rlsd end 50.0 points apart" in rows[0]
     assert ablation_rows(study, {"rlsd": arms["rlsd"]}, "arith") == []
     bad = write_study(tmp_path, tiny_model_dir, ablation_reference="nope")

@@ -83,8 +83,8 @@ def bootstrap_difference(a: list[list[float]], b: list[list[float]], samples: in
 
 def leakage(completion: str, answer: str) -> dict[str, bool]:
     """Does a completion behave as if it had seen the reference? `echo`: it uses the teacher
-    template's own words ("reference", "solution", "in your/my own way"); `answer_first`: it opens with
-    the reference answer (optionally after "the answer is") and only then works it out: a
+    template's own words ("reference", "solution", "in your/my own way"); `answer_first`: it
+    opens with the reference answer (optionally after "the answer is") and only then works it out: a
     later line does more than restate the answer ("Final answer: 7.", or one cut short by the
     token cap, "The answer is 1" for 17)."""
     lines = [x.strip() for x in completion.strip().splitlines() if x.strip()]
@@ -221,24 +221,20 @@ def curve_auc(evals: dict[int, list[list[float]]]) -> float | None:
             / (steps[-1] - steps[0]))
 
 
-def ablation_summary(study: Study, task: str, arm: str) -> dict[str, Any] | None:
-    """An ablation against the `ablation_reference` arm's run at the same seed (the same data
-    order and held-out items: the difference pairs the items): that run's final accuracy and
-    AUC, and the final difference with its 95 % interval (items only), and `seed_spread`: how
-    far apart the reference arm's own seeds end (the run-to-run noise that interval leaves out).
-    None until both have finished."""
-    base = study.ablation_reference
-    mine = arm_evals(study, task, arm)
-    every = arm_evals(study, task, base) if base else {}
-    theirs = arm_evals(study, task, base, study.seeds[:1]) if base else {}
-    if not mine or not theirs or max(mine) != max(theirs):
+def ablation_summary(mine: dict[int, list[list[float]]], runs: dict[int, list[list[float]]],
+                     paired: dict[int, list[list[float]]], against: str) -> dict[str, Any] | None:
+    """An ablation's evaluations (`mine`) against the reference arm's run at the same seed
+    (`paired`: the same data order and held-out items, so the difference pairs the items): that
+    run's final accuracy, AUC and curve, the final difference with its 95 % interval (items
+    only), and `seed_spread`: how far apart the reference arm's own runs (`runs`, every seed)
+    end, the run-to-run noise that interval leaves out. None until both have finished."""
+    if not mine or not paired or max(mine) != max(paired):
         return None
-    finals = [statistics.mean(run) for run in every[max(every)]]
-    return {"against": f"{base}-seed{study.seeds[0]}", "final": final_mean(theirs),
-            "auc": curve_auc(theirs), "seed_spread": max(finals) - min(finals),
-            "seeds": len(finals),
-            "curve": {step: matrix_mean(m) for step, m in sorted(theirs.items())},
-            "difference": list(bootstrap_difference(mine[max(mine)], theirs[max(theirs)]))}
+    finals = [statistics.mean(run) for run in runs[max(runs)]]
+    return {"against": against, "final": final_mean(paired), "auc": curve_auc(paired),
+            "seed_spread": max(finals) - min(finals), "seeds": len(finals),
+            "curve": {step: matrix_mean(m) for step, m in sorted(paired.items())},
+            "difference": list(bootstrap_difference(mine[max(mine)], paired[max(paired)]))}
 
 
 def training_curves(study: Study, task: str) -> None:
@@ -292,8 +288,13 @@ def summarize(study: Study) -> dict[str, Any]:
         names = [*study.arms, *(study.ablations if study.ablation_tasks is None
                                 or task in study.ablation_tasks else [])]
         arms = {arm: arm_summary(study, task, arm, reference) for arm in names}
-        for arm in set(names) - set(study.arms):
-            arms[arm]["vs_ablation_reference"] = ablation_summary(study, task, arm)
+        base = study.ablation_reference
+        if base:  # its runs read once per task, not once per ablation
+            runs, paired = arm_evals(study, task, base), arm_evals(study, task, base,
+                                                                   study.seeds[:1])
+            for arm in (a for a in names if a in study.ablations):
+                arms[arm]["vs_ablation_reference"] = ablation_summary(
+                    arm_evals(study, task, arm), runs, paired, f"{base}-seed{study.seeds[0]}")
         result["tasks"][task] = {"target": final_mean(reference),
                                  "base": base_accuracy(study, task), "arms": arms}
         accuracy_png({arm: arms[arm] for arm in study.arms}, study.out / f"accuracy-{task}.png",
@@ -374,7 +375,8 @@ def ablation_rows(study: Study, arms: dict[str, dict], task: str) -> list[str]:
              if a.get("vs_ablation_reference")]
     if not pairs:
         return []
-    against, first = pairs[0][1]["against"], pairs[0][1]
+    first = pairs[0][1]
+    against = first["against"]
     spread = (f" The interval covers the items only, not the runs' own randomness: the "
               f"{first['seeds']} seeds of {study.ablation_reference} end "
               f"{_pct(first['seed_spread'])} points apart." if first["seeds"] > 1 else "")

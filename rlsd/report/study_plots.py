@@ -83,8 +83,8 @@ def diagnostics_png(arms: dict[str, dict], out: Path, task: str) -> None:
         for i, (arm, curves) in enumerate(shown.items()):
             drawn = [(key, style) for key, style in ((solid, "-"), (dashed, "--")) if key in curves]
             for j, (key, style) in enumerate(drawn):  # the arm's name on its first line
-                ax.plot([int(s) for s in curves[key]], moving_average(list(curves[key].values())), style,
-                        color=colours[i % len(colours)], label=None if j else arm)
+                ax.plot([int(s) for s in curves[key]], moving_average(list(curves[key].values())),
+                        style, color=colours[i % len(colours)], label=None if j else arm)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         if ax.lines:
