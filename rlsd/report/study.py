@@ -362,10 +362,12 @@ def diagnostics_rows(arms: dict[str, dict]) -> list[str]:
     return rows if len(rows) > 2 else []
 
 
-def _changes(overrides: dict[str, Any]) -> str:
-    """An ablation's overrides as `key=value` (long values cut), the algorithm's name left out."""
-    text = [f"{k}={v}" if len(str(v)) <= 24 else f"{k}={str(v)[:21]}..."
-            for k, v in overrides.items() if k != "algorithm.name"]
+def _changes(overrides: dict[str, Any], width: int = 40) -> str:
+    """An ablation's overrides as `key=value` for one table cell: the algorithm's name left out,
+    whitespace runs (a template's newlines) as one space, values over `width` characters cut."""
+    values = {k: " ".join(str(v).split()) for k, v in overrides.items() if k != "algorithm.name"}
+    text = [f"{k}={v}" if len(v) <= width else f"{k}={v[:width - 3]}..."
+            for k, v in values.items()]
     return ", ".join(text).replace("|", "/") or "-"
 
 
