@@ -265,14 +265,17 @@ def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_mod
     assert against_seed0() is None
     assert "the 2 seeds of rlsd end 50.0 points apart" in rows[0]
     assert ablation_rows(study, {"rlsd": arms["rlsd"]}, "arith") == []
-    template = {"algorithm.name": "rlsd", "teacher.privileged": False,  # one table cell
-                "data.teacher_template": "{{ prompt }}\n\nSolve it | your way.\nEnd your reply."}
-    assert _changes(template) == ("teacher.privileged=False, data.teacher_template={{ prompt }} "
-                                  "Solve it / your way. End...")
-    assert _changes({"algorithm.name": "rlsd"}) == "-"
     bad = write_study(tmp_path, tiny_model_dir, ablation_reference="nope")
     with pytest.raises(ConfigError, match="ablation_reference: 'nope' is not in arms"):
         load_study(bad)
+
+
+def test_an_ablations_changes_fit_one_table_cell():
+    template = {"algorithm.name": "rlsd", "teacher.privileged": False,
+                "data.teacher_template": "{{ prompt }}\n\nSolve it | your way.\nEnd your reply."}
+    assert _changes(template) == ("teacher.privileged=False, data.teacher_template={{ prompt }} "
+                                  "Solve it / your way. End...")  # newlines folded, cut at 40
+    assert _changes({"algorithm.name": "rlsd"}) == "-"
 
 
 def test_diagnostics_means_and_curves_by_hand():
