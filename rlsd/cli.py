@@ -6,7 +6,7 @@
     rlsd report RUN_DIR [--screenshot]
     rlsd compare RUN_DIR [RUN_DIR ...] [--out DIR] [--target ACC]
     rlsd export RUN_DIR --to DIR [--step N]
-    rlsd study STUDY.yaml [--dry-run | --summarize]
+    rlsd study STUDY.yaml [--dry-run | --summarize] [--jobs N]
     rlsd tasks [--all]
     rlsd --version
 
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the grid, what is done and the time left; train nothing")
     study.add_argument("--summarize", action="store_true",
                        help="only write the summary of the runs so far")
+    study.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="train N runs at once, each in its own process (default 1); "
+                       "a small model leaves most of a GPU idle, so N runs share one")
     tasks = sub.add_parser("tasks", parents=[common],
                            help="list the task sources and verifiers")
     tasks.add_argument("--all", action="store_true", help="list every reasoning-gym family")
@@ -227,9 +230,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from .report.study import summarize
-    from .study import describe, load_study, run_study
+    from .study import StudyRunFailed, describe, load_study, run_study
 
     study = load_study(Path(args.study))
+    if args.jobs < 1:
+        raise ConfigError(f"command line: --jobs {args.jobs}: at least 1")
     if args.dry_run:
         print(describe(study))
         return 0
@@ -238,7 +243,11 @@ def cmd_study(args: argparse.Namespace) -> int:
         from .trainer import TrainingStopped
 
         try:
-            run_study(study)
+            run_study(study, args.jobs)
+        except StudyRunFailed as failed:
+            print(f"rlsd: error: {failed}\nrlsd: rerun `rlsd study {args.study}` to go on "
+                  "(finished runs are skipped)", file=sys.stderr)
+            return 1
         except TrainingStopped as stop:  # Ctrl-C or SIGTERM: the run wrote its checkpoint
             print(f"rlsd: {stop}\nrlsd: study stopped; rerun `rlsd study {args.study}` to go on "
                   "(finished runs are skipped, this one resumes)", file=sys.stderr)

@@ -59,13 +59,14 @@ def evaluate(cfg: Config, lm: Any, tokenizer: Any, records: list[Record], stop_i
              device: torch.device, k: int = 1, greedy: bool = True, batch_prompts: int = 0,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Score k completions per record (greedy: one); pass@1, pass@k, maj@k and per-item detail.
-    `batch_prompts` 0: as many prompts as make EVAL_SEQUENCES sequences per decode (capped
-    further by `rollout.batch_size` when it is set)."""
+    `batch_prompts` 0: as many prompts as make EVAL_SEQUENCES sequences per decode, or as a
+    training step decodes when that is more (capped further by `rollout.batch_size`)."""
     renderer = PromptRenderer(cfg.data, tokenizer)
     reward_fn = build_reward(cfg.reward)
     rollout = replace(cfg.rollout, num_generations=k)
     samples = 1 if greedy else k
-    batch_prompts = batch_prompts or max(EVAL_SEQUENCES // samples, 1)
+    per_decode = max(EVAL_SEQUENCES, cfg.train.prompts_per_step * cfg.rollout.num_generations)
+    batch_prompts = batch_prompts or max(per_decode // samples, 1)
     items = []
     for start in range(0, len(records), batch_prompts):
         chunk = records[start:start + batch_prompts]

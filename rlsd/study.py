@@ -74,6 +74,12 @@ def load_study(path: Path) -> Study:
     for key in ("base", "out", "steps", "eval_every", "eval_items", "seeds", "tasks", "arms"):
         if key not in raw:
             raise ConfigError(f"{path}: {key}: required")
+    for key in ("steps", "eval_every", "eval_items"):  # the summary is held-out accuracy
+        if not isinstance(raw[key], int) or raw[key] < 1:
+            raise ConfigError(f"{path}: {key}: {raw[key]!r} (a whole number >= 1)")
+    if raw["eval_every"] > raw["steps"]:
+        raise ConfigError(f"{path}: eval_every: {raw['eval_every']} is more than steps "
+                          f"({raw['steps']}); no run would be evaluated")
     if raw.get("pass_k", 0) == 1 or raw.get("pass_k", 0) < 0:
         raise ConfigError(f"{path}: pass_k: {raw['pass_k']} (0 for none, or k >= 2 samples)")
     study = Study(path=Path(path), **{**raw, "out": Path(raw["out"])})
@@ -203,24 +209,114 @@ def describe(study: Study) -> str:
     return "\n".join(lines)
 
 
-def run_study(study: Study) -> list[Path]:
+def run_study(study: Study, jobs: int = 1) -> list[Path]:
     """Train every run not finished yet (resuming interrupted ones), then its pass@k when the
-    study asks for it; returns the run dirs."""
+    study asks for it; returns the run dirs. Every run's config is checked before the first
+    one starts. With `jobs` > 1, that many runs train at once, each in its own process (on one
+    GPU, small models leave most of it idle; on a CPU they share the cores)."""
     from .config import load_config
-    from .trainer import train
 
-    done = []
+    cells = grid(study)
+    todo = [c for c in cells if not finished(study, c)]
+    configs = {id(c): load_config(study.base, c.overrides) for c in todo}  # fail before any run
     for task in study.tasks:
         evaluate_model(study, task)
         if study.pass_k:
             evaluate_model(study, task, sampled=True)
-    for cell in grid(study):
-        if not finished(study, cell):
-            train(load_config(study.base, cell.overrides))
-        if study.pass_k:
-            evaluate_model(study, cell.task, cell, sampled=True)
-        done.append(run_dir(study, cell))
-    return done
+    if jobs > 1 and len(todo) > 1:
+        run_parallel(study, todo, [configs[id(c)] for c in todo], jobs)
+    for cell in cells:
+        run_cell(study, cell)  # the runs done in parallel are finished: this only checks them
+    return [run_dir(study, c) for c in cells]
+
+
+def run_cell(study: Study, cell: Cell, extra: dict[str, str] | None = None) -> None:
+    """One run of the grid: train it unless finished, then its pass@k (both skip done work)."""
+    from .config import load_config
+    from .trainer import train
+
+    if not finished(study, cell):
+        train(load_config(study.base, {**cell.overrides, **(extra or {})}))
+    if study.pass_k:
+        evaluate_model(study, cell.task, cell, sampled=True)
+
+
+class StudyRunFailed(RuntimeError):
+    """A run of a parallel study failed (its own error is printed above this one)."""
+
+
+def run_parallel(study: Study, cells: list[Cell], configs: list[Any], jobs: int) -> None:
+    """Run `cells` `jobs` at a time, each in a fresh process (its own seed, memory peak and
+    CUDA context). A run whose recipe leaves model.threads at 0 gets its share of the CPU
+    cores; progress bars are off (they would interleave). A failed run stops new ones from
+    starting; the running ones finish, then the failure is raised. SIGINT or SIGTERM is
+    passed on to every run, which writes its checkpoint (TrainingStopped): rerun to resume."""
+    import multiprocessing
+    import multiprocessing.connection
+    import os
+    import signal
+
+    from .models import resolve_model_path
+    from .trainer import TrainingStopped
+
+    for name in {cfg.model.name for cfg in configs}:
+        resolve_model_path(name)  # convert and cache the model once, before the runs race to
+    share = str(max(1, (os.cpu_count() or 1) // jobs))
+    queue = [(cell, {"output.progress": "false",
+                     **({"model.threads": share} if not cfg.model.threads else {})})
+             for cell, cfg in zip(cells, configs)]
+    context = multiprocessing.get_context("spawn")
+    running: dict[int, tuple[Any, Cell]] = {}  # process sentinel -> (process, cell)
+    failed: list[tuple[Cell, int]] = []
+    signals: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        for process, _ in running.values():
+            os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs and not (failed or signals):
+                cell, extra = queue.pop(0)
+                process = context.Process(target=_child, args=(study, cell, extra),
+                                          name=f"{cell.task}/{cell.name}")
+                process.start()
+                running[process.sentinel] = (process, cell)
+            if not running:
+                break
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                process, cell = running.pop(sentinel)
+                process.join()
+                if process.exitcode:
+                    failed.append((cell, process.exitcode))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    names = ", ".join(f"{c.task}/{c.name}" for c, _ in failed)
+    if signals:
+        raise TrainingStopped(f"stopped by signal {signal.Signals(signals[0]).name}"
+                              + (f" ({names} wrote their checkpoints)" if names else ""),
+                              128 + signals[0])
+    if failed:
+        raise StudyRunFailed(f"{names}: failed (exit code {failed[0][1]}, its error is above); "
+                             f"the runs already started finished and {len(queue)} did not start")
+
+
+def _child(study: Study, cell: Cell, extra: dict[str, str]) -> None:
+    """One run in its own process: exits with TrainingStopped's code after its message."""
+    import sys
+
+    from .cli import quiet_libraries
+    from .trainer import TrainingStopped
+
+    quiet_libraries(False)
+    try:
+        run_cell(study, cell, extra)
+    except TrainingStopped as stop:
+        print(f"rlsd: {cell.task}/{cell.name}: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 def eval_path(study: Study, task: str, cell: Cell | None = None, sampled: bool = False) -> Path:

@@ -33,6 +33,34 @@ def test_greedy_accuracy_is_deterministic_and_scored_by_the_first_verifier(tiny_
     assert first["accuracy"] == wanted
 
 
+def test_evaluation_decodes_as_many_sequences_as_a_training_step_when_that_is_more(
+        tiny_overrides, monkeypatch):
+    """64 sequences a decode, or a step's prompts x generations when larger; pass@k decodes
+    k sequences a prompt (rollout.batch_size splits a decode further, inside the sampler)."""
+    from rlsd import evaluate as ev
+
+    sizes: list[int] = []
+    real = ev.sample_completions
+
+    def spy(lm, prompts, *args, **kwargs):
+        sizes.append(len(prompts))
+        return real(lm, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "sample_completions", spy)
+    records = [Record(f"Calculate {i} + 1.", str(i + 1)) for i in range(160)]
+    for over, k, wanted in (({}, 1, [64, 64, 32]),  # 2 x 4 a step: the 64 floor
+                            ({"train.prompts_per_step": 20, "rollout.num_generations": 8}, 1,
+                             [160]),  # 160 a step
+                            ({"train.prompts_per_step": 20, "rollout.num_generations": 8}, 4,
+                             [40] * 4)):  # pass@4: 160 sequences are 40 prompts
+        cfg = load_config(None, {**tiny_overrides, "rollout.max_new_tokens": 2, **over})
+        lm, tok = load_model(cfg.model, torch.float32)
+        sizes.clear()
+        ev.evaluate(cfg, lm, tok, records, stop_token_ids(lm, tok), torch.device("cpu"), k=k,
+                    greedy=k == 1)
+        assert sizes == wanted, over
+
+
 def test_pass_at_k_by_hand():
     from rlsd.evaluate import pass_at_k
 

@@ -13,7 +13,7 @@ from rlsd.config import ConfigError
 from rlsd.report.study import (_changes, ablation_rows, ablation_summary, arm_evals, bootstrap,
                                bootstrap_difference, diagnostics, leakage, run_peak_mb,
                                summarize)
-from rlsd.study import describe, grid, load_study, seconds_left
+from rlsd.study import describe, grid, load_study, run_study, seconds_left
 
 from .conftest import TESTS_DIR
 
@@ -185,6 +185,14 @@ def test_study_file_errors(tmp_path):
                                    "pass_k": 1}))
     with pytest.raises(ConfigError, match="pass_k: 1 .0 for none, or k >= 2 samples"):
         load_study(bad)
+    for change, wanted in (({"eval_every": 0}, "eval_every: 0 .a whole number >= 1"),
+                           ({"steps": "40"}, "steps: '40' .a whole number"),
+                           ({"eval_every": 2}, "eval_every: 2 is more than steps .1.")):
+        bad.write_text(yaml.safe_dump({"base": "x", "out": "o", "steps": 1, "eval_every": 1,
+                                       "eval_items": 1, "seeds": [0], "tasks": {}, "arms": {},
+                                       **change}))
+        with pytest.raises(ConfigError, match=wanted):
+            load_study(bad)
 
 
 def test_ablations_run_on_their_tasks_with_the_first_seed(tiny_model_dir, tmp_path):
@@ -332,3 +340,83 @@ def test_time_left_by_hand(tiny_model_dir, tmp_path):
     # rlsd-seed0 1 step + 1 eval = 44, grpo-seed1 2 * 15 + 2 * 4 = 38, rlsd-seed1 2 * 40 + 8 = 88
     assert seconds_left(study, grid(study)) == (170.0, 3 * 30.0, 4.0)
     assert "estimated time left: 0.1 h (0.0 h of training" in describe(study)
+
+
+def test_a_parallel_study_matches_the_sequential_one(tiny_model_dir, tmp_path):
+    """--jobs 2: every run in its own process gives exactly the runs of a sequential study
+    (one thread each, the same seeds), and a rerun skips them all."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    sequential = write_study(tmp_path / "one", tiny_model_dir, pass_k=0, seeds=[0])
+    parallel = write_study(tmp_path / "two", tiny_model_dir, pass_k=0, seeds=[0])
+    assert main(["study", str(sequential)]) == 0
+    assert main(["study", str(parallel), "--jobs", "2"]) == 0
+    for arm in ("grpo", "rlsd"):
+        runs = [tmp_path / where / "study" / "arith" / f"{arm}-seed0"
+                for where in ("one", "two")]
+        losses = [[r["loss/policy"] for r in map(json.loads, (run / "metrics.jsonl")
+                                                  .read_text().splitlines())] for run in runs]
+        assert len(losses[0]) == 2 and losses[0] == losses[1]
+        evals = [(run / "evals.jsonl").read_text() for run in runs]
+        assert evals[0] == evals[1]
+    before = (tmp_path / "two" / "study" / "arith" / "rlsd-seed0" / "metrics.jsonl").stat()
+    assert main(["study", str(parallel), "--jobs", "2"]) == 0
+    after = (tmp_path / "two" / "study" / "arith" / "rlsd-seed0" / "metrics.jsonl").stat()
+    assert after.st_mtime_ns == before.st_mtime_ns
+
+
+def test_a_bad_run_config_fails_before_any_run_starts(tiny_model_dir, tmp_path, capsys):
+    path = write_study(tmp_path, tiny_model_dir, pass_k=0,
+                       ablations={"rlsd-bad": {"algorithm.name": "rlsd", "rlsd.lambda": -1}})
+    assert main(["study", str(path), "--jobs", "2"]) == 2
+    assert "rlsd.lambda" in capsys.readouterr().err
+    assert not (tmp_path / "study" / "arith").exists()
+
+
+def test_a_failed_parallel_run_is_named_and_stops_new_runs(tiny_model_dir, tmp_path, capsys):
+    path = write_study(tmp_path, tiny_model_dir, pass_k=0)
+    blocker = tmp_path / "study" / "arith" / "grpo-seed0"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the run directory goes")  # grpo-seed0 cannot start
+    assert main(["study", str(path), "--jobs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "arith/grpo-seed0: failed (exit code 1" in err and "did not start" in err
+    assert (tmp_path / "study" / "arith" / "rlsd-seed0" / "metrics.jsonl").is_file()  # ran
+    assert not (tmp_path / "study" / "arith" / "rlsd-seed1").exists()  # never started
+
+
+def test_sigterm_stops_every_parallel_run_with_a_checkpoint_and_a_rerun_resumes(
+        tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_study(tmp_path, tiny_model_dir, pass_k=0, seeds=[0], steps=400, eval_every=400)
+    runs = [tmp_path / "study" / "arith" / f"{arm}-seed0" for arm in ("grpo", "rlsd")]
+    study = subprocess.Popen([sys.executable, "-m", "rlsd.cli", "study", str(path), "--jobs", "2"],
+                             stderr=subprocess.PIPE, text=True, env={**os.environ,
+                                                                     "PYTHONPATH": str(Path.cwd())})
+    deadline = time.monotonic() + 240
+    while not all((r / "metrics.jsonl").is_file() and (r / "metrics.jsonl").stat().st_size
+                  for r in runs):  # both runs are past their first step
+        assert study.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    study.send_signal(signal.SIGTERM)
+    _, err = study.communicate(timeout=120)
+    assert study.returncode == 143, err
+    assert "stopped by signal SIGTERM" in err and "wrote their checkpoints" in err
+    steps = []
+    for run in runs:
+        checkpoints = sorted(run.glob("checkpoint-*"))
+        assert checkpoints, f"{run}: no checkpoint"
+        steps.append(int(checkpoints[-1].name.split("-")[1]))
+        assert 1 <= steps[-1] < 400
+    # a rerun resumes each run after its checkpoint (2 more steps to keep the test short)
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "steps": max(steps) + 2, "eval_every": 1}))
+    run_study(load_study(path), jobs=2)
+    for run, step in zip(runs, steps):
+        logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert logged == list(range(1, max(steps) + 3)), run
