@@ -88,6 +88,21 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pads_to_the_right(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column orders (N, L) that move each row's left padding to its end, and back.
+
+    A left-padded row's padding positions attend to no key at all. Their outputs are unused,
+    but some attention kernels' backward turns such fully masked rows into NaN gradients for
+    every weight (benchmarks/results/study-gpu/NOTE.md: on an H200 in bf16, 14 of the 30
+    steps whose completions were 7 or 8 tokens, making 64-token-wide micro-batches, had a NaN
+    gradient, and none of 192 others). With the padding at the end, every position attends
+    to at least the row's first token."""
+    width = attention_mask.shape[1]
+    shift = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # leading pads
+    cols = torch.arange(width, device=attention_mask.device)
+    return (cols + shift) % width, (cols - shift) % width
+
+
 class TokenScorer(nn.Module):
     """Wraps a causal LM (plain or peft) so one forward returns completion log-probs.
 
@@ -111,9 +126,12 @@ class TokenScorer(nn.Module):
         """Hidden states (M, H) that predict the valid completion tokens, and those ids (M,)."""
         decoder = self._parts()[0]
         prompt_width = input_ids.shape[1] - completion_mask.shape[1]
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids_for(attention_mask),
-                         use_cache=False).last_hidden_state  # (N, P + T, H)
+        order, undo = pads_to_the_right(attention_mask)
+        mask = attention_mask.gather(1, order)
+        hidden = decoder(input_ids=input_ids.gather(1, order), attention_mask=mask,
+                         position_ids=position_ids_for(mask),
+                         use_cache=False).last_hidden_state  # (N, P + T, H), pads last
+        hidden = hidden.gather(1, undo.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         predicting = hidden[:, prompt_width - 1:-1]  # (N, T, H): position t predicts token t
         valid = completion_mask.bool()
         return predicting[valid], input_ids[:, prompt_width:][valid]

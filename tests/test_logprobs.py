@@ -8,7 +8,7 @@ import textwrap
 import torch
 
 from rlsd.config import ModelConfig
-from rlsd.logprobs import TokenScorer, naive_logprobs
+from rlsd.logprobs import TokenScorer, naive_logprobs, pads_to_the_right
 from rlsd.models import load_model
 from rlsd.rollout import completion_mask_from, join, left_pad
 
@@ -38,6 +38,33 @@ def test_chunked_logprobs_equal_naive_values_and_gradients(tiny_model_dir):
     torch.testing.assert_close(fast_grad, model.model.layers[0].self_attn.q_proj.weight.grad,
                                rtol=1e-4, atol=1e-6)
     assert (fast[~c_mask] == 0).all() and (fast[c_mask] < 0).all()
+
+
+def test_pads_to_the_right_by_hand():
+    mask = torch.tensor([[0, 0, 1, 1, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    order, undo = pads_to_the_right(mask)
+    assert order.tolist() == [[2, 3, 4, 0, 1], [0, 1, 2, 3, 4], [1, 2, 3, 4, 0]]
+    assert mask.gather(1, order).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    values = torch.arange(15).view(3, 5)
+    assert values.gather(1, order).gather(1, undo).equal(values)  # undo undoes the order
+
+
+def test_the_scorer_never_masks_a_position_from_every_key(tiny_model_dir):
+    """The training forward runs with the padding at the end, so each row's first token is
+    real and every position can attend to it (no fully masked attention rows, whose backward
+    some GPU kernels turn into NaN); the values and gradients equal the naive left-padded
+    pass (test above)."""
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), lora=False),
+                                  torch.float32)
+    ids, attn, c_mask = scoring_inputs(tokenizer, torch.Generator().manual_seed(2))
+    assert (attn[:, 0] == 0).any()  # the batch is left-padded
+    seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
+    TokenScorer(model)(ids, attn, c_mask)
+    hook.remove()
+    assert len(seen) == 1 and (seen[0][:, 0] == 1).all()
+    assert seen[0].sum(-1).equal(attn.sum(-1))  # the same tokens, moved
 
 
 def test_lora_scorer_matches_naive(tiny_model_dir):
