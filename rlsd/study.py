@@ -260,7 +260,7 @@ def run_parallel(study: Study, cells: list[Cell], configs: list[Any], jobs: int)
     from .trainer import TrainingStopped
 
     for name in {cfg.model.name for cfg in configs}:
-        resolve_model_path(name)  # convert and cache the model once, before the runs race to
+        resolve_model_path(name)  # convert and cache the model once, not in racing runs
     share = str(max(1, (os.cpu_count() or 1) // jobs))
     queue = [(cell, {"output.progress": "false",
                      **({"model.threads": share} if not cfg.model.threads else {})})
