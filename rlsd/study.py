@@ -218,13 +218,13 @@ def run_study(study: Study, jobs: int = 1) -> list[Path]:
 
     cells = grid(study)
     todo = [c for c in cells if not finished(study, c)]
-    configs = {id(c): load_config(study.base, c.overrides) for c in todo}  # fail before any run
+    configs = [load_config(study.base, c.overrides) for c in todo]  # fail before any run
     for task in study.tasks:
         evaluate_model(study, task)
         if study.pass_k:
             evaluate_model(study, task, sampled=True)
     if jobs > 1 and len(todo) > 1:
-        run_parallel(study, todo, [configs[id(c)] for c in todo], jobs)
+        run_parallel(study, todo, configs, jobs)
     for cell in cells:
         run_cell(study, cell)  # the runs done in parallel are finished: this only checks them
     return [run_dir(study, c) for c in cells]
