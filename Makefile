@@ -4,7 +4,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow clean
+# The edit loop: the pure functions, config, data, verifiers and structure checks (under a minute).
+FAST_TESTS := tests/test_algorithms.py tests/test_fidelity.py tests/test_spans.py \
+	tests/test_config.py tests/test_data_rewards.py tests/test_verifiers.py \
+	tests/test_verifier_tables.py tests/test_fuzz.py
+LINTED := rlsd tests benchmarks docs
+
+.PHONY: setup demo test test-fast test-slow lint format clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +28,19 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+test-fast: setup
+	$(BIN)/python -m pytest -q $(FAST_TESTS)
+
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+format: setup
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

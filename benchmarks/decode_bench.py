@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> str:
 
     import torch
 
-    from rlsd.cli import quiet_libraries
+    from rlsd.tracking import quiet_libraries
     from rlsd.config import load_config
     from rlsd.data import PromptRenderer, load_records
     from rlsd.models import load_model, pick_device, pick_dtype, stop_token_ids

@@ -32,7 +32,7 @@ def child(method: str, steps: int, extra: dict[str, str]) -> None:
     import torch
 
     from rlsd import trainer
-    from rlsd.cli import quiet_libraries
+    from rlsd.tracking import quiet_libraries
     from rlsd.config import load_config
 
     quiet_libraries(debug=False)

@@ -81,7 +81,7 @@ def overrides_for(name: str, model: str, out: str) -> dict[str, str]:
 
 def child_ours(name: str, steps: int, model: str) -> dict:
     from rlsd import trainer
-    from rlsd.cli import quiet_libraries
+    from rlsd.tracking import quiet_libraries
     from rlsd.config import load_config
 
     quiet_libraries(debug=False)

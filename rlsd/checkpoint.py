@@ -154,7 +154,8 @@ def load_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
 
 
 # Fields that may differ between a run and its resumption; any other change is refused.
-RESUME_SAFE = {"train.steps", "train.max_nonfinite_steps", "train.eval_every", "train.eval_items",
+RESUME_SAFE = {"train.steps", "train.max_nonfinite_steps", "rlsd.max_spanless_steps",
+               "train.eval_every", "train.eval_items",
                "model.threads", "teacher.batch_size", "rollout.batch_size", "reward.workers",
                "output.save_every", "output.keep_last", "output.log_samples", "output.progress"}
 

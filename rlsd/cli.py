@@ -27,6 +27,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, help_rows, load_config
 from .data import DataError
+from .tracking import quiet_libraries
 
 USER_ERRORS = (ConfigError, DataError, FileExistsError)
 
@@ -166,7 +167,8 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if args.n < 1 or args.limit < 1:
         raise ConfigError("command line: --n and --limit must be >= 1")
     config = run_dir / "config.yaml" if is_run else args.config
-    cfg = load_config(config, overrides if is_run else {"model.name": args.target, **overrides})
+    cfg = load_config(config, overrides if is_run else {"model.name": args.target, **overrides},
+                      saved=is_run)
     quiet_libraries(args.debug)
     from rich.progress import Progress
 
@@ -279,16 +281,6 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def quiet_libraries(debug: bool) -> None:
-    """Keep the terminal for our progress bar: no library progress bars or chatter."""
-    import transformers
-
-    if not debug:
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     config = args.config
     if args.resume:
@@ -302,7 +294,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
             raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
         overrides = {**overrides, "output.dir": str(run_dir.parent),
                      "output.run_name": run_dir.name}
-    cfg = load_config(config, overrides)  # validated before anything heavy is imported
+    cfg = load_config(config, overrides, saved=bool(args.resume))  # before the slow imports
     quiet_libraries(args.debug)
     from .trainer import TrainingStopped, train
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
+from .algorithms.method import METHODS
 from .sections import (  # noqa: F401 (re-exported: import the schema from here)
-    AGGREGATIONS, ANSWER_LINE, ARITHMETIC, DISTILLATION, STUDENT_TEMPLATE, TEACHER_TEMPLATE,
+    AGGREGATIONS, ANSWER_LINE, ARITHMETIC, STUDENT_TEMPLATE, TEACHER_TEMPLATE,
     TRACKERS, AlgorithmConfig, Config, DataConfig, ModelConfig, OpsdConfig, OutputConfig,
     RewardConfig, RlsdConfig, RolloutConfig, TeacherConfig, TrainConfig, opt)
 
@@ -32,6 +33,16 @@ class ConfigError(ValueError):
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+# Fields added with a default that differs from what runs computed before they existed. A saved
+# run config (RUN_DIR/config.yaml) that lacks one was written before it: loading it with
+# `saved=True` gives the old behaviour, so resuming, evaluating or comparing an old run never
+# silently changes what it computes.
+LEGACY_DEFAULTS = {
+    "algorithm.std": "population",  # 2026-12: the unbiased std became the default
+    "algorithm.dual_clip": 0.0,  # 2026-12: the dual clip (3.0) became the default
+    "rlsd.max_spanless_steps": 0,  # 2026-12: thought_only runs stop without spans (resume-safe)
+}
 
 
 def _section_types() -> dict[str, type]:
@@ -118,8 +129,11 @@ def set_field(cfg: Config, dotted: str, value: Any, source: str = "command line"
     cfg.explicit[f"{parts[0]}.{_key_name(name)}"] = source
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Build a Config from defaults, an optional YAML file, then dotted overrides; validate it."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                saved: bool = False) -> Config:
+    """Build a Config from defaults, an optional YAML file, then dotted overrides; validate it.
+
+    `saved`: the file is a run's saved config; fields it lacks take their `LEGACY_DEFAULTS`."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -137,6 +151,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 raise ConfigError(f"{path}: {shown}: expected a mapping of fields")
             for key, value in values.items():
                 set_field(cfg, f"{section}.{key}", value, source=str(path))
+        if saved:
+            for dotted, value in LEGACY_DEFAULTS.items():
+                section, name = dotted.split(".")
+                if name not in (raw.get(section) or {}):
+                    setattr(getattr(cfg, section), _field_name(name), value)
     for dotted, value in (overrides or {}).items():
         set_field(cfg, dotted, value)
     validate(cfg)
@@ -196,33 +215,7 @@ def validate(cfg: Config) -> None:
             re.compile(cfg.reward.pattern)
         except re.error as exc:
             raise ConfigError(f"reward.pattern: not a valid regular expression: {exc}") from None
-    method = cfg.algorithm.name
-    changed = _changed_keys(cfg)  # set by the user *and* different from the default
-    for prefix, allowed in (("rlsd.", ("rlsd",)), ("opsd.beta", ("grpo_opsd",)),
-                            ("opsd.", DISTILLATION)):
-        wrong = sorted(k for k in changed if k.startswith(prefix))
-        if wrong and method not in allowed:
-            raise ConfigError(f"{wrong[0]}: only applies to algorithm.name="
-                              f"{' or '.join(allowed)}, not {method}")
-    if "opsd.topk" in changed and cfg.opsd.divergence != "topk":
-        raise ConfigError("opsd.topk: only applies to opsd.divergence=topk")
-    mode = cfg.teacher.mode
-    if method == "grpo" and "teacher.mode" in changed:
-        raise ConfigError("teacher.mode: GRPO uses no teacher; drop the setting or choose a "
-                          "method with a teacher (rlsd, opsd, grpo_opsd, opd)")
-    if (method == "opd") != (mode == "external"):
-        raise ConfigError("teacher.mode: opd distils from an external teacher (teacher.mode="
-                          "external with teacher.model); the other methods use the model itself"
-                          if method == "opd" else "teacher.mode: external is only for "
-                          "algorithm.name=opd")
-    if mode == "external" and not cfg.teacher.model:
-        raise ConfigError("teacher.model: required with teacher.mode=external")
-    if "teacher.privileged" in changed and (method == "grpo" or mode == "external"):
-        raise ConfigError("teacher.privileged: only applies to a self-teacher (rlsd, opsd, "
-                          "grpo_opsd with teacher.mode live, frozen or sync)")
-    for key, needed in (("teacher.model", "external"), ("teacher.sync_every", "sync")):
-        if key in changed and mode != needed:
-            raise ConfigError(f"{key}: only applies to teacher.mode={needed}, not {mode}")
+    _check_method(cfg, _changed_keys(cfg))  # keys set by the user *and* unlike the default
     rows = cfg.train.prompts_per_step * cfg.rollout.num_generations
     if cfg.train.mini_batches > rows:
         raise ConfigError(f"train.mini_batches: {cfg.train.mini_batches} parts of a batch of "
@@ -230,7 +223,42 @@ def validate(cfg: Config) -> None:
     if cfg.rlsd.thought_only and not (cfg.rlsd.thought_open and cfg.rlsd.thought_close):
         raise ConfigError("rlsd.thought_open/thought_close: both tags are needed for "
                           "thought_only")
+    if 0 < cfg.algorithm.dual_clip <= 1:
+        raise ConfigError(f"algorithm.dual_clip: must be > 1 (the loss bound is dual_clip x |A|) "
+                          f"or 0 to turn it off, got {cfg.algorithm.dual_clip}")
     _check_trackers(cfg.output.trackers)
+
+
+def _check_method(cfg: Config, changed: set[str]) -> None:
+    """Refuse options the chosen method does not use, and teachers it cannot have."""
+    method, mode = METHODS[cfg.algorithm.name], cfg.teacher.mode
+    for key in sorted(changed):
+        if key.startswith(("rlsd.", "opsd.")) and not key.startswith(method.options):
+            allowed = [m.name for m in METHODS.values() if key.startswith(m.options)]
+            raise ConfigError(f"{key}: only applies to algorithm.name={' or '.join(allowed)}, "
+                              f"not {method.name}")
+    if "opsd.topk" in changed and cfg.opsd.divergence != "topk":
+        raise ConfigError("opsd.topk: only applies to opsd.divergence=topk")
+    with_teacher = [m.name for m in METHODS.values() if m.teacher]
+    if method.teacher is None and "teacher.mode" in changed:
+        raise ConfigError(f"teacher.mode: {method.name.upper()} uses no teacher; drop the "
+                          f"setting or choose a method with a teacher ({', '.join(with_teacher)})")
+    if method.teacher is not None and mode not in method.teacher_modes:
+        users = [m.name for m in METHODS.values() if mode in m.teacher_modes]
+        raise ConfigError(f"teacher.mode: {method.name} uses teacher.mode "
+                          f"{' or '.join(method.teacher_modes)}"
+                          + (" (with teacher.model)" if method.teacher == "plain" else "")
+                          + f", not {mode}" + (f", which is only for algorithm.name="
+                                               f"{' or '.join(users)}" if users else ""))
+    if mode == "external" and not cfg.teacher.model:
+        raise ConfigError("teacher.model: required with teacher.mode=external")
+    if "teacher.privileged" in changed and method.teacher != "privileged":
+        raise ConfigError("teacher.privileged: only applies to a self-teacher (" + ", ".join(
+            m.name for m in METHODS.values() if m.teacher == "privileged")
+            + " with teacher.mode live, frozen or sync)")
+    for key, needed in (("teacher.model", "external"), ("teacher.sync_every", "sync")):
+        if key in changed and mode != needed:
+            raise ConfigError(f"{key}: only applies to teacher.mode={needed}, not {mode}")
 
 
 def _check_trackers(trackers: list) -> None:

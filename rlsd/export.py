@@ -115,7 +115,7 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> Path:
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"--to: {out_dir} exists and is not empty; choose a new directory")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", saved=True)
     ckpt = pick_checkpoint(run_dir, step)
     lm, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, torch.device("cpu")))
     load_trainable(lm, ckpt, cfg.model.lora)

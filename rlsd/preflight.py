@@ -1,10 +1,11 @@
 """Start-up checks that refuse a run whose teacher would be misaligned or would teach nothing.
 
-Run once before training, on the first records:
-- the teacher's prompt differs from the student's and contains the privileged context (the
-  solution, else the answer); otherwise RLSD's Delta is 0 everywhere and the run is silently GRPO;
-- both prompts end with the chat template's assistant header, so the completion follows the same
-  context in both;
+Run once before training:
+- on every record (text only, cheap): the teacher's prompt differs from the student's and
+  contains the privileged context (the solution, else the answer); otherwise RLSD's Delta is 0
+  on that record and it trains as plain GRPO without a word;
+- on a sample of records (`ALIGNMENT_SAMPLE`, token ids): both prompts end with the chat
+  template's assistant header, so the completion follows the same context in both;
 - through the very code that builds scoring inputs, the positions the scorer reads hold exactly
   the completion ids, and the first completion token gets the position right after its prompt
   whatever the padding: student and teacher score the same tokens at the same places.
@@ -21,6 +22,8 @@ from .data import PromptRenderer, Record, chat_ids
 from .logprobs import position_ids_for
 from .rollout import join, left_pad
 
+ALIGNMENT_SAMPLE = 8  # records whose token alignment is checked (the text checks cover all)
+
 
 def generation_header(tokenizer: Any) -> list[int]:
     """The ids the chat template appends to open the assistant turn ([] without a template)."""
@@ -34,26 +37,35 @@ def generation_header(tokenizer: Any) -> list[int]:
 
 def check_teacher_prompts(renderer: PromptRenderer, tokenizer: Any, records: list[Record],
                           privileged: bool = True) -> None:
-    """The teacher's prompt differs from the student's, holds the reference (unless this is a
-    `teacher.privileged: false` control) and ends like the student's."""
+    """Every record's teacher prompt differs from the student's and holds the reference (unless
+    this is a `teacher.privileged: false` control); the first `ALIGNMENT_SAMPLE` records' prompts
+    also end like the student's and line up with the completion ids."""
+    if privileged:
+        for index, record in enumerate(records):
+            check_privileged_text(renderer, record, index)
     header = generation_header(tokenizer)
-    for record in records:
+    for record in records[:ALIGNMENT_SAMPLE]:
         student, teacher = renderer.student_ids(record), renderer.teacher_ids(record)
-        if student == teacher and privileged:
-            raise ConfigError("data.teacher_template: renders the same prompt as the student's; "
-                              "the teacher would see no privileged context")
-        reference = (record.solution or record.answer).strip()
-        text = tokenizer.decode(teacher, skip_special_tokens=False)
-        if privileged and reference and reference not in text:
-            raise ConfigError(f"data.teacher_template: the teacher's prompt does not contain the "
-                              f"reference ({reference[:40]!r}); use {{{{ solution or answer }}}} "
-                              "(or teacher.privileged: false for a control run)")
         for name, ids in (("prompt_template", student), ("teacher_template", teacher)):
             if header and ids[-len(header):] != header:
                 raise ConfigError(f"data.{name}: the rendered prompt does not end with the chat "
                                   "template's assistant header; completions would follow a "
                                   "different context for student and teacher")
             check_scoring_positions(ids, tokenizer, name)
+
+
+def check_privileged_text(renderer: PromptRenderer, record: Record, index: int) -> None:
+    """One record's teacher message shows it something the student's does not: the reference."""
+    where = f"data.teacher_template: record {index} ({record.prompt[:40]!r})"
+    teacher = renderer.teacher_text(record)
+    if teacher == renderer.student_text(record):
+        raise ConfigError(f"{where}: renders the same prompt as the student's; the teacher "
+                          "would see no privileged context and the record would train as GRPO")
+    reference = (record.solution or record.answer).strip()
+    if reference and reference not in teacher:
+        raise ConfigError(f"{where}: the teacher's prompt does not contain the reference "
+                          f"({reference[:40]!r}); use {{{{ solution or answer }}}} "
+                          "(or teacher.privileged: false for a control run)")
 
 
 def check_scoring_positions(prompt: list[int], tokenizer: Any, name: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 
+from .algorithms.method import Method, method_for
 from .checkpoint import (check_resumable, latest_checkpoint, load_state, load_trainable,
                          save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, ModelConfig, load_config, to_dict, to_yaml
@@ -40,6 +41,7 @@ class Run:
     """Everything a training step needs, built once by `setup`."""
 
     cfg: Config
+    method: Method  # what the method is: its teacher, its rows, its token credit
     accelerator: Accelerator
     scorer: TokenScorer  # the policy, wrapped to return completion log-probs
     tokenizer: Any
@@ -94,7 +96,7 @@ def run_dir_for(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
     if not resume:
         raise FileExistsError(f"{run_dir}: already holds a run; resume it (drop --no-resume) "
                               "or choose another output.run_name")
-    check_resumable(load_config(run_dir / "config.yaml"), cfg, str(run_dir))
+    check_resumable(load_config(run_dir / "config.yaml", saved=True), cfg, str(run_dir))
     return run_dir, latest_checkpoint(run_dir)  # None: died before its first checkpoint
 
 
@@ -137,8 +139,8 @@ def setup(cfg: Config, resume: bool = True) -> Run:
         base_model(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     renderer = PromptRenderer(cfg.data, tokenizer)
-    self_teacher = cfg.algorithm.name != "grpo" and cfg.teacher.mode != "external"
-    records, skipped = check_lengths(renderer, records, self_teacher)
+    method = method_for(cfg)
+    records, skipped = check_lengths(renderer, records, method.teacher == "privileged")
     if skipped:
         log.warning("skipped %d of %d records: prompt longer than data.max_prompt_tokens=%d",
                     skipped, skipped + len(records), cfg.data.max_prompt_tokens)
@@ -148,12 +150,12 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     teacher = None
-    if cfg.algorithm.name != "grpo":
+    if method.teacher is not None:
         external = None
-        if cfg.teacher.mode == "external":
+        if method.teacher == "plain":
             external = load_external_teacher(cfg, tokenizer, accelerator.device)
         else:
-            check_teacher_prompts(renderer, tokenizer, records[:8], cfg.teacher.privileged)
+            check_teacher_prompts(renderer, tokenizer, records, cfg.teacher.privileged)
         teacher = Teacher(cfg.teacher.mode, accelerator.unwrap_model(scorer), cfg.model.lora,
                           cfg.teacher.batch_size or cfg.train.micro_batch_size,
                           cfg.teacher.sync_every, external)
@@ -175,7 +177,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
         accelerator.init_trackers(cfg.output.project, config=flat_config(to_dict(cfg)))
     logs = [JsonlWriter(run_dir / name) if main else NullWriter()
             for name in ("metrics.jsonl", "samples.jsonl")]
-    run = Run(cfg, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
+    run = Run(cfg, method, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
               renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir, *logs)
     run.start_step, run.mem_scope = start, mem_scope
     if main and cfg.train.eval_every:

@@ -2,27 +2,30 @@
 
 `rlsd train --help` is generated from these declarations (`config.help_rows`) and the resolved
 config (all fields, defaults included) is saved with every run. The defaults are the CPU
-quick-start recipe (`configs/quickstart.yaml` spells them out). Loading, overrides and
-validation live in `config.py`, which re-exports everything here.
+quick-start recipe (`configs/quickstart.yaml` shows the fields a newcomer changes). Loading,
+overrides and validation live in `config.py`, which re-exports everything here.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
+
+from .algorithms.advantages import BASELINES, STD_ESTIMATORS
+from .algorithms.method import METHODS
+from .algorithms.policy_loss import AGGREGATIONS
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
         high: float | None = None) -> Any:
     """Declare a config field with its one help text and its allowed values or range."""
     meta = {"help": help, "choices": choices, "low": low, "high": high}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    if isinstance(default, (list, dict)):  # a deep copy: no two configs share a nested list
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-DISTILLATION = ("opsd", "grpo_opsd", "opd")  # methods whose loss has a teacher-divergence term
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")  # see algorithms/policy_loss.py
 ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
               "operators": ["+", "-"], "allow_parentheses": False, "allow_negation": False}
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module
@@ -130,17 +133,22 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = opt("rlsd", "Training method: grpo (verifier only), rlsd (verifier sets the "
-                    "direction, the self-teacher the per-token size), opsd (self-distillation "
-                    "only), grpo_opsd (GRPO loss + opsd.beta x OPSD loss), opd (distillation "
-                    "from an external teacher).",
-                    choices=("grpo", "rlsd", "opsd", "grpo_opsd", "opd"))
+    name: str = opt("rlsd", "Training method: " + ", ".join(
+        f"{m.name} ({m.summary})" for m in METHODS.values()) + " (see algorithms/method.py).",
+        choices=tuple(METHODS))
     baseline: str = opt("mean", "Group baseline: the group mean (GRPO) or the mean of the other "
-                        "samples (RLOO).", choices=("mean", "leave_one_out"))
+                        "samples (RLOO).", choices=BASELINES)
     scale_std: bool = opt(True, "Divide group advantages by the group's std (False = Dr. GRPO).")
+    std: str = opt("unbiased", "The group std of scale_std: unbiased (divide by G - 1, as the "
+                   "RLSD reference code and TRL) or population (divide by G; rlsd's estimator "
+                   "before 2026-12, advantages sqrt(G / (G - 1)) times larger).",
+                   choices=STD_ESTIMATORS)
     adv_eps: float = opt(1e-6, "Added to the group std before dividing.", low=0)
     eps_low: float = opt(0.2, "PPO clip: ratio lower bound is 1 - eps_low.", low=0, high=1)
     eps_high: float = opt(0.28, "PPO clip: ratio upper bound is 1 + eps_high.", low=0)
+    dual_clip: float = opt(3.0, "Dual clip: the loss of a token with negative advantage is at "
+                           "most dual_clip x |A| (the reference recipe's clip_ratio_c; > 1, or 0 "
+                           "= off). Acts only with ppo_epochs > 1 or mini_batches > 1.", low=0)
     kl_coef: float = opt(0.0, "Weight of a k3 KL penalty to the frozen initial policy (0 = off; "
                          "with it on, no row can be skipped).", low=0)
     loss_agg: str = opt("token_mean", "How per-token losses become one number: token_mean (all "
@@ -161,9 +169,13 @@ class RlsdConfig:
                                   "warm-up (0 = none; the reference recipe uses 60).", low=0)
     negative_only: bool = opt(False, "Reweight only completions with a negative advantage.")
     thought_only: bool = opt(False, "Reweight only tokens inside the reasoning span (between "
-                             "thought_open and thought_close, matched as token ids).")
+                             "thought_open and thought_close, found in the decoded text).")
     thought_open: str = opt("<think>", "Tag that opens the reasoning span (thought_only).")
     thought_close: str = opt("</think>", "Tag that closes the reasoning span (thought_only).")
+    max_spanless_steps: int = opt(10, "With thought_only: stop (with a checkpoint) after this "
+                                  "many consecutive steps in which no completion opens a "
+                                  "reasoning span, since such steps are plain GRPO (0 = never "
+                                  "stop; a warning is always printed at the first).", low=0)
 
 
 @dataclass

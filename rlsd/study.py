@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError
-from .tracking import read_jsonl, write_atomic
+from .tracking import quiet_libraries, read_jsonl, write_atomic
 
 
 @dataclass
@@ -308,7 +308,6 @@ def _child(study: Study, cell: Cell, extra: dict[str, str]) -> None:
     """One run in its own process: exits with TrainingStopped's code after its message."""
     import sys
 
-    from .cli import quiet_libraries
     from .trainer import TrainingStopped
 
     quiet_libraries(False)

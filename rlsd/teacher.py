@@ -10,19 +10,32 @@ Modes (`teacher.mode`):
   for scoring; with full fine-tuning, a model copy whose weights are overwritten at each refresh.
 - `external`: another model (OPD), with the same tokenizer, on the student's plain prompt.
 
-The teacher only ever needs the log-probs of the sampled tokens, computed without autograd.
+It scores without autograd. Every method needs the log-probs of the sampled tokens; the exact
+divergences of the distillation methods (`opsd.divergence` full or topk) also need the teacher's
+distribution at each position (its whole vocabulary, or its top k tokens): `logprobs` returns
+both in one `TeacherScores`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .logprobs import TokenScorer
 from .rollout import join
+
+
+@dataclass
+class TeacherScores:
+    """What a teacher pass returns for N completions of at most T tokens."""
+
+    logps: torch.Tensor  # (N, T) log-probs of the sampled completion ids
+    support_vals: torch.Tensor | None = None  # (N, T, V) or (N, T, k): its distribution
+    support_ids: torch.Tensor | None = None  # (N, T, k) the top-k token ids (None: all V)
 
 
 class Teacher:
@@ -103,7 +116,7 @@ class Teacher:
     @torch.no_grad()
     def logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                  completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                 device: torch.device, topk: int | None = None):
+                 device: torch.device, topk: int | None = None) -> TeacherScores:
         """Teacher log-probs (N, T) of the completion ids after the teacher's own prompts.
 
         With `topk` (0 = the whole vocabulary) also the teacher's distribution at every
@@ -125,10 +138,10 @@ class Teacher:
             scorer.train(was_training)
         logps = torch.cat([o[0] for o in outs])
         if topk is None:
-            return logps
+            return TeacherScores(logps)
         vals = torch.cat([o[1] for o in outs])
         ids = None if outs[0][2] is None else torch.cat([o[2] for o in outs])
-        return logps, vals, ids
+        return TeacherScores(logps, vals, ids)
 
 
 def trim_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,3 +147,15 @@ def flat_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """`section.field` -> scalar (lists and dicts as text), for tracker hyperparameter tables."""
     return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
             for section, fields in config.items() for key, value in fields.items()}
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Keep the terminal for our progress bar: no library progress bars or chatter."""
+    import warnings
+
+    import transformers
+
+    if not debug:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)

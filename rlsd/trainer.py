@@ -1,10 +1,13 @@
 """The training loop, top to bottom: rollout -> reward -> advantages -> teacher -> loss -> step.
 
-One optimisation pass per rollout batch, so the "old" log-probs of the PPO ratio are the detached
-current ones (no extra forward pass). Groups whose rewards are all equal have zero advantage and,
-with no KL term, zero gradient: they are skipped before the teacher and the policy forward, which
-is exact. The loss is normalised by the token count of the whole step, so gradient accumulation
-over micro-batches gives the same update as one big batch.
+What the method is (its teacher, which rows it trains, its token credit) is asked of its object
+(`run.method`, from `algorithms/method.py`); nothing here branches on a method's name. By default
+one optimisation pass runs per rollout batch, so the "old" log-probs of the PPO ratio are the
+detached current ones (no extra forward pass); `train.ppo_epochs` / `train.mini_batches` make
+several (see `update.py`). Groups whose rewards are all equal have zero advantage and, with no
+KL term, zero gradient: under the verifier-driven methods they are skipped before the teacher
+and the policy forward, which is exact. The loss is normalised by the token count of the whole
+step, so gradient accumulation over micro-batches gives the same update as one big batch.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ from typing import Any
 
 import torch
 
-from .algorithms import credit_split, group_advantages, reweighted_tokens, span_split
-from .config import DISTILLATION, Config
+from .algorithms import group_advantages
+from .config import Config
 from .data import Record
+from .diagnostics import completion_spans, credit_diagnostics
 from .distributed import anywhere, reduce_metrics, shard, world
 from .checkpoint import latest_checkpoint
 from .rollout import Batch, left_pad, sample_completions
 from .run import Run, TrainingStopped, save, setup  # noqa: F401 (re-exported)
 from .teacher import Teacher
 from .tracking import peak_memory_mb, tracker_values
-from .update import Rows, answer_tokens, optimise, reasoning_span, token_credit
+from .update import Rows, optimise
 
 log = logging.getLogger(__name__)
 
@@ -53,34 +57,6 @@ def score(run: Run, recs: list[Record], batch: Batch) -> tuple[list[str], torch.
     return texts, torch.tensor(rewards, dtype=torch.float32), correct, metrics
 
 
-def credit_diagnostics(run: Run, step: int, adv: torch.Tensor, logps: torch.Tensor,
-                       teacher_logps: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,
-                       span: torch.Tensor | None, answer: torch.Tensor | None
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Teacher statistics over every trained token of the step (not means of micro-batch means):
-    Delta and (rlsd) clip fractions split by correct / incorrect completions and by final-answer
-    tokens / the other tokens."""
-    cfg = run.cfg
-    token_adv, metrics = token_credit(cfg, step, adv, logps, teacher_logps, mask, span)
-    if span is not None and not cfg.rlsd.thought_only:  # where did the teacher's credit go?
-        signed = adv != 0
-        multiplier = token_adv[signed] / adv[signed].unsqueeze(1)
-        metrics.update(span_split(multiplier, span[signed], mask[signed]))
-    delta = teacher_logps - logps
-    metrics["teacher/kl"] = -((delta * mask).sum() / mask.sum().clamp(min=1)).item()
-    tokens = mask.bool()
-    groups = {"correct": tokens & correct.unsqueeze(1), "incorrect": tokens & ~correct.unsqueeze(1)}
-    if answer is not None:
-        groups.update(answer_tokens=tokens & answer, other_tokens=tokens & ~answer)
-    clip = None
-    if cfg.algorithm.name == "rlsd":
-        r = cfg.rlsd
-        clip = (adv, reweighted_tokens(adv, mask, r.negative_only, span if r.thought_only
-                                       else None), r.eps_w)
-    metrics.update(credit_split(delta, groups, clip))
-    return token_adv, metrics
-
-
 def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
     """(N,) rows that carry a gradient: every row for distillation or with a KL penalty, else
     the rows with non-zero advantage.
@@ -88,24 +64,16 @@ def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
     Rows of all-equal groups have A = 0 and, with no KL term, exactly zero gradient under
     grpo / rlsd: skipping them before the teacher and the policy forward is exact.
     """
-    if run.cfg.algorithm.name in DISTILLATION or run.cfg.algorithm.kl_coef > 0:
+    if run.method.dense or run.cfg.algorithm.kl_coef > 0:
         return torch.ones_like(adv, dtype=torch.bool)
     return adv != 0
-
-
-def support_size(cfg: Config) -> int | None:
-    """The teacher distribution the exact divergences need: None (sampled tokens only),
-    0 (the whole vocabulary) or k (the top k)."""
-    if cfg.algorithm.name not in DISTILLATION or cfg.opsd.divergence == "sampled":
-        return None
-    return cfg.opsd.topk if cfg.opsd.divergence == "topk" else 0
 
 
 def scored_by(run: Run, scorer: Teacher | None, plain_prompt: bool, recs: list[Record],
               rows: torch.Tensor, trained: Batch, topk: int | None = None):
     """Log-probs (n, T) of the trained rows' completions under a teacher or the reference, after
     the teacher prompt (privileged context) or the student's plain prompt; with `topk`, also
-    the teacher's distribution (see Teacher.logprobs)."""
+    the teacher's distribution (see Teacher.logprobs). None without a scorer or rows."""
     if scorer is None or not rows.any():
         return None
     group = run.cfg.rollout.num_generations
@@ -128,6 +96,22 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     return learn(run, step, recs, batch, texts, rewards, correct, metrics, times)
 
 
+def teacher_pass(run: Run, step: int, recs: list[Record], rows: torch.Tensor, data: Rows,
+                 metrics: dict[str, float]) -> None:
+    """Score the trained rows under the teacher (and the KL reference) into `data`."""
+    if run.teacher is not None:
+        run.teacher.maybe_sync(step)
+        if run.teacher.mode == "sync":
+            metrics["teacher/synced_at"] = float(run.teacher.synced_at)
+        plain = run.method.teacher == "plain"  # OPD's teacher sees the student's own prompt
+        scores = scored_by(run, run.teacher, plain, recs, rows, data.batch, run.method.support)
+        if scores is not None:
+            data.teacher_logps = scores.logps
+            data.support_vals, data.support_ids = scores.support_vals, scores.support_ids
+    reference = scored_by(run, run.reference, True, recs, rows, data.batch)
+    data.ref_logps = None if reference is None else reference.logps
+
+
 def learn(run: Run, step: int, recs: list[Record], batch: Batch, texts: list[str],
           rewards: torch.Tensor, correct: list[bool], metrics: dict[str, float],
           times: dict[str, float]) -> dict[str, Any]:
@@ -136,43 +120,34 @@ def learn(run: Run, step: int, recs: list[Record], batch: Batch, texts: list[str
     cfg = run.cfg
     adv, adv_metrics = group_advantages(rewards, cfg.rollout.num_generations,
                                         cfg.algorithm.scale_std, cfg.algorithm.adv_eps,
-                                        cfg.algorithm.baseline)
+                                        cfg.algorithm.baseline, cfg.algorithm.std)
     metrics.update(adv_metrics)
     rows = trained_rows(run, adv)
     data = Rows(batch.select(rows), adv[rows])
+    span, answer, span_metrics = completion_spans(cfg, run.method, run.tokenizer, batch)
+    metrics.update(span_metrics)
+    data.span = None if span is None else span[rows]
     run.phase = "teacher"
-    if run.teacher is not None:
-        run.teacher.maybe_sync(step)
-        if run.teacher.mode == "sync":
-            metrics["teacher/synced_at"] = float(run.teacher.synced_at)
-        external = run.teacher.mode == "external"  # OPD's teacher sees the plain prompt
-        scored = scored_by(run, run.teacher, external, recs, rows, data.batch, support_size(cfg))
-        if isinstance(scored, tuple):
-            data.teacher_logps, data.support_vals, data.support_ids = scored
-        else:
-            data.teacher_logps = scored
-    data.ref_logps = scored_by(run, run.reference, True, recs, rows, data.batch)
+    teacher_pass(run, step, recs, rows, data, metrics)
     times["teacher"] = time.perf_counter()
-    credit = None
     run.phase = "update"
     update = anywhere(run.accelerator, rows.any())  # some process has rows: all take part
-    mask = data.batch.completion_mask.float()
+    mask = data.batch.completion_mask
     if update:
-        data.span = reasoning_span(cfg, run.tokenizer, data.batch)
         logps, upd = optimise(run, step, batch, rows, data)
         metrics.update(upd)
     if update and rows.any():
-        metrics["policy/entropy"] = -(logps * mask).sum().item() / max(mask.sum().item(), 1)
+        metrics["policy/entropy"] = -logps[mask].sum().item() / max(mask.sum().item(), 1)
         if data.teacher_logps is not None:
-            credit, teacher_metrics = credit_diagnostics(
-                run, step, data.adv, logps, data.teacher_logps, mask,
+            metrics.update(credit_diagnostics(
+                run.method, step, data.adv, logps, data.teacher_logps, data.token_adv, mask,
                 torch.tensor(correct)[rows], data.span,
-                answer_tokens(cfg, run.tokenizer, data.batch))
-            metrics.update(teacher_metrics)
+                None if answer is None else answer[rows]))
     metrics["train/skipped_update"] = float(not update)
     times["train"] = time.perf_counter()
     metrics.update(step_metrics(run, step, batch, rewards, correct, times))
     if run.accelerator.is_main_process:  # the main process's completions stand for the step
+        credit = data.token_adv if data.teacher_logps is not None else None
         write_samples(run, step, recs, texts, rewards, correct, adv, batch, rows, credit)
     return reduce_metrics(run.accelerator, metrics, mask.sum().item())
 
@@ -222,9 +197,9 @@ def write_samples(run: Run, step: int, recs: list[Record], texts: list[str],
         if credit is not None and i in credit_row:
             token_adv = credit[credit_row[i]][: len(ids)]
             sample["token_advantage"] = [round(v, 5) for v in token_adv.tolist()]
-            if run.teacher is not None and run.teacher.mode != "external":
+            if run.method.teacher == "privileged":
                 sample["teacher_prompt"] = run.renderer.teacher_text(record)
-            if run.cfg.algorithm.name == "rlsd" and adv[i] != 0:
+            if run.method.reweights and adv[i] != 0:
                 sample["credit_multiplier"] = [round(v, 4) for v in (token_adv / adv[i]).tolist()]
         run.samples.write(sample)
 
@@ -297,18 +272,54 @@ def guarded_step(run: Run, step: int) -> dict[str, Any]:
         raise TrainingStopped(oom_message(run, step), 1) from None
 
 
+class Watch:
+    """Counts consecutive steps that went wrong, and says when training must stop: steps with a
+    NaN or infinite gradient (each skipped), and, under rlsd.thought_only, steps in which no
+    completion opened a reasoning span (each trained as plain GRPO; warned at the first)."""
+
+    def __init__(self, cfg: Config, method: Any):
+        self.cfg, self.nonfinite, self.spanless, self.warned = cfg, 0, 0, False
+        self.spans = method.reweights and cfg.rlsd.thought_only
+
+    def stop_reason(self, step: int, metrics: dict[str, Any]) -> tuple[str, str] | None:
+        cfg = self.cfg
+        self.nonfinite = self.nonfinite + 1 if metrics.get("train/nonfinite") else 0
+        if self.nonfinite >= cfg.train.max_nonfinite_steps:
+            return (f"stopped after {self.nonfinite} consecutive steps with a NaN or infinite "
+                    f"gradient (step {step}, skipped)", "Lower train.lr or check the reward "
+                    "and data")
+        if not self.spans:
+            return None
+        r = cfg.rlsd
+        self.spanless = self.spanless + 1 if metrics.get("rlsd/span_frac") == 0 else 0
+        if self.spanless and not self.warned:
+            self.warned = True
+            log.warning("step %d: no completion opens a reasoning span (%r ... %r): under "
+                        "rlsd.thought_only such a step is plain GRPO%s", step, r.thought_open,
+                        r.thought_close, f"; training stops after {r.max_spanless_steps} such "
+                        "steps in a row" if r.max_spanless_steps else "")
+        if r.max_spanless_steps and self.spanless >= r.max_spanless_steps:
+            return (f"stopped after {self.spanless} consecutive steps in which no completion "
+                    f"opened a reasoning span {r.thought_open!r} (step {step}); under "
+                    "rlsd.thought_only they train as plain GRPO", "Check the prompt asks for the "
+                    "tags, set rlsd.thought_open/thought_close to what the model writes, or "
+                    "drop rlsd.thought_only")
+        return None
+
+
 def train(cfg: Config, resume: bool = True) -> Path:
     """Run (or resume) the whole training job; returns the run directory.
 
-    SIGINT / SIGTERM finish the current step, write a checkpoint and raise TrainingStopped;
-    so do `train.max_nonfinite_steps` consecutive steps with a NaN or infinite gradient.
+    SIGINT / SIGTERM finish the current step, write a checkpoint and raise TrainingStopped; so
+    do the conditions `Watch` counts (`train.max_nonfinite_steps` consecutive steps with a NaN
+    or infinite gradient, `rlsd.max_spanless_steps` steps without a reasoning span).
     """
     run = setup(cfg, resume)
     steps, every = cfg.train.steps, cfg.output.save_every
     caught: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-    nonfinite = 0
+    watch = Watch(cfg, run.method)
     try:
         with progress_bar(cfg.output.progress and run.accelerator.is_main_process) as bar:
             task = bar.add_task("train", total=steps, completed=run.start_step - 1, reward=0.0,
@@ -323,10 +334,9 @@ def train(cfg: Config, resume: bool = True) -> Path:
                            reward=sum(m["reward/mean"] for m in recent) / len(recent),
                            acc=sum(m["reward/accuracy"] for m in recent) / len(recent),
                            sps=metrics["perf/step_seconds"])
-                nonfinite = nonfinite + 1 if metrics.get("train/nonfinite") else 0
                 signalled = anywhere(run.accelerator, bool(caught))  # on any process
-                stop = signalled or nonfinite >= cfg.train.max_nonfinite_steps
-                if step == steps or (every and step % every == 0) or stop:
+                reason = watch.stop_reason(step, metrics)
+                if step == steps or (every and step % every == 0) or signalled or reason:
                     save(run, step)
                 if signalled:
                     signum = caught[0] if caught else signal.SIGTERM
@@ -334,11 +344,10 @@ def train(cfg: Config, resume: bool = True) -> Path:
                         f"stopped by signal {signal.Signals(signum).name} after step {step}; "
                         f"checkpoint written, resume with: rlsd train --resume {run.run_dir}",
                         128 + signum)
-                if stop:
-                    raise TrainingStopped(
-                        f"stopped after {nonfinite} consecutive steps with a NaN or infinite "
-                        f"gradient (step {step}, skipped); checkpoint written in {run.run_dir}. "
-                        "Lower train.lr or check the reward and data", 1)
+                if reason:
+                    what, hint = reason
+                    raise TrainingStopped(f"{what}; checkpoint written in {run.run_dir}. {hint}",
+                                          1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

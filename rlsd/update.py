@@ -20,12 +20,8 @@ from typing import Any
 
 import torch
 
-from .algorithms import (aggregate, answer_span_mask, clipped_policy_loss, lambda_at,
-                         loss_normaliser, opsd_token_advantages, reasoning_span_mask,
-                         rlsd_token_advantages, sampled_forward_token_advantages)
-from .config import Config
+from .algorithms import aggregate, clipped_policy_loss, loss_normaliser
 from .distributed import anywhere, total
-from .rewards.builtin import answer_anchor
 from .rollout import Batch, join
 from .teacher import trim_left
 
@@ -42,6 +38,7 @@ class Rows:
     span: torch.Tensor | None = None  # (n, T) reasoning span (rlsd)
     support_vals: torch.Tensor | None = None  # (n, T, k or V) teacher log-probs (full / topk)
     support_ids: torch.Tensor | None = None  # (n, T, k) their token ids (topk)
+    token_adv: torch.Tensor | None = None  # (n, T) the step's credit, computed once
 
     def select(self, idx: torch.Tensor) -> "Rows":
         def pick(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -49,58 +46,13 @@ class Rows:
 
         return Rows(self.batch.select(idx), self.adv[idx], pick(self.teacher_logps),
                     pick(self.ref_logps), pick(self.old_logps), pick(self.span),
-                    pick(self.support_vals), pick(self.support_ids))
-
-
-def token_credit(cfg: Config, step: int, adv: torch.Tensor, logps: torch.Tensor,
-                 teacher_logps: torch.Tensor | None, mask: torch.Tensor,
-                 span: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token advantages (N, T) of the configured method, and its credit metrics."""
-    method = cfg.algorithm.name
-    if method == "grpo":
-        return adv.unsqueeze(1) * mask, {}
-    if method == "rlsd":
-        r = cfg.rlsd
-        lam = lambda_at(step, r.lambda_, r.lambda_warmup_steps, r.lambda_decay_steps)
-        return rlsd_token_advantages(adv, logps, teacher_logps, mask, lam, r.eps_w,
-                                     r.negative_only, span if r.thought_only else None)
-    distill, metrics = opsd_token_advantages(logps, teacher_logps, mask)
-    if cfg.opsd.direction == "forward":
-        distill = sampled_forward_token_advantages(logps, teacher_logps, mask)
-    if cfg.opsd.divergence != "sampled":  # the exact divergence is its own loss term
-        distill = torch.zeros_like(distill)
-    if method in ("opsd", "opd"):
-        return distill, metrics
-    return adv.unsqueeze(1) * mask + cfg.opsd.beta * distill, metrics  # grpo_opsd
+                    pick(self.support_vals), pick(self.support_ids), pick(self.token_adv))
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(policy || reference) on sampled tokens (>= 0)."""
     r = ref_logps - logps
     return torch.exp(r) - r - 1.0
-
-
-def reasoning_span(cfg: Config, tokenizer: Any, batch: Batch) -> torch.Tensor | None:
-    """RLSD's reasoning-span mask (tags matched as token ids): it restricts the credit under
-    rlsd.thought_only, and splits the credit diagnostics in every RLSD run."""
-    r = cfg.rlsd
-    if cfg.algorithm.name != "rlsd":
-        return None
-    tags = [tokenizer(t, add_special_tokens=False)["input_ids"]
-            for t in (r.thought_open, r.thought_close)]
-    return reasoning_span_mask(batch.completion_ids, batch.completion_mask, *tags)
-
-
-def answer_tokens(cfg: Config, tokenizer: Any, batch: Batch) -> torch.Tensor | None:
-    """(N, T) the final-answer tokens of each completion (from the last answer marker, boxed or
-    answer tag, as `reward.extract` finds the answer, to the end), for the credit diagnostics;
-    None when the extraction has no anchor (last_number, none)."""
-    anchor = answer_anchor(cfg.reward.extract, cfg.reward.answer_marker)
-    if not anchor:
-        return None
-    pieces = [tokenizer.batch_decode(ids[mask].unsqueeze(1).tolist(), skip_special_tokens=True)
-              for ids, mask in zip(batch.completion_ids, batch.completion_mask.bool())]
-    return answer_span_mask(pieces, anchor, batch.completion_ids.shape[1])
 
 
 def _scoring_inputs(batch: Batch, rows: slice, device: torch.device):
@@ -127,11 +79,24 @@ def idle_loss(run: Any) -> torch.Tensor:
     return run.scorer(ids, torch.ones_like(ids), mask).sum() * 0.0
 
 
+def credit(run: Any, step: int, data: Rows, logps: torch.Tensor) -> torch.Tensor:
+    """The rows' token advantages (n, T) under the run's method, from detached log-probs."""
+    device = logps.device
+
+    def to_dev(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(device)
+
+    return run.method.token_advantages(step, data.adv.to(device), logps.detach(),
+                                       to_dev(data.teacher_logps),
+                                       data.batch.completion_mask.to(device), to_dev(data.span))
+
+
 def micro_batch_loss(run: Any, step: int, part: Rows, normaliser: float, sums: dict[str, float]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss of one micro-batch (its share of the step's loss), its log-probs and mask;
-    adds its KL terms to `sums`."""
-    cfg, device, alg = run.cfg, run.device, run.cfg.algorithm
+    """The loss of one micro-batch (its share of the step's loss), its log-probs and its token
+    advantages (computed here from the detached log-probs unless the rows already hold them);
+    adds its KL terms and clip counts to `sums`."""
+    cfg, device, alg, method = run.cfg, run.device, run.cfg.algorithm, run.method
     ids, attn, c_mask = _scoring_inputs(part.batch, slice(None), device)
     exact_kl = None
     if part.support_vals is None:
@@ -141,37 +106,36 @@ def micro_batch_loss(run: Any, step: int, part: Rows, normaliser: float, sums: d
                    None if part.support_ids is None else part.support_ids.to(device))
         logps, exact_kl = run.scorer(ids, attn, c_mask, support, cfg.opsd.direction == "reverse")
     old = logps.detach() if part.old_logps is None else part.old_logps.to(device)
-
-    def to_dev(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.to(device)
-
-    token_adv, _ = token_credit(cfg, step, part.adv.to(device), old, to_dev(part.teacher_logps),
-                                c_mask, to_dev(part.span))
+    token_adv = credit(run, step, part, old) if part.token_adv is None \
+        else part.token_adv.to(device)
     loss, m = clipped_policy_loss(logps, old, token_adv, c_mask, alg.eps_low, alg.eps_high,
-                                  alg.loss_agg, normaliser)
+                                  alg.loss_agg, normaliser, alg.dual_clip)
     if exact_kl is not None:
         kl = aggregate(exact_kl, c_mask, alg.loss_agg, normaliser)
-        loss = loss + (cfg.opsd.beta if alg.name == "grpo_opsd" else 1.0) * kl
+        loss = loss + method.divergence_weight * kl
         sums["opsd/kl_exact"] = sums.get("opsd/kl_exact", 0.0) + kl.item()
     if part.ref_logps is not None:
         kl = aggregate(k3_kl(logps, part.ref_logps.to(device)), c_mask, alg.loss_agg, normaliser)
         loss = loss + alg.kl_coef * kl
         sums["policy/kl_ref"] += kl.item()
-    sums["clipped"] += m["policy/clip_frac"] * c_mask.sum().item()
-    return loss, logps, c_mask
+    tokens = c_mask.sum().item()
+    sums["clipped"] += m["policy/clip_frac"] * tokens
+    sums["dual_clipped"] += m["policy/dual_clip_frac"] * tokens
+    return loss, logps, token_adv
 
 
 def policy_update(run: Any, step: int, data: Rows, normaliser: float,
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """One optimizer step: accumulate gradients over micro-batches of `data`, then step.
 
     `normaliser` is the loss denominator of the rows this step covers (skipped rows included),
     summed over processes and divided by their number. Gradients are all-reduced once, at the
     last micro-batch; a process with no rows joins with a zero loss.
-    Returns the detached log-probs (n, T) and metrics.
+    Returns the detached log-probs (n, T), the token advantages used (n, T) and metrics.
     """
     cfg, acc, mb, n = run.cfg, run.accelerator, run.cfg.train.micro_batch_size, data.adv.shape[0]
-    all_logps, sums = [], {"loss/policy": 0.0, "policy/kl_ref": 0.0, "clipped": 0.0}
+    all_logps, all_adv = [], []
+    sums = {"loss/policy": 0.0, "policy/kl_ref": 0.0, "clipped": 0.0, "dual_clipped": 0.0}
     run.scorer.train()
     starts = list(range(0, n, mb)) or [None]
     for i, s in enumerate(starts):
@@ -181,8 +145,9 @@ def policy_update(run: Any, step: int, data: Rows, normaliser: float,
                 loss = idle_loss(run)
             else:
                 part = data.select(torch.arange(s, min(s + mb, n)))
-                loss, logps, _ = micro_batch_loss(run, step, part, normaliser, sums)
+                loss, logps, token_adv = micro_batch_loss(run, step, part, normaliser, sums)
                 all_logps.append(logps.detach().cpu())
+                all_adv.append(token_adv.cpu())
             acc.backward(loss)
         sums["loss/policy"] += loss.item()
     params = [p for p in run.scorer.parameters() if p.requires_grad]
@@ -194,13 +159,16 @@ def policy_update(run: Any, step: int, data: Rows, normaliser: float,
     run.optimizer.zero_grad(set_to_none=True)
     tokens = max(data.batch.completion_mask.sum().item(), 1)  # clip fraction over trained tokens
     metrics = {"loss/policy": sums["loss/policy"], "policy/grad_norm": grad_norm,
-               "policy/clip_frac": sums["clipped"] / tokens, "train/nonfinite": float(not finite)}
+               "policy/clip_frac": sums["clipped"] / tokens,
+               "policy/dual_clip_frac": sums["dual_clipped"] / tokens,
+               "train/nonfinite": float(not finite)}
     if data.ref_logps is not None:
         metrics["policy/kl_ref"] = sums["policy/kl_ref"]
     if "opsd/kl_exact" in sums:
         metrics["opsd/kl_exact"] = sums["opsd/kl_exact"]
-    width = data.batch.completion_ids.shape[1]
-    return (torch.cat(all_logps) if all_logps else torch.zeros(0, width)), metrics
+    empty = torch.zeros(0, data.batch.completion_ids.shape[1])
+    return (torch.cat(all_logps) if all_logps else empty,
+            torch.cat(all_adv) if all_adv else empty, metrics)
 
 
 def optimise(run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows,
@@ -209,6 +177,9 @@ def optimise(run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows,
 
     `batch` is the whole step's batch, `rows` (N,) marks the rows in `data`. Mini-batches split
     the whole batch in order; each one's loss denominator counts all its rows, trained or not.
+    The token credit is computed once per rollout batch and kept in `data.token_adv`: from the
+    single pass's own detached log-probs, or, with several passes, from the old log-probs before
+    the first, so it stays fixed across them.
     Returns the log-probs (n, T) the credit was computed from, and metrics averaged over updates.
     """
     cfg = run.cfg
@@ -220,8 +191,11 @@ def optimise(run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows,
         return total(run.accelerator, loss_normaliser(mode, mask, max_new)) / size
 
     if epochs == 1 and parts == 1:
-        return policy_update(run, step, data, normaliser(batch.completion_mask))
+        logps, data.token_adv, metrics = policy_update(run, step, data,
+                                                       normaliser(batch.completion_mask))
+        return logps, metrics
     data.old_logps = current_logps(run, data.batch)
+    data.token_adv = credit(run, step, data, data.old_logps)
     position = rows.long().cumsum(0) - 1  # where each row of the batch sits in `data`
     history = []
     for _ in range(epochs):
@@ -229,7 +203,7 @@ def optimise(run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows,
             chosen = chunk[rows[chunk]]
             if anywhere(run.accelerator, chosen.numel() > 0):  # every process, or none, steps
                 norm = normaliser(batch.completion_mask[chunk])
-                history.append(policy_update(run, step, data.select(position[chosen]), norm)[1])
+                history.append(policy_update(run, step, data.select(position[chosen]), norm)[2])
     metrics = {k: sum(m[k] for m in history) / len(history) for k in history[0]}
     metrics["train/optimizer_steps"] = float(len(history))
     return data.old_logps, metrics

@@ -16,10 +16,18 @@ SQ3 = math.sqrt(3.0)
 def test_group_advantages_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
     adv, metrics = group_advantages(rewards, 4, scale_std=True, eps=0.0)
-    # group 1: mean 0.25, population std sqrt(0.1875): 0.75/0.433 = sqrt(3), -0.25/0.433
-    want = [SQ3, -1 / SQ3, -1 / SQ3, -1 / SQ3, 0, 0, 0, 0, -1, 1, -1, 1]
+    # the default, unbiased std (as the reference code and TRL): group 1 has mean 0.25 and
+    # squared deviations 0.5625 + 3 x 0.0625 = 0.75, / (4 - 1) = 0.25, std 0.5: 0.75 / 0.5 = 1.5;
+    # group 3: deviations +-0.5, 1.0 / 3, std 1/sqrt(3): +-sqrt(3)/2
+    want = [1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0, -SQ3 / 2, SQ3 / 2, -SQ3 / 2, SQ3 / 2]
     torch.testing.assert_close(adv, torch.tensor(want), rtol=0, atol=1e-6)
     assert metrics["adv/zero_group_frac"] == pytest.approx(1 / 3)
+    # population std (divide by 4): group 1's std is sqrt(0.1875), 0.75 / 0.433 = sqrt(3)
+    adv, _ = group_advantages(rewards, 4, scale_std=True, eps=0.0, std="population")
+    want = [SQ3, -1 / SQ3, -1 / SQ3, -1 / SQ3, 0, 0, 0, 0, -1, 1, -1, 1]
+    torch.testing.assert_close(adv, torch.tensor(want), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown std estimator"):
+        group_advantages(rewards, 4, std="sample")
 
 
 def test_all_equal_groups_are_exactly_zero_even_with_eps():

@@ -14,8 +14,10 @@ def test_quickstart_recipe_is_the_default():
     import yaml
 
     spelled = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    assert {s: set(f) for s, f in spelled.items()} == \
-        {s: set(f) for s, f in to_dict(Config()).items()}  # every field spelled out
+    defaults = to_dict(Config())
+    for section, fields in spelled.items():  # only a newcomer's fields, each a real one
+        assert set(fields) <= set(defaults[section]), section
+    assert sum(len(f) for f in spelled.values()) <= 25
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from rlsd.algorithms import (aggregate, answer_span_mask, clipped_policy_loss, credit_split,
                              group_advantages, loss_normaliser, opsd_token_advantages,
-                             reasoning_span_mask, reweighted_tokens, rlsd_token_advantages)
+                             reweighted_tokens, rlsd_token_advantages)
 from rlsd.config import ConfigError, load_config
 
 from .test_algorithms import naive_rlsd, rlsd_case
@@ -59,19 +59,6 @@ def test_negative_only_reweights_only_negative_sequences():
     torch.testing.assert_close(token_adv[1], torch.tensor([-(0.5 + 0.5 * math.exp(-0.1)),
                                                            -1.1, -0.9, 0.0]))
     assert metrics["rlsd/reweighted_frac"] == pytest.approx(3 / 7)
-
-
-def test_reasoning_span_mask_by_hand():
-    o, c = [7, 8], [9]  # "<think>" is two ids here, "</think>" one
-    ids = torch.tensor([[7, 8, 1, 2, 9, 3, 0],      # closed span: tokens 2, 3
-                        [5, 7, 8, 1, 2, 3, 0],      # unclosed: runs to the end (3 tokens)
-                        [7, 8, 1, 9, 7, 8, 2],      # two spans
-                        [1, 2, 3, 4, 0, 0, 0]])     # no span
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0], [1] * 7, [1, 1, 1, 1, 0, 0, 0]],
-                        dtype=torch.bool)
-    want = torch.tensor([[0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 0, 0, 0, 1],
-                         [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    assert torch.equal(reasoning_span_mask(ids, mask, o, c), want)
 
 
 def test_answer_span_mask_by_hand():

@@ -9,7 +9,7 @@ from rlsd.trainer import setup, train_step
 
 def teacher_logps(run, batch):
     return run.teacher.logprobs(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                batch.completion_mask, run.device)
+                                batch.completion_mask, run.device).logps
 
 
 def probe_batch(run):

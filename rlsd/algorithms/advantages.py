@@ -7,23 +7,31 @@ For a group of G completions of one prompt with rewards r_1..r_G, with baseline 
     A_i = (r_i - b_i) / (std(r) + eps)            scale_std=True (GRPO)
     A_i =  r_i - b_i                              scale_std=False (Dr. GRPO, arXiv 2503.20783)
 
-std is the population std (divide by G). A group whose rewards are all equal gets A = 0 exactly
-(no eps-sized noise), so it carries no policy gradient. Leave-one-out equals G / (G - 1) times the
-mean-baseline advantage.
+std is the unbiased sample std (divide by G - 1) by default, as in the RLSD reference code (verl's
+`torch.std`) and TRL; `std="population"` divides by G instead, which makes every advantage
+sqrt(G / (G - 1)) times larger (1.155x at G = 4: rewards [1, 0, 0, 0] give 1.732 instead of 1.5).
+rlsd used the population std before 2026-12; the committed CPU and GPU studies ran with it.
+A group whose rewards are all equal gets A = 0 exactly (no eps-sized noise), so it carries no
+policy gradient. Leave-one-out equals G / (G - 1) times the mean-baseline advantage.
 """
 
 from __future__ import annotations
 
 import torch
 
+BASELINES = ("mean", "leave_one_out")
+STD_ESTIMATORS = ("unbiased", "population")
+
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = True,
-                     eps: float = 1e-6, baseline: str = "mean",
+                     eps: float = 1e-6, baseline: str = "mean", std: str = "unbiased",
                      ) -> tuple[torch.Tensor, dict[str, float]]:
     """rewards (B*G,) laid out group by group -> advantages (B*G,) and metrics."""
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups "
                          f"of {group_size}")
+    if std not in STD_ESTIMATORS:
+        raise ValueError(f"unknown std estimator {std!r} (one of {', '.join(STD_ESTIMATORS)})")
     grouped = rewards.view(-1, group_size)  # (B, G)
     total = grouped.sum(dim=1, keepdim=True)
     if baseline == "mean":
@@ -31,10 +39,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = T
     elif baseline == "leave_one_out":
         centred = grouped - (total - grouped) / (group_size - 1)
     else:
-        raise ValueError(f"unknown baseline {baseline!r}")
-    std = grouped.std(dim=1, unbiased=False, keepdim=True)
-    adv = centred / (std + eps) if scale_std else centred
-    flat = (std.squeeze(1) == 0)
+        raise ValueError(f"unknown baseline {baseline!r} (one of {', '.join(BASELINES)})")
+    spread = grouped.std(dim=1, unbiased=std == "unbiased", keepdim=True)  # (B, 1)
+    adv = centred / (spread + eps) if scale_std else centred
+    flat = grouped.eq(grouped[:, :1]).all(dim=1)  # (B,) all rewards equal
     adv = torch.where(flat.unsqueeze(1), torch.zeros_like(adv), adv)  # all-equal groups: exact 0
     metrics = {"adv/zero_group_frac": flat.float().mean().item(),
                "adv/abs_mean": adv.abs().mean().item()}

@@ -10,20 +10,22 @@ therefore takes the policy-gradient form: each token gets the advantage
 
 and goes through the same clipped surrogate as GRPO; its gradient is E_S[-(log S - log T) grad
 log S], the exact gradient of the per-token reverse KL. GRPO+OPSD (the paper's naive combination)
-adds beta times this to the GRPO token advantage.
+adds beta times this to the GRPO token advantage. Positions outside `completion_mask` are set to
+0 before any arithmetic, so a -inf log-prob at a pad never produces NaN.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .masking import masked, teacher_gap
+
 
 def opsd_token_advantages(logps: torch.Tensor, teacher_logps: torch.Tensor,
                           completion_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """(N, T) log-probs -> token advantages (N, T) = detached log T - log S on real tokens."""
-    mask = completion_mask.to(logps.dtype)
-    delta = (teacher_logps - logps).detach() * mask  # (N, T)
-    n_tokens = mask.sum().clamp(min=1)
+    delta = teacher_gap(teacher_logps, logps, completion_mask)  # (N, T)
+    n_tokens = completion_mask.sum().clamp(min=1)
     return delta, {"opsd/reverse_kl": (-delta.sum() / n_tokens).item()}
 
 
@@ -32,8 +34,8 @@ def sampled_forward_token_advantages(logps: torch.Tensor, teacher_logps: torch.T
     """Forward KL(T || S) on student samples: grad = -E_T[grad log S] = -E_S[(T/S) grad log S],
     so each sampled token gets the importance weight T/S as advantage, minus the constant 1
     (a baseline: E_S[grad log S] = 0), i.e. exp(Delta_t) - 1."""
-    delta = (teacher_logps - logps).detach()
-    return torch.expm1(delta) * completion_mask.to(logps.dtype)
+    delta = teacher_gap(teacher_logps, logps, completion_mask)  # (N, T)
+    return masked(torch.expm1(delta), completion_mask)
 
 
 def token_divergence(student_logp: torch.Tensor, teacher_vals: torch.Tensor,

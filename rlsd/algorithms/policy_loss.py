@@ -1,8 +1,15 @@
-"""PPO-style clipped surrogate with asymmetric clipping (DAPO's clip-higher, arXiv 2503.14476).
+"""PPO-style clipped surrogate with asymmetric clipping (DAPO's clip-higher, arXiv 2503.14476)
+and the dual clip for negative advantages (Ye et al. 2020, arXiv 1912.09729; the RLSD reference
+code's `clip_ratio_c`).
 
 Per token, with ratio rho_t = exp(logp_t - old_logp_t) and token advantage A_t:
 
     l_t = -min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t)
+    l_t = min(l_t, -c * A_t)                 where A_t < 0 and dual clip c > 1 (c = 0: off)
+
+The dual clip bounds the loss of a penalised token whose ratio has grown large: with A = -1 and
+rho = 5 the loss is c = 3 and its gradient zero, instead of 5 with gradient 5. It can only bite
+when the ratio moves away from 1, i.e. with several optimisation passes over one rollout batch.
 
 Aggregation over the step's batch of N completions (lengths |y_i|, at most T_max tokens):
 
@@ -15,13 +22,19 @@ from each micro-batch, so gradient accumulation is exact: the micro-batch losses
 of the full batch, and rows skipped for having zero advantage still count. With one optimisation
 pass per rollout batch, old_logps are the detached current log-probs, so rho = 1 and the clip is
 inactive; no extra forward pass is run for them.
+
+Padding never produces NaN: values at positions outside `completion_mask` are replaced by 0
+(`masked_fill`) before any arithmetic, so a -inf log-prob at a pad gives neither a NaN loss nor a
+NaN gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import AGGREGATIONS
+from .masking import masked
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")
 
 
 def loss_normaliser(mode: str, completion_mask: torch.Tensor, max_new_tokens: int) -> float:
@@ -38,26 +51,38 @@ def loss_normaliser(mode: str, completion_mask: torch.Tensor, max_new_tokens: in
 def aggregate(per_token: torch.Tensor, completion_mask: torch.Tensor, mode: str,
               normaliser: float | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
     """Reduce (N, T) per-token values to a scalar; `normaliser` defaults to this batch's own."""
-    mask = completion_mask.to(per_token.dtype)
     if normaliser is None:
-        normaliser = loss_normaliser(mode, completion_mask, max_new_tokens or mask.shape[1])
+        normaliser = loss_normaliser(mode, completion_mask, max_new_tokens or per_token.shape[1])
+    values = masked(per_token, completion_mask)  # (N, T)
     if mode == "seq_mean_token_mean":
-        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return per_seq.sum() / normaliser
-    return (per_token * mask).sum() / normaliser
+        lengths = completion_mask.sum(1).clamp(min=1).to(values.dtype)
+        return (values.sum(1) / lengths).sum() / normaliser
+    return values.sum() / normaliser
 
 
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, token_adv: torch.Tensor,
                         completion_mask: torch.Tensor, eps_low: float, eps_high: float,
                         agg: str = "token_mean", normaliser: float | None = None,
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(N, T) tensors -> scalar loss and metrics (clip fraction over completion tokens)."""
+                        dual_clip: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """(N, T) tensors -> scalar loss and metrics (clip fractions over completion tokens)."""
+    if dual_clip and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be 0 (off) or > 1, got {dual_clip}")
+    mask = completion_mask.bool()
+    logps, old_logps = masked(logps, mask), masked(old_logps, mask)
+    token_adv = masked(token_adv, mask)
     ratio = torch.exp(logps - old_logps)  # (N, T)
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    per_token = -torch.minimum(ratio * token_adv, clipped * token_adv)  # (N, T)
-    loss = aggregate(per_token, completion_mask, agg, normaliser)
-    mask = completion_mask.bool()
+    surrogate = torch.minimum(ratio * token_adv, clipped * token_adv)  # (N, T)
+    per_token = -surrogate
+    dual = torch.zeros_like(mask)
+    if dual_clip:
+        bound = -dual_clip * token_adv  # (N, T) the largest loss a penalised token may have
+        dual = (token_adv < 0) & (per_token > bound)
+        per_token = torch.where(dual, bound, per_token)
+    loss = aggregate(per_token, mask, agg, normaliser)
     with torch.no_grad():
-        was_clipped = (ratio * token_adv) != torch.minimum(ratio * token_adv, clipped * token_adv)
-        clip_frac = (was_clipped & mask).sum().item() / max(mask.sum().item(), 1)
-    return loss, {"policy/clip_frac": clip_frac}
+        tokens = max(mask.sum().item(), 1)
+        was_clipped = (ratio * token_adv) != surrogate
+        metrics = {"policy/clip_frac": (was_clipped & mask).sum().item() / tokens,
+                   "policy/dual_clip_frac": (dual & mask).sum().item() / tokens}
+    return loss, metrics

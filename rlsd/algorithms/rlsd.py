@@ -10,10 +10,11 @@ the same model, shown privileged context (the teacher), decides how much credit 
 
 m_t > 0, so no token's advantage changes sign. lambda = 0 gives m_t = 1 exactly (GRPO). Nothing is
 renormalised after reweighting (as in the reference code). Tokens outside `completion_mask` get
-A_t = 0. Options of the reference implementation:
+A_t = 0, and their inputs are masked before any arithmetic (a -inf pad never gives NaN). Options of the reference implementation:
 - `negative_only`: only sequences with A < 0 are reweighted; the others keep m_t = 1.
 - `thought_only`: only tokens inside the reasoning span are reweighted (`span_mask`, built by
-  `reasoning_span_mask`); the tag tokens and everything outside keep m_t = 1.
+  `spans.reasoning_span_mask` from the decoded text); the tag tokens and everything outside keep
+  m_t = 1.
 Lambda schedule (step counted from 1): linear warm-up over W steps, then linear decay to 0 over
 D steps; W = D = 0 keeps lambda constant.
 """
@@ -21,6 +22,9 @@ D steps; W = D = 0 keeps lambda constant.
 from __future__ import annotations
 
 import torch
+
+from .masking import masked, teacher_gap
+from .spans import span_split
 
 
 def lambda_at(step: int, lam: float, warmup: int = 0, decay: int = 0) -> float:
@@ -30,36 +34,6 @@ def lambda_at(step: int, lam: float, warmup: int = 0, decay: int = 0) -> float:
     if decay > 0:
         return lam * max(1.0 - (step - warmup) / decay, 0.0)
     return lam
-
-
-def _find(ids: list[int], pattern: list[int], start: int) -> int:
-    """First index >= start where `pattern` occurs in `ids`, or -1."""
-    n = len(pattern)
-    for i in range(start, len(ids) - n + 1):
-        if ids[i:i + n] == pattern:
-            return i
-    return -1
-
-
-def reasoning_span_mask(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                        open_ids: list[int], close_ids: list[int]) -> torch.Tensor:
-    """(N, T) True on tokens strictly between the open and close tag id sequences.
-
-    Matching is on token ids, never on re-tokenized text. Several spans per completion are
-    allowed; an unclosed span runs to the end of the completion.
-    """
-    out = torch.zeros_like(completion_mask, dtype=torch.bool)
-    for row in range(completion_ids.shape[0]):
-        length = int(completion_mask[row].sum())
-        ids = completion_ids[row, :length].tolist()
-        pos = 0
-        while (start := _find(ids, open_ids, pos)) >= 0:
-            inner = start + len(open_ids)
-            end = _find(ids, close_ids, inner)
-            stop = length if end < 0 else end
-            out[row, inner:stop] = True
-            pos = length if end < 0 else end + len(close_ids)
-    return out
 
 
 def reweighted_tokens(seq_adv: torch.Tensor, completion_mask: torch.Tensor,
@@ -76,73 +50,63 @@ def reweighted_tokens(seq_adv: torch.Tensor, completion_mask: torch.Tensor,
     return out
 
 
+def rlsd_credit(seq_adv: torch.Tensor, logps: torch.Tensor, teacher_logps: torch.Tensor,
+                completion_mask: torch.Tensor, lam: float, eps_w: float,
+                negative_only: bool = False, span_mask: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """seq_adv (N,), logps / teacher_logps / masks (N, T) -> token advantages A_t (N, T) and the
+    credit multipliers m_t (N, T; 1 on tokens the teacher does not reweight). No host sync.
+
+    `logps` may carry gradient; the credit is computed from detached values only.
+    """
+    delta = teacher_gap(teacher_logps, logps, completion_mask)  # (N, T)
+    sign = torch.sign(seq_adv).unsqueeze(1)  # (N, 1)
+    weight = torch.exp(sign * delta).clamp(1.0 - eps_w, 1.0 + eps_w)  # (N, T)
+    reweighted = reweighted_tokens(seq_adv, completion_mask, negative_only, span_mask)
+    multiplier = torch.where(reweighted, (1.0 - lam) + lam * weight, torch.ones_like(weight))
+    token_adv = masked(seq_adv.unsqueeze(1) * multiplier, completion_mask)  # (N, T)
+    return token_adv, multiplier
+
+
+def rlsd_metrics(seq_adv: torch.Tensor, delta: torch.Tensor, token_adv: torch.Tensor,
+                 completion_mask: torch.Tensor, reweighted: torch.Tensor, lam: float,
+                 eps_w: float) -> dict[str, float]:
+    """The step's RLSD statistics from its credit: delta = Delta (N, T, 0 at pads), the token
+    advantages and the reweighted tokens (`reweighted_tokens`)."""
+    tokens = completion_mask.bool()
+    raw = torch.exp(torch.sign(seq_adv).unsqueeze(1) * delta)  # (N, T) unclipped weights
+    weight = raw.clamp(1.0 - eps_w, 1.0 + eps_w)
+
+    def mean_over(x: torch.Tensor, where: torch.Tensor) -> float:
+        return (masked(x.to(delta.dtype), where).sum() / where.sum().clamp(min=1)).item()
+
+    d_mean = mean_over(delta, tokens)
+    return {
+        "rlsd/lambda": lam,
+        "rlsd/delta_mean": d_mean,
+        "rlsd/delta_std": mean_over((delta - d_mean) ** 2, tokens) ** 0.5,
+        "rlsd/weight_mean": mean_over(weight, reweighted),
+        "rlsd/clip_low_frac": mean_over(raw < 1.0 - eps_w, reweighted),
+        "rlsd/clip_high_frac": mean_over(raw > 1.0 + eps_w, reweighted),
+        "rlsd/adv_abs_mean": mean_over(token_adv.abs(), tokens),
+        "rlsd/reweighted_frac": mean_over(reweighted, tokens),
+    }
+
+
 def rlsd_token_advantages(seq_adv: torch.Tensor, logps: torch.Tensor,
                           teacher_logps: torch.Tensor, completion_mask: torch.Tensor,
                           lam: float, eps_w: float, negative_only: bool = False,
                           span_mask: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, dict[str, float]]:
-    """seq_adv (N,), logps / teacher_logps / masks (N, T) -> token advantages (N, T).
-
-    `logps` may carry gradient; the credit is computed from detached values only.
-    """
-    mask = completion_mask.to(logps.dtype)
-    delta = (teacher_logps - logps).detach()  # (N, T)
-    sign = torch.sign(seq_adv).unsqueeze(1)  # (N, 1)
-    raw = torch.exp(sign * delta)  # (N, T)
-    weight = raw.clamp(1.0 - eps_w, 1.0 + eps_w)
+    """`rlsd_credit` and `rlsd_metrics` in one call: token advantages (N, T) and metrics."""
+    token_adv, multiplier = rlsd_credit(seq_adv, logps, teacher_logps, completion_mask, lam,
+                                        eps_w, negative_only, span_mask)
     reweighted = reweighted_tokens(seq_adv, completion_mask, negative_only, span_mask)
-    multiplier = torch.where(reweighted, (1.0 - lam) + lam * weight, torch.ones_like(weight))
-    token_adv = seq_adv.unsqueeze(1) * multiplier * mask  # (N, T)
-
-    n_active = reweighted.sum().clamp(min=1)
-    n_tokens = mask.sum().clamp(min=1)
-
-    def mean_over(x: torch.Tensor, where: torch.Tensor, count: torch.Tensor) -> float:
-        return (x * where).sum().div(count).item()
-
-    d_mean = mean_over(delta, mask > 0, n_tokens)
-    d_var = mean_over((delta - d_mean) ** 2, mask > 0, n_tokens)
-    metrics = {
-        "rlsd/lambda": lam,
-        "rlsd/delta_mean": d_mean,
-        "rlsd/delta_std": d_var ** 0.5,
-        "rlsd/weight_mean": mean_over(weight, reweighted, n_active),
-        "rlsd/clip_low_frac": mean_over((raw < 1.0 - eps_w).to(mask.dtype), reweighted, n_active),
-        "rlsd/clip_high_frac": mean_over((raw > 1.0 + eps_w).to(mask.dtype), reweighted,
-                                         n_active),
-        "rlsd/adv_abs_mean": mean_over(token_adv.abs(), mask > 0, n_tokens),
-        "rlsd/reweighted_frac": mean_over(reweighted.to(mask.dtype), mask > 0, n_tokens),
-    }
+    delta = teacher_gap(teacher_logps, logps, completion_mask)
+    metrics = rlsd_metrics(seq_adv, delta, token_adv, completion_mask, reweighted, lam, eps_w)
     if span_mask is not None:
         metrics.update(span_split(multiplier, span_mask, completion_mask))
     return token_adv, metrics
-
-
-def span_split(multiplier: torch.Tensor, span_mask: torch.Tensor,
-               completion_mask: torch.Tensor) -> dict[str, float]:
-    """Mean credit multiplier inside the reasoning span and outside it (the answer)."""
-    out = {}
-    for name, where in (("thought", span_mask.bool()), ("answer", ~span_mask.bool())):
-        where = where & completion_mask.bool()
-        if where.any():
-            out[f"rlsd/multiplier_mean_{name}"] = multiplier[where].mean().item()
-    return out
-
-
-def answer_span_mask(pieces: list[list[str]], anchor: str, width: int) -> torch.Tensor:
-    """(N, width) True from the token holding the start of the last `anchor` (e.g. "Answer:")
-    to the end of the completion: the final-answer tokens; a row without the anchor has none.
-    `pieces[i]` holds the decoded text of each of row i's completion tokens, in order."""
-    out = torch.zeros(len(pieces), width, dtype=torch.bool)
-    for row, parts in enumerate(pieces):
-        pos = "".join(parts).rfind(anchor)
-        end = 0
-        for t, part in enumerate(parts if pos >= 0 else []):
-            end += len(part)
-            if end > pos:
-                out[row, t:len(parts)] = True
-                break
-    return out
 
 
 def credit_split(delta: torch.Tensor, groups: dict[str, torch.Tensor],

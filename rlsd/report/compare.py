@@ -47,7 +47,7 @@ def load_run(path: Path) -> RunData:
     rows = read_jsonl(path / "metrics.jsonl")
     if not rows:
         raise ConfigError(f"{path}/metrics.jsonl: no steps logged yet")
-    config = flat_config(to_dict(load_config(path / "config.yaml")))
+    config = flat_config(to_dict(load_config(path / "config.yaml", saved=True)))
     return RunData(path, {key: str(value) for key, value in config.items()}, rows)
 
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..algorithms.method import method_for
 from ..config import load_config, to_yaml
 from ..tracking import read_jsonl
 from .plots import curves_png
@@ -81,7 +82,7 @@ def credit_scales(cfg: Any, samples: list[dict]) -> dict[str, tuple[float, float
     """(centre, full-colour distance) per credit key: the multiplier around 1 at its clip range
     lambda * eps_w; the advantage around 0 at the largest |A_t| logged."""
     scales = {}
-    if cfg.algorithm.name == "rlsd":
+    if method_for(cfg).reweights:
         scales["credit_multiplier"] = (1.0, cfg.rlsd.lambda_ * cfg.rlsd.eps_w)
     biggest = max((abs(v) for s in samples for v in s.get("token_advantage", [])), default=0.0)
     scales["token_advantage"] = (0.0, biggest or 1.0)
@@ -153,11 +154,11 @@ def scale_text(key: str, centre: float, span: float) -> str:
 
 def write_report(run_dir: Path, tokenizer: Any = None) -> Path:
     """Write run_dir/report.html and return its path."""
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", saved=True)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     samples_file = run_dir / "samples.jsonl"
     samples = read_jsonl(samples_file) if samples_file.is_file() else []
-    key = "credit_multiplier" if cfg.algorithm.name == "rlsd" else "token_advantage"
+    key = "credit_multiplier" if method_for(cfg).reweights else "token_advantage"
     if tokenizer is None:
         from transformers import AutoTokenizer
 

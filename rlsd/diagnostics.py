@@ -1,0 +1,66 @@
+"""Where a step's credit went: the completions' spans and the teacher statistics of the credit.
+
+The token credit itself is computed once per step, by the update (`update.credit`), and kept
+with the trained rows; everything here only reads it. Two token spans are found on the decoded
+text of each completion (`algorithms.spans`), so a tag is found however its tokens came out:
+- the reasoning span (between `rlsd.thought_open` and `rlsd.thought_close`): it restricts the
+  credit under `rlsd.thought_only` and splits the multiplier statistics in every RLSD run;
+- the final-answer tokens (from the last answer marker, `\\boxed{` or `<answer>`, as
+  `reward.extract` finds the answer, to the end), which split the Delta statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .algorithms import credit_split, span_split
+from .algorithms.masking import teacher_gap
+from .algorithms.method import Method
+from .algorithms.spans import answer_span_mask, reasoning_span_mask, token_pieces
+from .rewards.builtin import answer_anchor
+from .rollout import Batch
+
+
+def completion_spans(cfg: Any, method: Method, tokenizer: Any, batch: Batch
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
+    """(N, T) reasoning-span and final-answer masks of every completion of the step (None where
+    the method does not reweight tokens, or the extraction has no anchor), and the fraction of
+    completions that open a reasoning span (`rlsd/span_frac`, for reweighting methods)."""
+    anchor = answer_anchor(cfg.reward.extract, cfg.reward.answer_marker)
+    if not method.reweights and not anchor:
+        return None, None, {}
+    width = batch.completion_ids.shape[1]
+    pieces = token_pieces(tokenizer, batch.completion_ids, batch.completion_mask)
+    answer = answer_span_mask(pieces, anchor, width) if anchor else None
+    if not method.reweights:
+        return None, answer, {}
+    r = cfg.rlsd
+    span = reasoning_span_mask(pieces, r.thought_open, r.thought_close, width)
+    opened = [r.thought_open in "".join(parts) for parts in pieces]
+    return span, answer, {"rlsd/span_frac": sum(opened) / max(len(opened), 1)}
+
+
+def credit_diagnostics(method: Method, step: int, adv: torch.Tensor, logps: torch.Tensor,
+                       teacher_logps: torch.Tensor, token_adv: torch.Tensor, mask: torch.Tensor,
+                       correct: torch.Tensor, span: torch.Tensor | None,
+                       answer: torch.Tensor | None) -> dict[str, float]:
+    """Teacher statistics over every trained token of the step (not means of micro-batch means),
+    from the step's own credit `token_adv` (n, T): the method's metrics, the teacher-student KL,
+    Delta and (rlsd) clip fractions split by correct / incorrect completions and by final-answer
+    tokens / the other tokens, and (rlsd) the mean multiplier inside / outside the reasoning
+    span."""
+    metrics = method.metrics(step, adv, logps, teacher_logps, token_adv, mask, span)
+    if span is not None and method.reweights:  # where did the teacher's credit go?
+        signed = adv != 0
+        multiplier = token_adv[signed] / adv[signed].unsqueeze(1)
+        metrics.update(span_split(multiplier, span[signed], mask[signed]))
+    delta = teacher_gap(teacher_logps, logps, mask)  # (n, T), 0 at pads
+    tokens = mask.bool()
+    metrics["teacher/kl"] = -(delta.sum() / tokens.sum().clamp(min=1)).item()
+    groups = {"correct": tokens & correct.unsqueeze(1), "incorrect": tokens & ~correct.unsqueeze(1)}
+    if answer is not None:
+        groups.update(answer_tokens=tokens & answer, other_tokens=tokens & ~answer)
+    metrics.update(credit_split(delta, groups, method.clip_bounds(adv, mask, span)))
+    return metrics
