@@ -38,11 +38,11 @@ def run(args: argparse.Namespace) -> str:
 
     import torch
 
-    from rlsd.tracking import quiet_libraries
     from rlsd.config import load_config
     from rlsd.data import PromptRenderer, load_records
     from rlsd.models import load_model, pick_device, pick_dtype, stop_token_ids
     from rlsd.rollout import sample_completions
+    from rlsd.tracking import quiet_libraries
 
     quiet_libraries(debug=False)
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -51,30 +51,39 @@ def run(args: argparse.Namespace) -> str:
     lm, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, device))
     lm = lm.to(device).eval()
     renderer = PromptRenderer(cfg.data, tokenizer)
-    prompts = [renderer.student_ids(r) for r in load_records(cfg.data)[:args.prompts]]
+    prompts = [renderer.student_ids(r) for r in load_records(cfg.data)[: args.prompts]]
     stops = stop_token_ids(lm, tokenizer)
-    variants = ({"multinomial": multinomial_draws, "inverse-cdf": nullcontext} if args.sampler
-                else {"generate": nullcontext, "own": nullcontext})
+    variants = (
+        {"multinomial": multinomial_draws, "inverse-cdf": nullcontext}
+        if args.sampler
+        else {"generate": nullcontext, "own": nullcontext}
+    )
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for repeat in range(args.repeats + 1):
         for name, context in variants.items():
-            rollout = dataclasses.replace(cfg.rollout, decoder="generate" if name == "generate"
-                                          else "own", max_new_tokens=args.max_new,
-                                          num_generations=args.group)
+            rollout = dataclasses.replace(
+                cfg.rollout,
+                decoder="generate" if name == "generate" else "own",
+                max_new_tokens=args.max_new,
+                num_generations=args.group,
+            )
             torch.manual_seed(repeat)
             start = time.perf_counter()
             with context():
-                batch = sample_completions(lm, prompts, rollout, tokenizer.pad_token_id, stops,
-                                           device)
+                batch = sample_completions(
+                    lm, prompts, rollout, tokenizer.pad_token_id, stops, device
+                )
             seconds = time.perf_counter() - start
             if repeat:  # the first round warms up
                 results[name].append((seconds, batch.completion_mask.sum().item()))
-    lines = [f"# Rollout {'samplers' if args.sampler else 'decoders'}, {args.prompts} prompts x "
-             f"{args.group} samples, max {args.max_new} new tokens ({platform.machine()}, "
-             f"{torch.get_num_threads()} threads, {cfg.model.dtype} on {device}, {date.today()})",
-             "",
-             "| decoder | s/batch (median) | completion tokens/s | mean length |",
-             "|---|---|---|---|"]
+    lines = [
+        f"# Rollout {'samplers' if args.sampler else 'decoders'}, {args.prompts} prompts x "
+        f"{args.group} samples, max {args.max_new} new tokens ({platform.machine()}, "
+        f"{torch.get_num_threads()} threads, {cfg.model.dtype} on {device}, {date.today()})",
+        "",
+        "| decoder | s/batch (median) | completion tokens/s | mean length |",
+        "|---|---|---|---|",
+    ]
     speed = {}
     for decoder, rows in results.items():
         seconds = statistics.median(s for s, _ in rows)
@@ -82,8 +91,12 @@ def run(args: argparse.Namespace) -> str:
         length = statistics.mean(n for _, n in rows) / (args.prompts * args.group)
         lines.append(f"| {decoder} | {seconds:.2f} | {speed[decoder]:.1f} | {length:.1f} |")
     first, second = results
-    lines += ["", f"{second} / {first} tokens per second: **{speed[second] / speed[first]:.2f}x**",
-              "", f"Command: `python benchmarks/decode_bench.py {' '.join(sys.argv[1:])}`"]
+    lines += [
+        "",
+        f"{second} / {first} tokens per second: **{speed[second] / speed[first]:.2f}x**",
+        "",
+        f"Command: `python benchmarks/decode_bench.py {' '.join(sys.argv[1:])}`",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -91,8 +104,9 @@ def multinomial_draws() -> Any:
     """The own decoder drawing with torch.multinomial instead of rlsd's sampler."""
     import torch
 
-    return patch("rlsd.decode.sample_rows",
-                 lambda probs: torch.multinomial(probs.float(), 1).squeeze(-1))
+    return patch(
+        "rlsd.decode.sample_rows", lambda probs: torch.multinomial(probs.float(), 1).squeeze(-1)
+    )
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rlsd.config import load_config  # noqa: E402
-from rlsd.data import load_records  # noqa: E402
-from rlsd.evaluate import greedy_accuracy, heldout_records  # noqa: E402
-from rlsd.models import load_model, pick_device, pick_dtype, stop_token_ids  # noqa: E402
+from rlsd.config import load_config
+from rlsd.data import load_records
+from rlsd.evaluate import greedy_accuracy, heldout_records
+from rlsd.models import load_model, pick_device, pick_dtype, stop_token_ids
 
 
 def main() -> None:
@@ -54,12 +54,15 @@ def main() -> None:
         rows.append((name, res, time.perf_counter() - t0))
         if run is not None:
             base = lm.unload()  # back to the plain base model for the next run
-    print(f"| model | strict accuracy | lenient accuracy | n | seconds |\n|---|---|---|---|---|")
+    print("| model | strict accuracy | lenient accuracy | n | seconds |\n|---|---|---|---|---|")
     for name, res, secs in rows:
-        print(f"| {name} | {res['accuracy']:.3f} | {res['lenient_accuracy']:.3f} | {res['n']} | "
-              f"{secs:.0f} |")
-    print("\nexample completions:", *[f"{n}: {r['completions'][0]!r}" for n, r, _ in rows],
-          sep="\n")
+        print(
+            f"| {name} | {res['accuracy']:.3f} | {res['lenient_accuracy']:.3f} | {res['n']} | "
+            f"{secs:.0f} |"
+        )
+    print(
+        "\nexample completions:", *[f"{n}: {r['completions'][0]!r}" for n, r, _ in rows], sep="\n"
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ GOAL = 0.3
 
 def status(key: str) -> float:
     """MiB of a /proc/self/status field (VmRSS, VmHWM)."""
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key):
             return int(line.split()[1]) / 1024
     raise KeyError(key)
@@ -55,33 +55,62 @@ def child(mode: str, rows: int, hidden: int, vocab: int, chunk: int) -> dict:
         out = gather_logprobs(h, w, targets, chunk_rows=chunk)
     out.sum().backward()
     seconds = time.perf_counter() - start
-    return {"peak_mb": status("VmHWM") - before, "seconds": seconds,
-            "sum": float(out.sum()), "grad_norm": float(h.grad.norm())}
+    return {
+        "peak_mb": status("VmHWM") - before,
+        "seconds": seconds,
+        "sum": float(out.sum()),
+        "grad_norm": float(h.grad.norm()),
+    }
 
 
 def measure(mode: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--rows", str(args.rows),
-                          "--hidden", str(args.hidden), "--vocab", str(args.vocab),
-                          "--chunk", str(args.chunk)],
-                         check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--rows",
+            str(args.rows),
+            "--hidden",
+            str(args.hidden),
+            "--vocab",
+            str(args.vocab),
+            "--chunk",
+            str(args.chunk),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def table(args: argparse.Namespace, naive: dict, chunked: dict) -> str:
     ratio = chunked["peak_mb"] / naive["peak_mb"]
-    same = (abs(naive["sum"] - chunked["sum"]) <= 1e-3 * abs(naive["sum"])
-            and abs(naive["grad_norm"] - chunked["grad_norm"]) <= 1e-3 * naive["grad_norm"])
-    lines = [f"# Log-prob peak memory ({args.name}, {date.today()})", "",
-             f"Command: `python benchmarks/logprob_bench.py {' '.join(sys.argv[1:])}`", "",
-             f"{args.rows} completion tokens, hidden {args.hidden}, vocabulary {args.vocab}, "
-             f"fp32, forward + backward; chunked path: {args.chunk} rows per chunk.", "",
-             "| path | peak MB | seconds |", "|---|---|---|",
-             f"| naive log-softmax | {naive['peak_mb']:.0f} | {naive['seconds']:.2f} |",
-             f"| rlsd chunked | {chunked['peak_mb']:.0f} | {chunked['seconds']:.2f} |", "",
-             f"chunked / naive peak memory: **{ratio:.2f}** (goal <= {GOAL}: "
-             f"{'met' if ratio <= GOAL else 'NOT met'}); same values and gradients: "
-             f"{'yes' if same else 'NO'}"]
+    same = (
+        abs(naive["sum"] - chunked["sum"]) <= 1e-3 * abs(naive["sum"])
+        and abs(naive["grad_norm"] - chunked["grad_norm"]) <= 1e-3 * naive["grad_norm"]
+    )
+    lines = [
+        f"# Log-prob peak memory ({args.name}, {date.today()})",
+        "",
+        f"Command: `python benchmarks/logprob_bench.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"{args.rows} completion tokens, hidden {args.hidden}, vocabulary {args.vocab}, "
+        f"fp32, forward + backward; chunked path: {args.chunk} rows per chunk.",
+        "",
+        "| path | peak MB | seconds |",
+        "|---|---|---|",
+        f"| naive log-softmax | {naive['peak_mb']:.0f} | {naive['seconds']:.2f} |",
+        f"| rlsd chunked | {chunked['peak_mb']:.0f} | {chunked['seconds']:.2f} |",
+        "",
+        f"chunked / naive peak memory: **{ratio:.2f}** (goal <= {GOAL}: "
+        f"{'met' if ratio <= GOAL else 'NOT met'}); same values and gradients: "
+        f"{'yes' if same else 'NO'}",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -40,15 +40,26 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = {"train.prompts_per_step": "4", "rollout.num_generations": "4",
-          "rollout.max_new_tokens": "64", "train.lr": "0", "train.micro_batch_size": "16",
-          "train.seed": "0", "output.progress": "false", "output.report": "false",
-          "output.save_every": "0", "output.log_samples": "1"}
+SHARED = {
+    "train.prompts_per_step": "4",
+    "rollout.num_generations": "4",
+    "rollout.max_new_tokens": "64",
+    "train.lr": "0",
+    "train.micro_batch_size": "16",
+    "train.seed": "0",
+    "output.progress": "false",
+    "output.report": "false",
+    "output.save_every": "0",
+    "output.log_samples": "1",
+}
 CONFIGS = {
     "trl-grpo": {"model.lora": "false"},
     "grpo-full": {"algorithm.name": "grpo", "model.lora": "false"},
-    "grpo-full-gc": {"algorithm.name": "grpo", "model.lora": "false",
-                     "train.gradient_checkpointing": "true"},
+    "grpo-full-gc": {
+        "algorithm.name": "grpo",
+        "model.lora": "false",
+        "train.gradient_checkpointing": "true",
+    },
     "grpo": {"algorithm.name": "grpo"},
     "rlsd": {"algorithm.name": "rlsd"},
     "opd": {"algorithm.name": "opd", "teacher.mode": "external"},
@@ -56,10 +67,20 @@ CONFIGS = {
 GOALS = [  # (text, numerator, denominator, key, bound)
     ("grpo step time <= 0.5 x TRL", "grpo-full", "trl-grpo", "step_s", 0.5),
     ("grpo peak memory <= 0.5 x TRL", "grpo-full", "trl-grpo", "peak_mb", 0.5),
-    ("grpo step time <= 0.5 x TRL, gradient checkpointing", "grpo-full-gc", "trl-grpo", "step_s",
-     0.5),
-    ("grpo peak memory <= 0.5 x TRL, gradient checkpointing", "grpo-full-gc", "trl-grpo",
-     "peak_mb", 0.5),
+    (
+        "grpo step time <= 0.5 x TRL, gradient checkpointing",
+        "grpo-full-gc",
+        "trl-grpo",
+        "step_s",
+        0.5,
+    ),
+    (
+        "grpo peak memory <= 0.5 x TRL, gradient checkpointing",
+        "grpo-full-gc",
+        "trl-grpo",
+        "peak_mb",
+        0.5,
+    ),
     ("rlsd step time <= 1.25 x grpo", "rlsd", "grpo", "step_s", 1.25),
     ("rlsd peak memory <= 1.05 x grpo (LoRA, frozen teacher)", "rlsd", "grpo", "peak_mb", 1.05),
     ("rlsd peak memory <= 0.6 x opd (same-size teacher)", "rlsd", "opd", "peak_mb", 0.6),
@@ -81,12 +102,13 @@ def overrides_for(name: str, model: str, out: str) -> dict[str, str]:
 
 def child_ours(name: str, steps: int, model: str) -> dict:
     from rlsd import trainer
-    from rlsd.tracking import quiet_libraries
     from rlsd.config import load_config
+    from rlsd.tracking import quiet_libraries
 
     quiet_libraries(debug=False)
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
-                      overrides_for(name, model, tempfile.mkdtemp()))
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml", overrides_for(name, model, tempfile.mkdtemp())
+    )
     cfg.train.steps = steps + 1
     import torch
 
@@ -95,14 +117,18 @@ def child_ours(name: str, steps: int, model: str) -> dict:
     trainer.trained_rows = lambda run, adv: torch.ones_like(adv, dtype=torch.bool)
     run = trainer.setup(cfg)
     rows = [trainer.train_step(run, step) for step in range(1, steps + 2)][1:]
-    phases = {p: [r[f"perf/{p}_seconds"] for r in rows]
-              for p in ("step", "generate", "reward", "teacher", "train")}
-    return {"step_s": phases.pop("step"), "phases": {k: statistics.median(v)
-                                                      for k, v in phases.items()},
-            "completion_tokens": [r["completion/length_mean"] * 16 for r in rows],
-            "trained_frac": [1 - r["adv/zero_group_frac"] for r in rows],
-            "params": sum(p.numel() for p in run.lm.parameters()),
-            "peak_mb": peak_rss_mb()}
+    phases = {
+        p: [r[f"perf/{p}_seconds"] for r in rows]
+        for p in ("step", "generate", "reward", "teacher", "train")
+    }
+    return {
+        "step_s": phases.pop("step"),
+        "phases": {k: statistics.median(v) for k, v in phases.items()},
+        "completion_tokens": [r["completion/length_mean"] * 16 for r in rows],
+        "trained_frac": [1 - r["adv/zero_group_frac"] for r in rows],
+        "params": sum(p.numel() for p in run.lm.parameters()),
+        "peak_mb": peak_rss_mb(),
+    }
 
 
 def child_trl(steps: int, model: str) -> dict:
@@ -116,20 +142,30 @@ def child_trl(steps: int, model: str) -> dict:
     from rlsd.models import resolve_model_path
     from rlsd.rewards import build_reward
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
-                      overrides_for("trl-grpo", model, tempfile.mkdtemp()))
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml", overrides_for("trl-grpo", model, tempfile.mkdtemp())
+    )
     where = resolve_model_path(cfg.model.name)
     tokenizer = AutoTokenizer.from_pretrained(where, padding_side="left")
     lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
     renderer = PromptRenderer(cfg.data, tokenizer)
     records = load_records(cfg.data)
-    rows = [{"prompt": tokenizer.decode(renderer.student_ids(r)), "answer": r.answer,
-             "solution": r.solution} for r in records]
+    rows = [
+        {
+            "prompt": tokenizer.decode(renderer.student_ids(r)),
+            "answer": r.answer,
+            "solution": r.solution,
+        }
+        for r in records
+    ]
     verify = build_reward(cfg.reward)
 
     def reward(prompts, completions, answer, solution, **_):  # our verifier, TRL's signature
-        scores, _, _ = verify(prompts, completions, {"answer": answer, "solution": solution,
-                                                     "metadata": [{}] * len(answer)})
+        scores, _, _ = verify(
+            prompts,
+            completions,
+            {"answer": answer, "solution": solution, "metadata": [{}] * len(answer)},
+        )
         return [s if s is not None else 0.0 for s in scores]
 
     times, lengths = [], []
@@ -145,19 +181,42 @@ def child_trl(steps: int, model: str) -> dict:
             if logs and "completions/mean_length" in logs:
                 lengths.append(logs["completions/mean_length"] * 16)
 
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16,
-                      num_generations=4, max_completion_length=64, beta=0.0,
-                      learning_rate=0.0, max_steps=steps + 1, logging_steps=1,
-                      report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-                      gradient_checkpointing=False, temperature=1.0, seed=0,
-                      disable_tqdm=True, shuffle_dataset=True)
-    trainer = GRPOTrainer(model=lm, reward_funcs=[reward], args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=[Timer()])
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=64,
+        beta=0.0,
+        learning_rate=0.0,
+        max_steps=steps + 1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        temperature=1.0,
+        seed=0,
+        disable_tqdm=True,
+        shuffle_dataset=True,
+    )
+    trainer = GRPOTrainer(
+        model=lm,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
     trainer.train()
-    return {"step_s": times[1:], "phases": {}, "completion_tokens": lengths[1:],
-            "trained_frac": [], "params": sum(p.numel() for p in lm.parameters()),
-            "peak_mb": peak_rss_mb()}
+    return {
+        "step_s": times[1:],
+        "phases": {},
+        "completion_tokens": lengths[1:],
+        "trained_frac": [],
+        "params": sum(p.numel() for p in lm.parameters()),
+        "peak_mb": peak_rss_mb(),
+    }
 
 
 def matmul_gflops(seconds: float = 2.0) -> float:
@@ -170,7 +229,7 @@ def matmul_gflops(seconds: float = 2.0) -> float:
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
-    return 2 * 2048 ** 3 * count / (time.perf_counter() - start) / 1e9
+    return 2 * 2048**3 * count / (time.perf_counter() - start) / 1e9
 
 
 def flops(result: dict, name: str, prompt_tokens: int = 60) -> float:
@@ -189,41 +248,47 @@ def flops(result: dict, name: str, prompt_tokens: int = 60) -> float:
 def run_child(name: str, steps: int, model: str, smoke: bool) -> dict | None:
     cmd = [sys.executable, __file__, "--child", name, "--steps", str(steps), "--model", model]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(cmd + (["--smoke"] if smoke else []), capture_output=True, text=True,
-                          env=env, timeout=3600)
+    done = subprocess.run(
+        cmd + (["--smoke"] if smoke else []), capture_output=True, text=True, env=env, timeout=3600
+    )
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def summarise(results: dict[str, dict], peak: float) -> tuple[list[str], list[dict]]:
-    lines = ["| config | s/step (median) | min-max | tokens/s | peak MB | GFLOP/s | floor s | "
-             "generate | teacher | train |", "|" + "---|" * 10]
+    lines = [
+        "| config | s/step (median) | min-max | tokens/s | peak MB | GFLOP/s | floor s | "
+        "generate | teacher | train |",
+        "|" + "---|" * 10,
+    ]
     for name, r in results.items():
         step = statistics.median(r["step_s"])
         tokens = statistics.median(r["completion_tokens"] or [0])
         work = flops(r, name)
         p = r["phases"]
-        lines.append(f"| {name} | {step:.2f} | {min(r['step_s']):.2f}-{max(r['step_s']):.2f} | "
-                     f"{tokens / step:.1f} | {r['peak_mb']:.0f} | {work / step / 1e9:.1f} | "
-                     f"{work / peak / 1e9:.2f} | {p.get('generate', float('nan')):.2f} | "
-                     f"{p.get('teacher', float('nan')):.2f} | {p.get('train', float('nan')):.2f} |")
+        lines.append(
+            f"| {name} | {step:.2f} | {min(r['step_s']):.2f}-{max(r['step_s']):.2f} | "
+            f"{tokens / step:.1f} | {r['peak_mb']:.0f} | {work / step / 1e9:.1f} | "
+            f"{work / peak / 1e9:.2f} | {p.get('generate', float('nan')):.2f} | "
+            f"{p.get('teacher', float('nan')):.2f} | {p.get('train', float('nan')):.2f} |"
+        )
     goals = []
     for name, r in results.items():  # the step within 2 x its FLOP floor at the matmul peak
         ratio = statistics.median(r["step_s"]) / (flops(r, name) / peak / 1e9)
-        goals.append({"goal": f"{name} step time <= 2 x its FLOP floor", "ratio": ratio,
-                      "met": ratio <= 2.0})
+        goals.append(
+            {"goal": f"{name} step time <= 2 x its FLOP floor", "ratio": ratio, "met": ratio <= 2.0}
+        )
     for text, top, bottom, key, bound in GOALS:
         if top in results and bottom in results:
-            value = (statistics.median(results[top][key]) if key == "step_s"
-                     else results[top][key])
-            base = (statistics.median(results[bottom][key]) if key == "step_s"
-                    else results[bottom][key])
+            value = statistics.median(results[top][key]) if key == "step_s" else results[top][key]
+            base = (
+                statistics.median(results[bottom][key]) if key == "step_s" else results[bottom][key]
+            )
             goals.append({"goal": text, "ratio": value / base, "met": value / base <= bound})
     lines += ["", "| goal | measured ratio | met |", "|---|---|---|"]
-    lines += [f"| {g['goal']} | {g['ratio']:.2f} | {'yes' if g['met'] else 'NO'} |"
-              for g in goals]
+    lines += [f"| {g['goal']} | {g['ratio']:.2f} | {'yes' if g['met'] else 'NO'} |" for g in goals]
     return lines, goals
 
 
@@ -246,8 +311,11 @@ def main() -> None:
         SHARED.update({"rollout.max_new_tokens": "8", "data.size": "32", "model.threads": "1"})
     if args.child:
         sys.path.insert(0, str(ROOT))
-        result = (child_trl(args.steps, args.model) if args.child == "trl-grpo"
-                  else child_ours(args.child, args.steps, args.model))
+        result = (
+            child_trl(args.steps, args.model)
+            if args.child == "trl-grpo"
+            else child_ours(args.child, args.steps, args.model)
+        )
         print("RESULT " + json.dumps(result))
         return
     model, steps = args.model, args.steps
@@ -264,16 +332,28 @@ def main() -> None:
     peak = matmul_gflops(0.3 if args.smoke else 2.0)
     lines, goals = summarise(results, peak)
     command = "python benchmarks/step_bench.py " + " ".join(sys.argv[1:])
-    header = [f"# Step benchmark ({args.name}, {date.today()}, {os.cpu_count()} CPUs, fp32 "
-              f"matmul peak {peak:.0f} GFLOP/s)", "", f"Command: `{command}`", ""]
+    header = [
+        f"# Step benchmark ({args.name}, {date.today()}, {os.cpu_count()} CPUs, fp32 "
+        f"matmul peak {peak:.0f} GFLOP/s)",
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
     text = "\n".join(header + lines) + "\n"
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"step-{'smoke' if args.smoke else args.name}-{date.today()}"
-    payload = {"machine": args.name, "date": str(date.today()), "matmul_gflops": peak,
-               "steps": steps, "smoke": args.smoke, "command": command, "configs": results,
-               "goals": goals}
+    payload = {
+        "machine": args.name,
+        "date": str(date.today()),
+        "matmul_gflops": peak,
+        "steps": steps,
+        "smoke": args.smoke,
+        "command": command,
+        "configs": results,
+        "goals": goals,
+    }
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     (out / f"{stem}.md").write_text(text)
     print(f"written: {out / stem}.json and .md")

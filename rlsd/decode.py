@@ -31,8 +31,9 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
-                  ) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
     """(n, V) logits -> scaled logits with the tokens outside top-k / the top-p nucleus at -inf.
     top_k 0 and top_p 1.0 disable those filters."""
     scores = logits / temperature
@@ -48,8 +49,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return scores
 
 
-def next_tokens(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int,
-                top_p: float) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, greedy: bool, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
     """(n, V) logits of the last position -> (n,) chosen token ids."""
     if greedy:
         return logits.argmax(-1)
@@ -69,10 +71,19 @@ def sample_rows(probs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-           group: int, max_new_tokens: int, stop_ids: list[int], pad_id: int,
-           greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0) -> torch.Tensor:
+def decode(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group: int,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
     """Sample `group` completions for each left-padded prompt (B, P); returns (B*group, T)
     completion ids, rows grouped by prompt, padded with pad_id after the stop token (T <=
     max_new_tokens: the longest completion)."""
@@ -82,8 +93,12 @@ def decode(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
     cache = DynamicCache(config=model.config)
     with_cache = {cache_keyword(model): cache, "use_cache": True, "logits_to_keep": 1}
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask.long(), position_ids=positions,
-                **with_cache)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask.long(),
+        position_ids=positions,
+        **with_cache,
+    )
     logits = out.logits[:, -1].repeat_interleave(group, 0)
     if group > 1:
         cache.batch_repeat_interleave(group)
@@ -107,8 +122,12 @@ def decode(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.
             alive, chosen = alive[index], chosen[index]
             attention, position = attention[index], position[index]
         attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], 1)
-        out = model(input_ids=chosen.unsqueeze(1), attention_mask=attention,
-                    position_ids=position, **with_cache)
+        out = model(
+            input_ids=chosen.unsqueeze(1),
+            attention_mask=attention,
+            position_ids=position,
+            **with_cache,
+        )
         position = position + 1
         logits = out.logits[:, -1]
     return tokens[:, :width]

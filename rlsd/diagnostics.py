@@ -23,8 +23,9 @@ from .rewards.builtin import answer_anchor
 from .rollout import Batch
 
 
-def completion_spans(cfg: Any, method: Method, tokenizer: Any, batch: Batch
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
+def completion_spans(
+    cfg: Any, method: Method, tokenizer: Any, batch: Batch
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
     """(N, T) reasoning-span and final-answer masks of every completion of the step (None where
     the method does not reweight tokens, or the extraction has no anchor), and the fraction of
     completions that open a reasoning span (`rlsd/span_frac`, for reweighting methods)."""
@@ -42,10 +43,18 @@ def completion_spans(cfg: Any, method: Method, tokenizer: Any, batch: Batch
     return span, answer, {"rlsd/span_frac": sum(opened) / max(len(opened), 1)}
 
 
-def credit_diagnostics(method: Method, step: int, adv: torch.Tensor, logps: torch.Tensor,
-                       teacher_logps: torch.Tensor, token_adv: torch.Tensor, mask: torch.Tensor,
-                       correct: torch.Tensor, span: torch.Tensor | None,
-                       answer: torch.Tensor | None) -> dict[str, float]:
+def credit_diagnostics(
+    method: Method,
+    step: int,
+    adv: torch.Tensor,
+    logps: torch.Tensor,
+    teacher_logps: torch.Tensor,
+    token_adv: torch.Tensor,
+    mask: torch.Tensor,
+    correct: torch.Tensor,
+    span: torch.Tensor | None,
+    answer: torch.Tensor | None,
+) -> dict[str, float]:
     """Teacher statistics over every trained token of the step (not means of micro-batch means),
     from the step's own credit `token_adv` (n, T): the method's metrics, the teacher-student KL,
     Delta and (rlsd) clip fractions split by correct / incorrect completions and by final-answer

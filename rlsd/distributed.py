@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,7 +34,7 @@ def shard(items: list[T], rank: int, size: int) -> list[T]:
     if len(items) % size:
         raise ValueError(f"{len(items)} items do not split over {size} processes")
     per = len(items) // size
-    return items[rank * per:(rank + 1) * per]
+    return items[rank * per : (rank + 1) * per]
 
 
 def total(accelerator: Any, value: float) -> float:
@@ -69,8 +70,7 @@ def from_main(accelerator: Any, compute: Callable[[], T]) -> T:
     return value
 
 
-def reduce_metrics(accelerator: Any, metrics: dict[str, float], tokens: float
-                   ) -> dict[str, float]:
+def reduce_metrics(accelerator: Any, metrics: dict[str, float], tokens: float) -> dict[str, float]:
     """Combine each process's metrics into the step's (see the module docstring). A metric a
     process did not log (e.g. no trained rows there) does not count towards its mean. Text
     values (e.g. perf/peak_mem_scope) are the same on every process and pass through."""
@@ -91,8 +91,9 @@ def reduce_metrics(accelerator: Any, metrics: dict[str, float], tokens: float
     device = accelerator.device
     stacked = torch.tensor([values, weights], dtype=torch.float64, device=device)
     sums = accelerator.reduce(stacked, "sum")
-    biggest = torch.tensor([metrics.get(k, float("-inf")) for k in keys], dtype=torch.float64,
-                           device=device)
+    biggest = torch.tensor(
+        [metrics.get(k, float("-inf")) for k in keys], dtype=torch.float64, device=device
+    )
     torch.distributed.all_reduce(biggest, op=torch.distributed.ReduceOp.MAX)
     out = {}
     for i, key in enumerate(keys):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -55,9 +56,18 @@ def heldout_records(records: list[Record], candidates: list[Record], n: int) -> 
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, lm: Any, tokenizer: Any, records: list[Record], stop_ids: list[int],
-             device: torch.device, k: int = 1, greedy: bool = True, batch_prompts: int = 0,
-             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def evaluate(
+    cfg: Config,
+    lm: Any,
+    tokenizer: Any,
+    records: list[Record],
+    stop_ids: list[int],
+    device: torch.device,
+    k: int = 1,
+    greedy: bool = True,
+    batch_prompts: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Score k completions per record (greedy: one); pass@1, pass@k, maj@k and per-item detail.
     `batch_prompts` 0: as many prompts as make EVAL_SEQUENCES sequences per decode, or as a
     training step decodes when that is more (capped further by `rollout.batch_size`)."""
@@ -69,15 +79,26 @@ def evaluate(cfg: Config, lm: Any, tokenizer: Any, records: list[Record], stop_i
     batch_prompts = batch_prompts or max(per_decode // samples, 1)
     items = []
     for start in range(0, len(records), batch_prompts):
-        chunk = records[start:start + batch_prompts]
-        batch = sample_completions(lm, [renderer.student_ids(r) for r in chunk], rollout,
-                                   tokenizer.pad_token_id, stop_ids, device, greedy=greedy)
-        texts = tokenizer.batch_decode([i[m].tolist() for i, m in zip(batch.completion_ids,
-                                                                      batch.completion_mask)],
-                                       skip_special_tokens=True)
+        chunk = records[start : start + batch_prompts]
+        batch = sample_completions(
+            lm,
+            [renderer.student_ids(r) for r in chunk],
+            rollout,
+            tokenizer.pad_token_id,
+            stop_ids,
+            device,
+            greedy=greedy,
+        )
+        texts = tokenizer.batch_decode(
+            [i[m].tolist() for i, m in zip(batch.completion_ids, batch.completion_mask)],
+            skip_special_tokens=True,
+        )
         rows = [r for r in chunk for _ in range(samples)]
-        columns = {"answer": [r.answer for r in rows], "solution": [r.solution for r in rows],
-                   "metadata": [r.metadata for r in rows]}
+        columns = {
+            "answer": [r.answer for r in rows],
+            "solution": [r.solution for r in rows],
+            "metadata": [r.metadata for r in rows],
+        }
         _, correct, _ = reward_fn([renderer.student_text(r) for r in rows], texts, columns)
         for j, record in enumerate(chunk):
             part = slice(j * samples, (j + 1) * samples)
@@ -91,35 +112,55 @@ def item_result(cfg: Config, record: Record, texts: list[str], correct: list[boo
     answers = [extract_answer(t, cfg.reward.extract, cfg.reward.answer_marker) for t in texts]
     answers = [None if a is None else normalise(a) for a in answers]
     majority = majority_index(answers)
-    lenient = [extract_last_number(t) is not None and
-               extract_last_number(t) == extract_last_number(record.answer) for t in texts]
-    return {"prompt": record.prompt, "answer": record.answer, "completions": texts,
-            "correct": correct, "majority_correct": majority is not None and correct[majority],
-            "lenient": lenient}
+    lenient = [
+        extract_last_number(t) is not None
+        and extract_last_number(t) == extract_last_number(record.answer)
+        for t in texts
+    ]
+    return {
+        "prompt": record.prompt,
+        "answer": record.answer,
+        "completions": texts,
+        "correct": correct,
+        "majority_correct": majority is not None and correct[majority],
+        "lenient": lenient,
+    }
 
 
 def summarise(items: list[dict], samples: int) -> dict[str, Any]:
     n = max(len(items), 1)
-    result = {"n_items": len(items), "samples_per_item": samples,
-              "pass@1": sum(pass_at_k(samples, sum(i["correct"]), 1) for i in items) / n,
-              f"pass@{samples}": sum(pass_at_k(samples, sum(i["correct"]), samples)
-                                     for i in items) / n,
-              f"maj@{samples}": sum(i["majority_correct"] for i in items) / n,
-              "lenient@1": sum(sum(i["lenient"]) / samples for i in items) / n,
-              "items": items}
+    result = {
+        "n_items": len(items),
+        "samples_per_item": samples,
+        "pass@1": sum(pass_at_k(samples, sum(i["correct"]), 1) for i in items) / n,
+        f"pass@{samples}": sum(pass_at_k(samples, sum(i["correct"]), samples) for i in items) / n,
+        f"maj@{samples}": sum(i["majority_correct"] for i in items) / n,
+        "lenient@1": sum(sum(i["lenient"]) / samples for i in items) / n,
+        "items": items,
+    }
     return result
 
 
-def greedy_accuracy(cfg: Config, lm: Any, tokenizer: Any, records: list[Record],
-                    stop_ids: list[int], device: torch.device, batch_size: int = 0,
-                    ) -> dict[str, Any]:
+def greedy_accuracy(
+    cfg: Config,
+    lm: Any,
+    tokenizer: Any,
+    records: list[Record],
+    stop_ids: list[int],
+    device: torch.device,
+    batch_size: int = 0,
+) -> dict[str, Any]:
     """Greedy accuracy (the first verifier at full marks) and lenient accuracy (the last number
     of the reply equals the answer's), with the completions."""
-    result = evaluate(cfg, lm, tokenizer, records, stop_ids, device, greedy=True,
-                      batch_prompts=batch_size)
-    return {"n": result["n_items"], "accuracy": result["pass@1"],
-            "lenient_accuracy": result["lenient@1"],
-            "completions": [i["completions"][0] for i in result["items"]]}
+    result = evaluate(
+        cfg, lm, tokenizer, records, stop_ids, device, greedy=True, batch_prompts=batch_size
+    )
+    return {
+        "n": result["n_items"],
+        "accuracy": result["pass@1"],
+        "lenient_accuracy": result["lenient@1"],
+        "completions": [i["completions"][0] for i in result["items"]],
+    }
 
 
 def eval_items(cfg: Config, limit: int) -> tuple[list[Record], str]:
@@ -129,8 +170,9 @@ def eval_items(cfg: Config, limit: int) -> tuple[list[Record], str]:
 
     records = load_records(cfg.data)
     if cfg.data.heldout_size:
-        return split_heldout(records, cfg.data.heldout_size, cfg.data.seed)[1][:limit], \
-            "held-out split"
+        return split_heldout(records, cfg.data.heldout_size, cfg.data.seed)[1][
+            :limit
+        ], "held-out split"
     if cfg.data.source == "reasoning_gym":
         fresh = load_records(replace(cfg.data, seed=cfg.data.seed + 7919, size=4 * limit))
         return heldout_records(records, fresh, limit), "fresh reasoning-gym items"

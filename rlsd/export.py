@@ -18,7 +18,7 @@ from .tracking import read_jsonl
 
 METHODS = {
     "rlsd": "RLSD (self-distilled RLVR, arXiv 2604.03128): the verifier sets the sign of each "
-            "update, the model itself shown the reference solution sets each token's share",
+    "update, the model itself shown the reference solution sets each token's share",
     "grpo": "GRPO (RL from verifiable rewards, group-normalised advantages)",
     "opsd": "OPSD (on-policy self-distillation from the model shown the reference)",
     "grpo_opsd": "GRPO plus an on-policy self-distillation term",
@@ -45,21 +45,28 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
 def results_summary(run_dir: Path, step: int) -> dict[str, Any]:
     """Training accuracy over the last 5 logged steps up to `step`, the last held-out
     evaluation logged during training, and every `rlsd eval` result file in the run dir."""
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] <= step] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    rows = (
+        [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] <= step]
+        if (run_dir / "metrics.jsonl").is_file()
+        else []
+    )
     out: dict[str, Any] = {"steps": step}
     tail = [r["reward/accuracy"] for r in rows[-5:] if "reward/accuracy" in r]
     if tail:
         out["train_accuracy_last5"] = round(sum(tail) / len(tail), 4)
     evals = [r for r in rows if "eval/pass@1" in r]
     if evals:
-        out["heldout_pass@1_during_training"] = {"step": evals[-1]["step"],
-                                                 "pass@1": evals[-1]["eval/pass@1"]}
+        out["heldout_pass@1_during_training"] = {
+            "step": evals[-1]["step"],
+            "pass@1": evals[-1]["eval/pass@1"],
+        }
     files = []
     for path in sorted(run_dir.glob("eval-*.json")):
         result = json.loads(path.read_text())
-        files.append({k: v for k, v in result.items() if k.startswith(("pass@", "maj@", "n_"))}
-                     | {"file": path.name})
+        files.append(
+            {k: v for k, v in result.items() if k.startswith(("pass@", "maj@", "n_"))}
+            | {"file": path.name}
+        )
     if files:
         out["rlsd_eval"] = files
     return out
@@ -78,8 +85,9 @@ base_model_relation: finetune
 
 Fine-tuned from `{cfg.model.name}` with **{method}** by [rlsd](https://pypi.org/project/rlsd/),
 on `{cfg.data.source}` data (`{task}`), verified by {", ".join(cfg.reward.verifiers)}.
-Exported from `{ckpt}` ({"LoRA merged into the base weights" if cfg.model.lora
-else "full fine-tuning"}).
+Exported from `{ckpt}` ({
+        "LoRA merged into the base weights" if cfg.model.lora else "full fine-tuning"
+    }).
 
 ## Results
 
@@ -127,5 +135,6 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> Path:
     tokenizer.save_pretrained(out_dir)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     (out_dir / "README.md").write_text(
-        model_card(cfg, run_dir, ckpt, results_summary(run_dir, state["step"])), encoding="utf-8")
+        model_card(cfg, run_dir, ckpt, results_summary(run_dir, state["step"])), encoding="utf-8"
+    )
     return out_dir

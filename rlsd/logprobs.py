@@ -18,31 +18,45 @@ from .algorithms.distill import token_divergence
 from .models import base_model
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, scale: float,
-            softcap: float) -> torch.Tensor:
+def _logits(
+    hidden: torch.Tensor, weight: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
     logits = F.linear(hidden, weight).float() * scale  # (rows, V)
     return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 scale: float, softcap: float) -> torch.Tensor:
+def _chunk_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
     logp = torch.log_softmax(_logits(hidden, weight, scale, softcap), dim=-1)  # one fused pass
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (rows,)
 
 
-def _chunk_logps_kl(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    scale: float, softcap: float, t_vals: torch.Tensor,
-                    t_ids: torch.Tensor | None, reverse: bool,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_logps_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float,
+    softcap: float,
+    t_vals: torch.Tensor,
+    t_ids: torch.Tensor | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     logp = torch.log_softmax(_logits(hidden, weight, scale, softcap), dim=-1)  # (rows, V)
     picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked, token_divergence(logp, t_vals, t_ids, reverse)
 
 
-def gather_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    chunk_rows: int = 256, scale: float = 1.0, softcap: float = 0.0,
-                    teacher: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                    reverse: bool = True):
+def gather_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int = 256,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    teacher: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    reverse: bool = True,
+):
     """hidden (M, H), lm-head weight (V, H), targets (M,) -> log-probs (M,) in float32.
 
     With `teacher` = (values (M, k), ids (M, k) or None), also the per-token KL to it (M,).
@@ -65,15 +79,21 @@ def gather_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 @torch.no_grad()
-def support_logprobs(hidden: torch.Tensor, weight: torch.Tensor, topk: int, chunk_rows: int = 256,
-                     scale: float = 1.0, softcap: float = 0.0,
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def support_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    topk: int,
+    chunk_rows: int = 256,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs over the whole vocabulary (topk = 0: (M, V), ids None) or the top-k tokens'
     log-probs and ids ((M, k) each), chunked."""
     vals, ids = [], []
     for start in range(0, hidden.shape[0], chunk_rows):
-        logp = torch.log_softmax(_logits(hidden[start:start + chunk_rows], weight, scale,
-                                         softcap), dim=-1)
+        logp = torch.log_softmax(
+            _logits(hidden[start : start + chunk_rows], weight, scale, softcap), dim=-1
+        )
         if topk:
             top = logp.topk(topk, dim=-1)
             vals.append(top.values)
@@ -121,25 +141,33 @@ class TokenScorer(nn.Module):
         softcap = float(getattr(base.config, "final_logit_softcapping", None) or 0.0)
         return base.get_decoder(), base.get_output_embeddings(), softcap
 
-    def _completion_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _completion_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (M, H) that predict the valid completion tokens, and those ids (M,)."""
         decoder = self._parts()[0]
         prompt_width = input_ids.shape[1] - completion_mask.shape[1]
         order, undo = pads_to_the_right(attention_mask)
         mask = attention_mask.gather(1, order)
-        hidden = decoder(input_ids=input_ids.gather(1, order), attention_mask=mask,
-                         position_ids=position_ids_for(mask),
-                         use_cache=False).last_hidden_state  # (N, P + T, H), pads last
+        hidden = decoder(
+            input_ids=input_ids.gather(1, order),
+            attention_mask=mask,
+            position_ids=position_ids_for(mask),
+            use_cache=False,
+        ).last_hidden_state  # (N, P + T, H), pads last
         hidden = hidden.gather(1, undo.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        predicting = hidden[:, prompt_width - 1:-1]  # (N, T, H): position t predicts token t
+        predicting = hidden[:, prompt_width - 1 : -1]  # (N, T, H): position t predicts token t
         valid = completion_mask.bool()
         return predicting[valid], input_ids[:, prompt_width:][valid]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                completion_mask: torch.Tensor,
-                teacher: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                reverse: bool = True):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        teacher: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        reverse: bool = True,
+    ):
         """input_ids (N, P + T): left-padded prompt, then completion ids whose validity is
         completion_mask (N, T). Returns log-probs (N, T) of the completion ids, 0 where masked.
 
@@ -152,8 +180,16 @@ class TokenScorer(nn.Module):
         flat = None
         if teacher is not None:
             flat = (teacher[0][valid], None if teacher[1] is None else teacher[1][valid])
-        result = gather_logprobs(hidden, head.weight, targets, self.chunk_rows,
-                                 1.0 / self.temperature, softcap, flat, reverse)
+        result = gather_logprobs(
+            hidden,
+            head.weight,
+            targets,
+            self.chunk_rows,
+            1.0 / self.temperature,
+            softcap,
+            flat,
+            reverse,
+        )
 
         def unflatten(values: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(completion_mask.shape, dtype=torch.float32, device=hidden.device)
@@ -164,15 +200,20 @@ class TokenScorer(nn.Module):
         return unflatten(result[0]), unflatten(result[1])
 
     @torch.no_grad()
-    def support(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                completion_mask: torch.Tensor, topk: int,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def support(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        topk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per completion position, log-probs over the vocabulary (topk = 0: (N, T, V)) or the
         top-k (values and ids, (N, T, k) each); zeros at masked positions."""
         _, head, softcap = self._parts()
         hidden, _ = self._completion_hidden(input_ids, attention_mask, completion_mask)
-        vals, ids = support_logprobs(hidden, head.weight, topk, self.chunk_rows,
-                                     1.0 / self.temperature, softcap)
+        vals, ids = support_logprobs(
+            hidden, head.weight, topk, self.chunk_rows, 1.0 / self.temperature, softcap
+        )
         valid = completion_mask.bool()
         full_vals = vals.new_zeros(*completion_mask.shape, vals.shape[-1])
         full_vals[valid] = vals
@@ -183,12 +224,20 @@ class TokenScorer(nn.Module):
         return full_vals, full_ids
 
 
-def naive_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   completion_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def naive_logprobs(
+    lm: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Reference: full logits, full log-softmax, gather. Used by tests and benchmarks."""
     width = completion_mask.shape[1]
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_for(attention_mask)).logits.float()
-    logp = torch.log_softmax(logits[:, -width - 1:-1] / temperature, dim=-1)
+    logits = lm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+    ).logits.float()
+    logp = torch.log_softmax(logits[:, -width - 1 : -1] / temperature, dim=-1)
     picked = logp.gather(-1, input_ids[:, -width:].unsqueeze(-1)).squeeze(-1)
     return picked * completion_mask

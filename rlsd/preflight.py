@@ -32,11 +32,12 @@ def generation_header(tokenizer: Any) -> list[int]:
     messages = [{"role": "user", "content": "x"}]
     bare = chat_ids(tokenizer, messages, add_generation_prompt=False)
     opened = chat_ids(tokenizer, messages, add_generation_prompt=True)
-    return opened[len(bare):] if opened[:len(bare)] == bare else []
+    return opened[len(bare) :] if opened[: len(bare)] == bare else []
 
 
-def check_teacher_prompts(renderer: PromptRenderer, tokenizer: Any, records: list[Record],
-                          privileged: bool = True) -> None:
+def check_teacher_prompts(
+    renderer: PromptRenderer, tokenizer: Any, records: list[Record], privileged: bool = True
+) -> None:
     """Every record's teacher prompt differs from the student's and holds the reference (unless
     this is a `teacher.privileged: false` control); the first `ALIGNMENT_SAMPLE` records' prompts
     also end like the student's and line up with the completion ids."""
@@ -47,10 +48,12 @@ def check_teacher_prompts(renderer: PromptRenderer, tokenizer: Any, records: lis
     for record in records[:ALIGNMENT_SAMPLE]:
         student, teacher = renderer.student_ids(record), renderer.teacher_ids(record)
         for name, ids in (("prompt_template", student), ("teacher_template", teacher)):
-            if header and ids[-len(header):] != header:
-                raise ConfigError(f"data.{name}: the rendered prompt does not end with the chat "
-                                  "template's assistant header; completions would follow a "
-                                  "different context for student and teacher")
+            if header and ids[-len(header) :] != header:
+                raise ConfigError(
+                    f"data.{name}: the rendered prompt does not end with the chat "
+                    "template's assistant header; completions would follow a "
+                    "different context for student and teacher"
+                )
             check_scoring_positions(ids, tokenizer, name)
 
 
@@ -59,25 +62,33 @@ def check_privileged_text(renderer: PromptRenderer, record: Record, index: int) 
     where = f"data.teacher_template: record {index} ({record.prompt[:40]!r})"
     teacher = renderer.teacher_text(record)
     if teacher == renderer.student_text(record):
-        raise ConfigError(f"{where}: renders the same prompt as the student's; the teacher "
-                          "would see no privileged context and the record would train as GRPO")
+        raise ConfigError(
+            f"{where}: renders the same prompt as the student's; the teacher "
+            "would see no privileged context and the record would train as GRPO"
+        )
     reference = (record.solution or record.answer).strip()
     if reference and reference not in teacher:
-        raise ConfigError(f"{where}: the teacher's prompt does not contain the reference "
-                          f"({reference[:40]!r}); use {{{{ solution or answer }}}} "
-                          "(or teacher.privileged: false for a control run)")
+        raise ConfigError(
+            f"{where}: the teacher's prompt does not contain the reference "
+            f"({reference[:40]!r}); use {{{{ solution or answer }}}} "
+            "(or teacher.privileged: false for a control run)"
+        )
 
 
 def check_scoring_positions(prompt: list[int], tokenizer: Any, name: str) -> None:
     """Build padded scoring inputs as training does and verify what the scorer will read."""
-    probe = tokenizer("Answer: 42", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    probe = tokenizer("Answer: 42", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
     rows = [prompt, prompt[1:] or prompt]  # two lengths, so one row is left-padded
     p_ids, p_mask = left_pad(rows, tokenizer.pad_token_id)
     c_ids = torch.tensor([probe, probe])
     ids, attn = join(p_ids, p_mask, c_ids, torch.ones_like(c_ids, dtype=torch.bool))
     positions = position_ids_for(attn)
     for row, prompt_row in enumerate(rows):
-        if ids[row, -len(probe):].tolist() != probe or \
-                int(positions[row, -len(probe)]) != len(prompt_row):
-            raise ConfigError(f"data.{name}: scoring inputs do not line up with the sampled "
-                              "completion ids")
+        if ids[row, -len(probe) :].tolist() != probe or int(positions[row, -len(probe)]) != len(
+            prompt_row
+        ):
+            raise ConfigError(
+                f"data.{name}: scoring inputs do not line up with the sampled completion ids"
+            )

@@ -25,10 +25,14 @@ class Batch:
     completion_ids: torch.Tensor  # (N, T) right-padded
     completion_mask: torch.Tensor  # (N, T) True on real completion tokens
 
-    def select(self, rows: torch.Tensor) -> "Batch":
+    def select(self, rows: torch.Tensor) -> Batch:
         """The batch restricted to the given row indices (or boolean row mask)."""
-        return Batch(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
-                     self.completion_mask[rows])
+        return Batch(
+            self.prompt_ids[rows],
+            self.prompt_mask[rows],
+            self.completion_ids[rows],
+            self.completion_mask[rows],
+        )
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,8 +42,8 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)
     for row, seq in enumerate(seqs):
         if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = True
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = True
     return ids, mask
 
 
@@ -51,9 +55,15 @@ def completion_mask_from(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor
 
 
 @torch.no_grad()
-def sample_completions(model: torch.nn.Module, prompts: list[list[int]], cfg: RolloutConfig,
-                       pad_id: int, stop_ids: list[int], device: torch.device,
-                       greedy: bool = False) -> Batch:
+def sample_completions(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    cfg: RolloutConfig,
+    pad_id: int,
+    stop_ids: list[int],
+    device: torch.device,
+    greedy: bool = False,
+) -> Batch:
     """Sample cfg.num_generations completions per prompt (one, decoded greedily, if `greedy`);
     returns the grouped, padded batch. `rollout.batch_size` caps the sequences decoded at once
     (whole groups at a time with the own decoder)."""
@@ -64,37 +74,73 @@ def sample_completions(model: torch.nn.Module, prompts: list[list[int]], cfg: Ro
     was_training = model.training
     model.eval()
     for start in range(0, len(prompts), per_chunk):
-        ids = prompt_ids[start:start + per_chunk].to(device)
-        mask = prompt_mask[start:start + per_chunk].to(device)
+        ids = prompt_ids[start : start + per_chunk].to(device)
+        mask = prompt_mask[start : start + per_chunk].to(device)
         outs.append(generate_chunk(model, ids, mask, group, cfg, pad_id, stop_ids, greedy).cpu())
     model.train(was_training)
     width = max(o.shape[1] for o in outs)
-    completion_ids = torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]),
-                                                        value=pad_id) for o in outs])
+    completion_ids = torch.cat(
+        [torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad_id) for o in outs]
+    )
     completion_mask = completion_mask_from(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
-    return Batch(prompt_ids.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0),
-                 completion_ids, completion_mask)
+    return Batch(
+        prompt_ids.repeat_interleave(group, 0),
+        prompt_mask.repeat_interleave(group, 0),
+        completion_ids,
+        completion_mask,
+    )
 
 
-def generate_chunk(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, group: int,
-                   cfg: RolloutConfig, pad_id: int, stop_ids: list[int], greedy: bool
-                   ) -> torch.Tensor:
+def generate_chunk(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    group: int,
+    cfg: RolloutConfig,
+    pad_id: int,
+    stop_ids: list[int],
+    greedy: bool,
+) -> torch.Tensor:
     """(B*group, T) completion ids for B prompts, with the configured decoder."""
     if cfg.decoder == "own":
-        return decode(model, ids, mask, group, cfg.max_new_tokens, stop_ids, pad_id, greedy,
-                      cfg.temperature, cfg.top_k, cfg.top_p)
-    sampling = {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p,
-                                  "top_k": cfg.top_k}  # 0 = off (None would mean generate's 50)
+        return decode(
+            model,
+            ids,
+            mask,
+            group,
+            cfg.max_new_tokens,
+            stop_ids,
+            pad_id,
+            greedy,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+        )
+    sampling = (
+        {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+    )  # 0 = off (None would mean generate's 50)
     ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
-    out = model.generate(input_ids=ids, attention_mask=mask.long(), do_sample=not greedy,
-                         **sampling, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
-                         eos_token_id=stop_ids)
-    return out[:, ids.shape[1]:]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        do_sample=not greedy,
+        **sampling,
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=stop_ids,
+    )
+    return out[:, ids.shape[1] :]
 
 
-def join(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-         completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def join(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[prompt ; completion] ids and attention mask (N, P + T) for scoring."""
-    return (torch.cat([prompt_ids, completion_ids], 1),
-            torch.cat([prompt_mask, completion_mask], 1).long())
+    return (
+        torch.cat([prompt_ids, completion_ids], 1),
+        torch.cat([prompt_mask, completion_mask], 1).long(),
+    )

@@ -7,7 +7,6 @@ and alone writes files; every process builds the same model and restores the sam
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,19 +17,32 @@ import torch
 from accelerate import Accelerator, PartialState
 
 from .algorithms.method import Method, method_for
-from .checkpoint import (check_resumable, latest_checkpoint, load_state, load_trainable,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    load_state,
+    load_trainable,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import Config, ConfigError, ModelConfig, load_config, to_dict, to_yaml
-from .data import (PromptRenderer, PromptStream, Record, check_lengths, load_records,
-                   split_heldout)
+from .data import PromptRenderer, PromptStream, Record, check_lengths, load_records, split_heldout
 from .distributed import from_main
 from .logprobs import TokenScorer
 from .models import base_model, load_model, pick_device, pick_dtype, stop_token_ids
 from .preflight import check_teacher_prompts
 from .rewards import build_reward
 from .teacher import Teacher
-from .tracking import (JsonlWriter, NullWriter, build_trackers, flat_config, jsonl_lines,
-                       read_jsonl, reset_peak_memory, write_atomic)
+from .tracking import (
+    JsonlWriter,
+    NullWriter,
+    build_trackers,
+    flat_config,
+    jsonl_lines,
+    read_jsonl,
+    reset_peak_memory,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate engines that split the weights
@@ -88,14 +100,18 @@ def run_dir_for(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
     set and the config changes nothing that matters; otherwise it is refused, never overwritten.
     """
     name = cfg.output.run_name or "{}-{}-{}".format(
-        cfg.algorithm.name, cfg.data.task if cfg.data.source == "reasoning_gym" else "file",
-        datetime.now().strftime("%Y%m%d-%H%M%S"))
+        cfg.algorithm.name,
+        cfg.data.task if cfg.data.source == "reasoning_gym" else "file",
+        datetime.now().strftime("%Y%m%d-%H%M%S"),
+    )
     run_dir = Path(cfg.output.dir) / name
     if not (run_dir / "config.yaml").is_file():
         return run_dir, None
     if not resume:
-        raise FileExistsError(f"{run_dir}: already holds a run; resume it (drop --no-resume) "
-                              "or choose another output.run_name")
+        raise FileExistsError(
+            f"{run_dir}: already holds a run; resume it (drop --no-resume) "
+            "or choose another output.run_name"
+        )
     check_resumable(load_config(run_dir / "config.yaml", saved=True), cfg, str(run_dir))
     return run_dir, latest_checkpoint(run_dir)  # None: died before its first checkpoint
 
@@ -103,14 +119,64 @@ def run_dir_for(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
 def load_external_teacher(cfg: Config, tokenizer: Any, device: torch.device) -> TokenScorer:
     """The OPD teacher: another model, frozen, whose tokenizer must equal the student's."""
     lm, teacher_tokenizer = load_model(
-        ModelConfig(name=cfg.teacher.model, dtype=cfg.model.dtype, device=cfg.model.device,
-                    lora=False), pick_dtype(cfg.model, device))
+        ModelConfig(
+            name=cfg.teacher.model, dtype=cfg.model.dtype, device=cfg.model.device, lora=False
+        ),
+        pick_dtype(cfg.model, device),
+    )
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"teacher.model: its tokenizer differs from the student's (vocabulary "
-                          f"of {len(teacher_tokenizer)} vs {len(tokenizer)} tokens); the teacher "
-                          "must score exactly the student's token ids")
+        raise ConfigError(
+            f"teacher.model: its tokenizer differs from the student's (vocabulary "
+            f"of {len(teacher_tokenizer)} vs {len(tokenizer)} tokens); the teacher "
+            "must score exactly the student's token ids"
+        )
     lm = lm.to(device).eval().requires_grad_(False)
     return TokenScorer(lm, temperature=cfg.rollout.temperature)
+
+
+def trainable_records(
+    cfg: Config, renderer: PromptRenderer, records: list[Record], method: Method
+) -> list[Record]:
+    """The records whose prompts fit data.max_prompt_tokens (an error, or dropped and counted
+    with data.long_prompts=skip); a self-teacher's prompt must fit too."""
+    records, skipped = check_lengths(renderer, records, method.teacher == "privileged")
+    if skipped:
+        log.warning(
+            "skipped %d of %d records: prompt longer than data.max_prompt_tokens=%d",
+            skipped,
+            skipped + len(records),
+            cfg.data.max_prompt_tokens,
+        )
+    return records
+
+
+def build_teachers(
+    cfg: Config,
+    method: Method,
+    policy: TokenScorer,
+    tokenizer: Any,
+    renderer: PromptRenderer,
+    records: list[Record],
+    device: torch.device,
+) -> tuple[Teacher | None, Teacher | None]:
+    """The method's teacher (after the preflight of its prompts) and, with algorithm.kl_coef,
+    the frozen initial policy for the KL penalty (a frozen teacher's copy is shared)."""
+    batch = cfg.teacher.batch_size or cfg.train.micro_batch_size
+    teacher = None
+    if method.teacher is not None:
+        external = None
+        if method.teacher == "plain":
+            external = load_external_teacher(cfg, tokenizer, device)
+        else:
+            check_teacher_prompts(renderer, tokenizer, records, cfg.teacher.privileged)
+        teacher = Teacher(
+            cfg.teacher.mode, policy, cfg.model.lora, batch, cfg.teacher.sync_every, external
+        )
+    if cfg.algorithm.kl_coef <= 0:
+        return teacher, None
+    if teacher is not None and teacher.mode == "frozen":
+        return teacher, teacher
+    return teacher, Teacher("frozen", policy, cfg.model.lora, batch)
 
 
 def setup(cfg: Config, resume: bool = True) -> Run:
@@ -120,65 +186,75 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     mem_scope = reset_peak_memory(device)  # before loading: the run's peak includes the model
     state = PartialState(cpu=device.type == "cpu")  # the process group, when launched with several
     if cfg.train.prompts_per_step % state.num_processes:
-        raise ConfigError(f"train.prompts_per_step: {cfg.train.prompts_per_step} prompts do not "
-                          f"split evenly over {state.num_processes} processes")
+        raise ConfigError(
+            f"train.prompts_per_step: {cfg.train.prompts_per_step} prompts do not "
+            f"split evenly over {state.num_processes} processes"
+        )
     run_dir, ckpt = from_main(state, lambda: run_dir_for(cfg, resume))  # before the slow work
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     torch.manual_seed(cfg.train.seed)
-    accelerator = Accelerator(cpu=device.type == "cpu", log_with=build_trackers(
-        cfg.output.trackers, cfg.output.project, run_dir) or None)
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        log_with=build_trackers(cfg.output.trackers, cfg.output.project, run_dir) or None,
+    )
     if accelerator.distributed_type.value in SHARDED:
-        raise ConfigError(f"accelerate config: {accelerator.distributed_type.value} is not "
-                          "supported yet (rlsd generates with whole weights on each process); "
-                          "use DDP: configs/accelerate/ddp-8gpu.yaml")
-    records, _ = split_heldout(load_records(cfg.data), cfg.data.heldout_size,
-                                     cfg.data.seed)  # held-out records are never trained on
+        raise ConfigError(
+            f"accelerate config: {accelerator.distributed_type.value} is not "
+            "supported yet (rlsd generates with whole weights on each process); "
+            "use DDP: configs/accelerate/ddp-8gpu.yaml"
+        )
+    records, _ = split_heldout(
+        load_records(cfg.data), cfg.data.heldout_size, cfg.data.seed
+    )  # held-out records are never trained on
     model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, accelerator.device))
     if cfg.train.gradient_checkpointing:  # the decoder layers recompute in the backward pass
         base_model(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     renderer = PromptRenderer(cfg.data, tokenizer)
     method = method_for(cfg)
-    records, skipped = check_lengths(renderer, records, method.teacher == "privileged")
-    if skipped:
-        log.warning("skipped %d of %d records: prompt longer than data.max_prompt_tokens=%d",
-                    skipped, skipped + len(records), cfg.data.max_prompt_tokens)
+    records = trainable_records(cfg, renderer, records, method)
     reward_fn = build_reward(cfg.reward)
     scorer = TokenScorer(model, temperature=cfg.rollout.temperature)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
-    teacher = None
-    if method.teacher is not None:
-        external = None
-        if method.teacher == "plain":
-            external = load_external_teacher(cfg, tokenizer, accelerator.device)
-        else:
-            check_teacher_prompts(renderer, tokenizer, records, cfg.teacher.privileged)
-        teacher = Teacher(cfg.teacher.mode, accelerator.unwrap_model(scorer), cfg.model.lora,
-                          cfg.teacher.batch_size or cfg.train.micro_batch_size,
-                          cfg.teacher.sync_every, external)
-    reference = None
-    if cfg.algorithm.kl_coef > 0:  # the frozen initial policy; shares a frozen teacher's copy
-        reference = teacher if teacher is not None and teacher.mode == "frozen" else Teacher(
-            "frozen", accelerator.unwrap_model(scorer), cfg.model.lora,
-            cfg.teacher.batch_size or cfg.train.micro_batch_size)
+    policy = accelerator.unwrap_model(scorer)
+    teacher, reference = build_teachers(
+        cfg, method, policy, tokenizer, renderer, records, accelerator.device
+    )
     stream = PromptStream(len(records), cfg.train.seed)
     start = 1
     if ckpt is not None:
-        start = restore(ckpt, accelerator.unwrap_model(scorer).lm, optimizer, stream, teacher,
-                        cfg.model.lora)
+        start = restore(ckpt, policy.lm, optimizer, stream, teacher, cfg.model.lora)
     main = accelerator.is_main_process
     if main:
         open_run_dir(cfg, run_dir, start)
     accelerator.wait_for_everyone()
     if cfg.output.trackers:
         accelerator.init_trackers(cfg.output.project, config=flat_config(to_dict(cfg)))
-    logs = [JsonlWriter(run_dir / name) if main else NullWriter()
-            for name in ("metrics.jsonl", "samples.jsonl")]
-    run = Run(cfg, method, accelerator, scorer, tokenizer, optimizer, teacher, reference, records,
-              renderer, reward_fn, stream, stop_token_ids(model, tokenizer), run_dir, *logs)
+    logs = [
+        JsonlWriter(run_dir / name) if main else NullWriter()
+        for name in ("metrics.jsonl", "samples.jsonl")
+    ]
+    run = Run(
+        cfg,
+        method,
+        accelerator,
+        scorer,
+        tokenizer,
+        optimizer,
+        teacher,
+        reference,
+        records,
+        renderer,
+        reward_fn,
+        stream,
+        stop_token_ids(model, tokenizer),
+        run_dir,
+        *logs,
+    )
     run.start_step, run.mem_scope = start, mem_scope
     if main and cfg.train.eval_every:
         run.evals = JsonlWriter(run_dir / "evals.jsonl")
@@ -195,8 +271,9 @@ def open_run_dir(cfg: Config, run_dir: Path, start: int) -> None:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
 
-def restore(ckpt: Path, lm: Any, optimizer: Any, stream: PromptStream, teacher: Teacher | None,
-            lora: bool) -> int:
+def restore(
+    ckpt: Path, lm: Any, optimizer: Any, stream: PromptStream, teacher: Teacher | None, lora: bool
+) -> int:
     """Load a checkpoint into the freshly built run; returns the first step still to run.
     The frozen teacher was copied from the initial weights before this, so it stays the
     initial policy."""
@@ -224,8 +301,14 @@ def save(run: Run, step: int) -> Path:
     ckpt = run.run_dir / f"checkpoint-{step}"
     if run.accelerator.is_main_process:
         synced_at, tensors = run.teacher.state() if run.teacher is not None else (0, None)
-        ckpt = save_checkpoint(run.run_dir, step, run.lm, run.optimizer,
-                               {"data": run.stream.state_dict(), "teacher_synced_at": synced_at},
-                               tensors, run.cfg.output.keep_last)
+        ckpt = save_checkpoint(
+            run.run_dir,
+            step,
+            run.lm,
+            run.optimizer,
+            {"data": run.stream.state_dict(), "teacher_synced_at": synced_at},
+            tensors,
+            run.cfg.output.keep_last,
+        )
     run.accelerator.wait_for_everyone()
     return ckpt

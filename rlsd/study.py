@@ -78,18 +78,24 @@ def load_study(path: Path) -> Study:
         if not isinstance(raw[key], int) or raw[key] < 1:
             raise ConfigError(f"{path}: {key}: {raw[key]!r} (a whole number >= 1)")
     if raw["eval_every"] > raw["steps"]:
-        raise ConfigError(f"{path}: eval_every: {raw['eval_every']} is more than steps "
-                          f"({raw['steps']}); no run would be evaluated")
+        raise ConfigError(
+            f"{path}: eval_every: {raw['eval_every']} is more than steps "
+            f"({raw['steps']}); no run would be evaluated"
+        )
     if raw.get("pass_k", 0) == 1 or raw.get("pass_k", 0) < 0:
         raise ConfigError(f"{path}: pass_k: {raw['pass_k']} (0 for none, or k >= 2 samples)")
     study = Study(path=Path(path), **{**raw, "out": Path(raw["out"])})
     for key, known in (("ablation_tasks", study.tasks), ("headline_arms", study.arms)):
         unknown = sorted(set(getattr(study, key) or []) - set(known))
         if unknown:
-            raise ConfigError(f"{path}: {key}: {unknown[0]!r} is not in "
-                              f"{'tasks' if key == 'ablation_tasks' else 'arms'}")
-    for key, arm in (("reference_arm", study.reference_arm),
-                     ("ablation_reference", study.ablation_reference or study.reference_arm)):
+            raise ConfigError(
+                f"{path}: {key}: {unknown[0]!r} is not in "
+                f"{'tasks' if key == 'ablation_tasks' else 'arms'}"
+            )
+    for key, arm in (
+        ("reference_arm", study.reference_arm),
+        ("ablation_reference", study.ablation_reference or study.reference_arm),
+    ):
         if arm not in study.arms:
             raise ConfigError(f"{path}: {key}: {arm!r} is not in arms")
     return study
@@ -119,11 +125,17 @@ def grid(study: Study) -> list[Cell]:
             arms += [(a, o, study.seeds[:1]) for a, o in study.ablations.items()]
         for arm, arm_over, seeds in arms:
             for seed in seeds:
-                over = {**task_over, **arm_over, "train.seed": seed,
-                        "train.steps": study.steps, "train.eval_every": study.eval_every,
-                        "train.eval_items": study.eval_items,
-                        "output.dir": str(study.out / task), "output.run_name": f"{arm}-seed{seed}",
-                        "output.report": False}
+                over = {
+                    **task_over,
+                    **arm_over,
+                    "train.seed": seed,
+                    "train.steps": study.steps,
+                    "train.eval_every": study.eval_every,
+                    "train.eval_items": study.eval_items,
+                    "output.dir": str(study.out / task),
+                    "output.run_name": f"{arm}-seed{seed}",
+                    "output.report": False,
+                }
                 cells.append(Cell(task, arm, seed, {k: _text(v) for k, v in over.items()}))
     order = {name: i for i, name in enumerate([*study.tasks, *study.arms, *study.ablations])}
     headline = study.arms if study.headline_arms is None else study.headline_arms
@@ -152,8 +164,11 @@ def finished(study: Study, cell: Cell) -> bool:
 def measured(study: Study, key: str, default: float, cells: list[Cell] | None = None) -> float:
     """The median of a metric over the study's runs so far, or over the runs of `cells` (the
     default before any)."""
-    paths = (study.out.glob("*/*/metrics.jsonl") if cells is None
-             else [run_dir(study, c) / "metrics.jsonl" for c in cells])
+    paths = (
+        study.out.glob("*/*/metrics.jsonl")
+        if cells is None
+        else [run_dir(study, c) / "metrics.jsonl" for c in cells]
+    )
     values = [r[key] for p in paths if p.is_file() for r in read_jsonl(p) if key in r]
     return statistics.median(values) if values else default
 
@@ -163,6 +178,7 @@ def seconds_left(study: Study, cells: list[Cell]) -> tuple[float, float, float]:
     left: each run at the median step time of the runs of its task and algorithm (of all runs
     before those have run, 15 s before any), evaluations at their median time so far; a pass@k
     evaluation at its measured median, or as many greedy evaluations as it samples sequences."""
+
     def kind(c: Cell) -> tuple[str, str | None]:
         return c.task, c.overrides.get("algorithm.name")
 
@@ -170,18 +186,21 @@ def seconds_left(study: Study, cells: list[Cell]) -> tuple[float, float, float]:
     per_eval = measured(study, "eval/seconds", study.eval_items * 0.4)  # ~0.4 s a greedy item
     items = study.pass_k_items or study.eval_items
     timed = [json.loads(p.read_text()).get("seconds") for p in study.out.glob("*/*/passk.json")]
-    per_pass_k = statistics.median([t for t in timed if t] or [
-        per_eval * study.pass_k * items / study.eval_items])
+    per_pass_k = statistics.median(
+        [t for t in timed if t] or [per_eval * study.pass_k * items / study.eval_items]
+    )
     per_step: dict[tuple[str, str | None], float] = {}
     train = pass_k = 0.0
     for cell in cells:
         if kind(cell) not in per_step:
-            per_step[kind(cell)] = measured(study, "perf/step_seconds", overall,
-                                            [c for c in cells if kind(c) == kind(cell)])
+            per_step[kind(cell)] = measured(
+                study, "perf/step_seconds", overall, [c for c in cells if kind(c) == kind(cell)]
+            )
         path = run_dir(study, cell) / "metrics.jsonl"
         done = max((r["step"] for r in read_jsonl(path)), default=0) if path.is_file() else 0
-        evals = (study.steps // study.eval_every - done // study.eval_every
-                 if study.eval_every else 0)
+        evals = (
+            study.steps // study.eval_every - done // study.eval_every if study.eval_every else 0
+        )
         if done < study.steps:
             train += (study.steps - done) * per_step[kind(cell)] + evals * per_eval
         if study.pass_k and not eval_path(study, cell.task, cell, True).is_file():
@@ -194,18 +213,23 @@ def describe(study: Study) -> str:
     step, evaluation and pass@k times measured so far."""
     cells = grid(study)
     todo = [c for c in cells if not finished(study, c)]
-    lines = [f"{len(cells)} runs ({len(cells) - len(todo)} finished), {study.steps} steps each, "
-             f"held-out eval of {study.eval_items} items every {study.eval_every} steps"]
+    lines = [
+        f"{len(cells)} runs ({len(cells) - len(todo)} finished), {study.steps} steps each, "
+        f"held-out eval of {study.eval_items} items every {study.eval_every} steps"
+    ]
     lines += [f"  {'done' if c not in todo else 'todo'}  {c.task}/{c.name}" for c in cells]
     train, pass_k, per_eval = seconds_left(study, cells)
-    lines.append(f"estimated time left: {(train + pass_k) / 3600:.1f} h ({train / 3600:.1f} h of "
-                 f"training at each task and algorithm's median s/step and {per_eval:.0f} s an "
-                 "evaluation" + (f", {pass_k / 3600:.1f} h of pass@{study.pass_k})" if study.pass_k
-                                 else ")"))
+    lines.append(
+        f"estimated time left: {(train + pass_k) / 3600:.1f} h ({train / 3600:.1f} h of "
+        f"training at each task and algorithm's median s/step and {per_eval:.0f} s an "
+        "evaluation" + (f", {pass_k / 3600:.1f} h of pass@{study.pass_k})" if study.pass_k else ")")
+    )
     if study.pass_k:
         missing = [c for c in cells if not eval_path(study, c.task, c, True).is_file()]
-        lines.append(f"pass@{study.pass_k} of the final checkpoints on "
-                     f"{study.pass_k_items or study.eval_items} items: {len(missing)} to do")
+        lines.append(
+            f"pass@{study.pass_k} of the final checkpoints on "
+            f"{study.pass_k_items or study.eval_items} items: {len(missing)} to do"
+        )
     return "\n".join(lines)
 
 
@@ -262,9 +286,16 @@ def run_parallel(study: Study, cells: list[Cell], configs: list[Any], jobs: int)
     for name in {cfg.model.name for cfg in configs}:
         resolve_model_path(name)  # convert and cache the model once, not in racing runs
     share = str(max(1, (os.cpu_count() or 1) // jobs))
-    queue = [(cell, {"output.progress": "false",
-                     **({"model.threads": share} if not cfg.model.threads else {})})
-             for cell, cfg in zip(cells, configs)]
+    queue = [
+        (
+            cell,
+            {
+                "output.progress": "false",
+                **({"model.threads": share} if not cfg.model.threads else {}),
+            },
+        )
+        for cell, cfg in zip(cells, configs)
+    ]
     context = multiprocessing.get_context("spawn")
     running: dict[int, tuple[Any, Cell]] = {}  # process sentinel -> (process, cell)
     failed: list[tuple[Cell, int]] = []
@@ -280,8 +311,9 @@ def run_parallel(study: Study, cells: list[Cell], configs: list[Any], jobs: int)
         while queue or running:
             while queue and len(running) < jobs and not (failed or signals):
                 cell, extra = queue.pop(0)
-                process = context.Process(target=_child, args=(study, cell, extra),
-                                          name=f"{cell.task}/{cell.name}")
+                process = context.Process(
+                    target=_child, args=(study, cell, extra), name=f"{cell.task}/{cell.name}"
+                )
                 process.start()
                 running[process.sentinel] = (process, cell)
             if not running:
@@ -296,12 +328,16 @@ def run_parallel(study: Study, cells: list[Cell], configs: list[Any], jobs: int)
             signal.signal(sig, handler)
     names = ", ".join(f"{c.task}/{c.name}" for c, _ in failed)
     if signals:
-        raise TrainingStopped(f"stopped by signal {signal.Signals(signals[0]).name}"
-                              + (f" ({names} wrote their checkpoints)" if names else ""),
-                              128 + signals[0])
+        raise TrainingStopped(
+            f"stopped by signal {signal.Signals(signals[0]).name}"
+            + (f" ({names} wrote their checkpoints)" if names else ""),
+            128 + signals[0],
+        )
     if failed:
-        raise StudyRunFailed(f"{names}: failed (exit code {failed[0][1]}, its error is above); "
-                             f"the runs already started finished and {len(queue)} did not start")
+        raise StudyRunFailed(
+            f"{names}: failed (exit code {failed[0][1]}, its error is above); "
+            f"the runs already started finished and {len(queue)} did not start"
+        )
 
 
 def _child(study: Study, cell: Cell, extra: dict[str, str]) -> None:
@@ -326,8 +362,9 @@ def eval_path(study: Study, task: str, cell: Cell | None = None, sampled: bool =
     return run_dir(study, cell) / "passk.json"
 
 
-def evaluate_model(study: Study, task: str, cell: Cell | None = None, sampled: bool = False
-                   ) -> Path | None:
+def evaluate_model(
+    study: Study, task: str, cell: Cell | None = None, sampled: bool = False
+) -> Path | None:
     """Once: the base model (cell None) or a finished run's final checkpoint on the task's
     held-out items, greedy (the base model's step 0) or `pass_k` samples per item. Writes each
     item's correct completions; returns the file, or None for a run without a checkpoint here
@@ -353,17 +390,31 @@ def evaluate_model(study: Study, task: str, cell: Cell | None = None, sampled: b
     k = study.pass_k if sampled else 1
     items = eval_items(cfg, study.eval_items)[0]
     if sampled and study.pass_k_items:
-        items = items[:study.pass_k_items]
+        items = items[: study.pass_k_items]
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.no_grad():
-        result = evaluate(cfg, lm, tokenizer, items, stop_token_ids(lm, tokenizer), device,
-                          k=k, greedy=not sampled)
+        result = evaluate(
+            cfg,
+            lm,
+            tokenizer,
+            items,
+            stop_token_ids(lm, tokenizer),
+            device,
+            k=k,
+            greedy=not sampled,
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"step": 0, "correct": [i["correct"][0] for i in result["items"]]} if not sampled \
-        else {"k": k, "temperature": cfg.rollout.temperature,
-              "correct": [sum(i["correct"]) for i in result["items"]],
-              "majority_correct": [i["majority_correct"] for i in result["items"]],
-              "seconds": time.perf_counter() - start}
+    record = (
+        {"step": 0, "correct": [i["correct"][0] for i in result["items"]]}
+        if not sampled
+        else {
+            "k": k,
+            "temperature": cfg.rollout.temperature,
+            "correct": [sum(i["correct"]) for i in result["items"]],
+            "majority_correct": [i["majority_correct"] for i in result["items"]],
+            "seconds": time.perf_counter() - start,
+        }
+    )
     write_atomic(out, json.dumps(record))  # a study killed here reruns this evaluation
     return out

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -39,8 +39,15 @@ class TeacherScores:
 
 
 class Teacher:
-    def __init__(self, mode: str, scorer: TokenScorer, lora: bool, batch_size: int,
-                 sync_every: int = 0, external: TokenScorer | None = None):
+    def __init__(
+        self,
+        mode: str,
+        scorer: TokenScorer,
+        lora: bool,
+        batch_size: int,
+        sync_every: int = 0,
+        external: TokenScorer | None = None,
+    ):
         self.mode, self.lora, self.batch_size = mode, lora, batch_size
         self.scorer, self.sync_every, self.external = scorer, sync_every, external
         self.copy: TokenScorer | None = None  # full fine-tuning: frozen / sync model copy
@@ -114,9 +121,15 @@ class Teacher:
             yield self.copy or self.scorer
 
     @torch.no_grad()
-    def logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                 device: torch.device, topk: int | None = None) -> TeacherScores:
+    def logprobs(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        device: torch.device,
+        topk: int | None = None,
+    ) -> TeacherScores:
         """Teacher log-probs (N, T) of the completion ids after the teacher's own prompts.
 
         With `topk` (0 = the whole vocabulary) also the teacher's distribution at every
@@ -147,4 +160,4 @@ class Teacher:
 def trim_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the columns that are padding in every row of a left-padded slice."""
     keep = int(mask.sum(1).max().item())
-    return ids[:, ids.shape[1] - keep:], mask[:, mask.shape[1] - keep:]
+    return ids[:, ids.shape[1] - keep :], mask[:, mask.shape[1] - keep :]

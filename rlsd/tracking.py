@@ -54,8 +54,9 @@ def jsonl_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """Each record line of a JSONL file (with its newline) and its record. A last line cut
     short (the process was killed while writing it) is left out; damage anywhere else is an
     error naming the file and line."""
-    lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
-             if x.strip()]
+    lines = [
+        x for x in Path(path).read_text(encoding="utf-8").splitlines(keepends=True) if x.strip()
+    ]
     out = []
     for number, line in enumerate(lines, 1):
         try:
@@ -63,8 +64,10 @@ def jsonl_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             if number == len(lines) and not line.endswith("\n"):
                 break  # a torn write: the step it belonged to is rerun on resume
-            raise ConfigError(f"{path}:{number}: not a JSON record ({exc.msg}); the log is "
-                              "damaged, move the run away to start it afresh") from exc
+            raise ConfigError(
+                f"{path}:{number}: not a JSON record ({exc.msg}); the log is "
+                "damaged, move the run away to start it afresh"
+            ) from exc
     return out
 
 
@@ -119,7 +122,8 @@ def build_trackers(names: list[str], project: str, run_dir: Path) -> list[Any]:
     """Accelerate tracker objects for `output.trackers`, writing inside the run directory:
     TensorBoard event files under run_dir/tensorboard/<project>, W&B files under run_dir/wandb
     (online unless WANDB_MODE=offline), MLflow runs in run_dir/mlflow.db (SQLite) unless
-    MLFLOW_TRACKING_URI names another store or a server. Availability was checked when the config was loaded."""
+    MLFLOW_TRACKING_URI names another store or a server. Availability was checked when the config
+    was loaded."""
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
     trackers: list[Any] = []
@@ -139,14 +143,20 @@ def build_trackers(names: list[str], project: str, run_dir: Path) -> list[Any]:
 
 def tracker_values(metrics: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of a metrics record (trackers take scalars only)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and math.isfinite(v) and k != "step"}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and math.isfinite(v) and k != "step"
+    }
 
 
 def flat_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """`section.field` -> scalar (lists and dicts as text), for tracker hyperparameter tables."""
-    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
-            for section, fields in config.items() for key, value in fields.items()}
+    return {
+        f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+        for section, fields in config.items()
+        for key, value in fields.items()
+    }
 
 
 def quiet_libraries(debug: bool) -> None:

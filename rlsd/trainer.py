@@ -21,13 +21,13 @@ from typing import Any
 import torch
 
 from .algorithms import group_advantages
+from .checkpoint import latest_checkpoint
 from .config import Config
 from .data import Record
 from .diagnostics import completion_spans, credit_diagnostics
 from .distributed import anywhere, reduce_metrics, shard, world
-from .checkpoint import latest_checkpoint
 from .rollout import Batch, left_pad, sample_completions
-from .run import Run, TrainingStopped, save, setup  # noqa: F401 (re-exported)
+from .run import Run, TrainingStopped, save, setup
 from .teacher import Teacher
 from .tracking import peak_memory_mb, tracker_values
 from .update import Rows, optimise
@@ -39,19 +39,25 @@ def rollout(run: Run, step: int, recs: list[Record]) -> Batch:
     rank, size = world(run.accelerator)  # resumable sampling stream, one per process
     torch.manual_seed((run.cfg.train.seed * 1_000_003 + step) * size + rank)
     prompts = [run.renderer.student_ids(r) for r in recs]
-    return sample_completions(run.lm, prompts, run.cfg.rollout, run.tokenizer.pad_token_id,
-                              run.stop_ids, run.device)
+    return sample_completions(
+        run.lm, prompts, run.cfg.rollout, run.tokenizer.pad_token_id, run.stop_ids, run.device
+    )
 
 
-def score(run: Run, recs: list[Record], batch: Batch) -> tuple[list[str], torch.Tensor,
-                                                               list[bool], dict]:
+def score(
+    run: Run, recs: list[Record], batch: Batch
+) -> tuple[list[str], torch.Tensor, list[bool], dict]:
     group = run.cfg.rollout.num_generations
     rows = [r for r in recs for _ in range(group)]
     texts = run.tokenizer.batch_decode(
         [ids[mask].tolist() for ids, mask in zip(batch.completion_ids, batch.completion_mask)],
-        skip_special_tokens=True)
-    columns = {"answer": [r.answer for r in rows], "solution": [r.solution for r in rows],
-               "metadata": [r.metadata for r in rows]}
+        skip_special_tokens=True,
+    )
+    columns = {
+        "answer": [r.answer for r in rows],
+        "solution": [r.solution for r in rows],
+        "metadata": [r.metadata for r in rows],
+    }
     prompts = [run.renderer.student_text(r) for r in rows]
     rewards, correct, metrics = run.reward_fn(prompts, texts, columns)
     return texts, torch.tensor(rewards, dtype=torch.float32), correct, metrics
@@ -69,8 +75,15 @@ def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
     return adv != 0
 
 
-def scored_by(run: Run, scorer: Teacher | None, plain_prompt: bool, recs: list[Record],
-              rows: torch.Tensor, trained: Batch, topk: int | None = None):
+def scored_by(
+    run: Run,
+    scorer: Teacher | None,
+    plain_prompt: bool,
+    recs: list[Record],
+    rows: torch.Tensor,
+    trained: Batch,
+    topk: int | None = None,
+):
     """Log-probs (n, T) of the trained rows' completions under a teacher or the reference, after
     the teacher prompt (privileged context) or the student's plain prompt; with `topk`, also
     the teacher's distribution (see Teacher.logprobs). None without a scorer or rows."""
@@ -80,14 +93,17 @@ def scored_by(run: Run, scorer: Teacher | None, plain_prompt: bool, recs: list[R
     render = run.renderer.student_ids if plain_prompt else run.renderer.teacher_ids
     prompts = [render(recs[i // group]) for i in rows.nonzero().flatten()]
     t_ids, t_mask = left_pad(prompts, run.tokenizer.pad_token_id)
-    return scorer.logprobs(t_ids, t_mask, trained.completion_ids, trained.completion_mask,
-                           run.device, topk)
+    return scorer.logprobs(
+        t_ids, t_mask, trained.completion_ids, trained.completion_mask, run.device, topk
+    )
 
 
 def train_step(run: Run, step: int) -> dict[str, Any]:
     cfg, times = run.cfg, {"start": time.perf_counter()}
-    recs = shard([run.records[i] for i in run.stream.next(cfg.train.prompts_per_step)],
-                 *world(run.accelerator))  # this process's prompts (all of them with one)
+    recs = shard(
+        [run.records[i] for i in run.stream.next(cfg.train.prompts_per_step)],
+        *world(run.accelerator),
+    )  # this process's prompts (all of them with one)
     run.phase = "generation"
     batch = rollout(run, step, recs)
     times["generate"] = time.perf_counter()
@@ -96,8 +112,14 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     return learn(run, step, recs, batch, texts, rewards, correct, metrics, times)
 
 
-def teacher_pass(run: Run, step: int, recs: list[Record], rows: torch.Tensor, data: Rows,
-                 metrics: dict[str, float]) -> None:
+def teacher_pass(
+    run: Run,
+    step: int,
+    recs: list[Record],
+    rows: torch.Tensor,
+    data: Rows,
+    metrics: dict[str, float],
+) -> None:
     """Score the trained rows under the teacher (and the KL reference) into `data`."""
     if run.teacher is not None:
         run.teacher.maybe_sync(step)
@@ -112,15 +134,28 @@ def teacher_pass(run: Run, step: int, recs: list[Record], rows: torch.Tensor, da
     data.ref_logps = None if reference is None else reference.logps
 
 
-def learn(run: Run, step: int, recs: list[Record], batch: Batch, texts: list[str],
-          rewards: torch.Tensor, correct: list[bool], metrics: dict[str, float],
-          times: dict[str, float]) -> dict[str, Any]:
+def learn(
+    run: Run,
+    step: int,
+    recs: list[Record],
+    batch: Batch,
+    texts: list[str],
+    rewards: torch.Tensor,
+    correct: list[bool],
+    metrics: dict[str, float],
+    times: dict[str, float],
+) -> dict[str, Any]:
     """Everything after the rewards: advantages, teacher, update, metrics, logged samples.
     Returns the step's metrics, reduced over processes."""
     cfg = run.cfg
-    adv, adv_metrics = group_advantages(rewards, cfg.rollout.num_generations,
-                                        cfg.algorithm.scale_std, cfg.algorithm.adv_eps,
-                                        cfg.algorithm.baseline, cfg.algorithm.std)
+    adv, adv_metrics = group_advantages(
+        rewards,
+        cfg.rollout.num_generations,
+        cfg.algorithm.scale_std,
+        cfg.algorithm.adv_eps,
+        cfg.algorithm.baseline,
+        cfg.algorithm.std,
+    )
     metrics.update(adv_metrics)
     rows = trained_rows(run, adv)
     data = Rows(batch.select(rows), adv[rows])
@@ -139,10 +174,20 @@ def learn(run: Run, step: int, recs: list[Record], batch: Batch, texts: list[str
     if update and rows.any():
         metrics["policy/entropy"] = -logps[mask].sum().item() / max(mask.sum().item(), 1)
         if data.teacher_logps is not None:
-            metrics.update(credit_diagnostics(
-                run.method, step, data.adv, logps, data.teacher_logps, data.token_adv, mask,
-                torch.tensor(correct)[rows], data.span,
-                None if answer is None else answer[rows]))
+            metrics.update(
+                credit_diagnostics(
+                    run.method,
+                    step,
+                    data.adv,
+                    logps,
+                    data.teacher_logps,
+                    data.token_adv,
+                    mask,
+                    torch.tensor(correct)[rows],
+                    data.span,
+                    None if answer is None else answer[rows],
+                )
+            )
     metrics["train/skipped_update"] = float(not update)
     times["train"] = time.perf_counter()
     metrics.update(step_metrics(run, step, batch, rewards, correct, times))
@@ -152,13 +197,20 @@ def learn(run: Run, step: int, recs: list[Record], batch: Batch, texts: list[str
     return reduce_metrics(run.accelerator, metrics, mask.sum().item())
 
 
-def step_metrics(run: Run, step: int, batch: Batch, rewards: torch.Tensor, correct: list[bool],
-                 times: dict[str, float]) -> dict[str, float]:
+def step_metrics(
+    run: Run,
+    step: int,
+    batch: Batch,
+    rewards: torch.Tensor,
+    correct: list[bool],
+    times: dict[str, float],
+) -> dict[str, float]:
     lengths = batch.completion_mask.sum(1).float()
     gen_seconds = times["generate"] - times["start"]
     return {
         "step": step,
-        "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std(unbiased=False).item(),
         "reward/accuracy": sum(correct) / len(correct),
         "completion/length_mean": lengths.mean().item(),
         "completion/length_max": lengths.max().item(),
@@ -176,13 +228,21 @@ def step_metrics(run: Run, step: int, batch: Batch, rewards: torch.Tensor, corre
 
 def stopped(batch: Batch, stop_ids: list[int]) -> torch.Tensor:
     """(N,) True where the completion ended with a stop token (not cut at max_new_tokens)."""
-    return (torch.isin(batch.completion_ids, torch.tensor(stop_ids))
-            & batch.completion_mask).any(1)
+    return (torch.isin(batch.completion_ids, torch.tensor(stop_ids)) & batch.completion_mask).any(1)
 
 
-def write_samples(run: Run, step: int, recs: list[Record], texts: list[str],
-                  rewards: torch.Tensor, correct: list[bool], adv: torch.Tensor, batch: Batch,
-                  active: torch.Tensor, credit: torch.Tensor | None) -> None:
+def write_samples(
+    run: Run,
+    step: int,
+    recs: list[Record],
+    texts: list[str],
+    rewards: torch.Tensor,
+    correct: list[bool],
+    adv: torch.Tensor,
+    batch: Batch,
+    active: torch.Tensor,
+    credit: torch.Tensor | None,
+) -> None:
     """Log completions with their rewards; trained rows with a teacher also get per-token credit
     (the token advantages, and for RLSD the multipliers m_t)."""
     group = run.cfg.rollout.num_generations
@@ -191,9 +251,17 @@ def write_samples(run: Run, step: int, recs: list[Record], texts: list[str],
     for i in range(min(limit, len(texts))):
         record = recs[i // group]
         ids = batch.completion_ids[i][batch.completion_mask[i]].tolist()
-        sample = {"step": step, "index": i, "prompt": record.prompt, "answer": record.answer,
-                  "completion": texts[i], "reward": rewards[i].item(), "correct": correct[i],
-                  "advantage": adv[i].item(), "token_ids": ids}
+        sample = {
+            "step": step,
+            "index": i,
+            "prompt": record.prompt,
+            "answer": record.answer,
+            "completion": texts[i],
+            "reward": rewards[i].item(),
+            "correct": correct[i],
+            "advantage": adv[i].item(),
+            "token_ids": ids,
+        }
         if credit is not None and i in credit_row:
             token_adv = credit[credit_row[i]][: len(ids)]
             sample["token_advantage"] = [round(v, 5) for v in token_adv.tolist()]
@@ -205,14 +273,25 @@ def write_samples(run: Run, step: int, recs: list[Record], texts: list[str],
 
 
 def progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    return Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-                    TextColumn("reward {task.fields[reward]:.3f}  accuracy {task.fields[acc]:.3f} "
-                               "(last 5 steps)  {task.fields[sps]:.1f} s/step"),
-                    TimeRemainingColumn(),
-                    disable=not enabled)
+    return Progress(
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn(
+            "reward {task.fields[reward]:.3f}  accuracy {task.fields[acc]:.3f} "
+            "(last 5 steps)  {task.fields[sps]:.1f} s/step"
+        ),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
 
 
 def evaluate_now(run: Run, step: int) -> dict[str, float]:
@@ -224,25 +303,39 @@ def evaluate_now(run: Run, step: int) -> dict[str, float]:
     start = time.perf_counter()
     result = evaluate(run.cfg, run.lm, run.tokenizer, run.eval_records, run.stop_ids, run.device)
     items = result["items"]
-    run.evals.write({"step": step, "correct": [bool(i["correct"][0]) for i in items],
-                     "lenient": [bool(i["lenient"][0]) for i in items],
-                     "answers": [i["answer"] for i in items],
-                     "completions": [i["completions"][0] for i in items]})
-    return {"eval/pass@1": result["pass@1"], "eval/lenient@1": result["lenient@1"],
-            "eval/items": float(result["n_items"]), "eval/seconds": time.perf_counter() - start}
+    run.evals.write(
+        {
+            "step": step,
+            "correct": [bool(i["correct"][0]) for i in items],
+            "lenient": [bool(i["lenient"][0]) for i in items],
+            "answers": [i["answer"] for i in items],
+            "completions": [i["completions"][0] for i in items],
+        }
+    )
+    return {
+        "eval/pass@1": result["pass@1"],
+        "eval/lenient@1": result["lenient@1"],
+        "eval/items": float(result["n_items"]),
+        "eval/seconds": time.perf_counter() - start,
+    }
 
 
 def is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or \
-        "can't allocate memory" in text
+    return (
+        isinstance(exc, torch.OutOfMemoryError)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
 
 
 def oom_message(run: Run, step: int) -> str:
     """Which phase ran out of memory, with which sizes, and what to lower."""
     cfg, phase = run.cfg, run.phase
-    sizes = (f"{cfg.train.prompts_per_step} prompts x {cfg.rollout.num_generations} samples, "
-             f"max_new_tokens {cfg.rollout.max_new_tokens}")
+    sizes = (
+        f"{cfg.train.prompts_per_step} prompts x {cfg.rollout.num_generations} samples, "
+        f"max_new_tokens {cfg.rollout.max_new_tokens}"
+    )
     if phase == "generation":
         rows = cfg.rollout.batch_size or cfg.train.prompts_per_step * cfg.rollout.num_generations
         hint = f"--rollout.batch_size {max(rows // 2, 1)}"
@@ -253,8 +346,10 @@ def oom_message(run: Run, step: int) -> str:
         hint = f"--train.micro_batch_size {max(cfg.train.micro_batch_size // 2, 1)}"
     last = latest_checkpoint(run.run_dir)
     kept = f"the last checkpoint ({last.name}) is kept" if last else "no checkpoint yet"
-    return (f"out of memory during {phase} at step {step} ({sizes}); {kept}. Try {hint}, then "
-            f"rlsd train --resume {run.run_dir}")
+    return (
+        f"out of memory during {phase} at step {step} ({sizes}); {kept}. Try {hint}, then "
+        f"rlsd train --resume {run.run_dir}"
+    )
 
 
 def guarded_step(run: Run, step: int) -> dict[str, Any]:
@@ -285,25 +380,36 @@ class Watch:
         cfg = self.cfg
         self.nonfinite = self.nonfinite + 1 if metrics.get("train/nonfinite") else 0
         if self.nonfinite >= cfg.train.max_nonfinite_steps:
-            return (f"stopped after {self.nonfinite} consecutive steps with a NaN or infinite "
-                    f"gradient (step {step}, skipped)", "Lower train.lr or check the reward "
-                    "and data")
+            return (
+                f"stopped after {self.nonfinite} consecutive steps with a NaN or infinite "
+                f"gradient (step {step}, skipped)",
+                "Lower train.lr or check the reward and data",
+            )
         if not self.spans:
             return None
         r = cfg.rlsd
         self.spanless = self.spanless + 1 if metrics.get("rlsd/span_frac") == 0 else 0
         if self.spanless and not self.warned:
             self.warned = True
-            log.warning("step %d: no completion opens a reasoning span (%r ... %r): under "
-                        "rlsd.thought_only such a step is plain GRPO%s", step, r.thought_open,
-                        r.thought_close, f"; training stops after {r.max_spanless_steps} such "
-                        "steps in a row" if r.max_spanless_steps else "")
+            log.warning(
+                "step %d: no completion opens a reasoning span (%r ... %r): under "
+                "rlsd.thought_only such a step is plain GRPO%s",
+                step,
+                r.thought_open,
+                r.thought_close,
+                f"; training stops after {r.max_spanless_steps} such steps in a row"
+                if r.max_spanless_steps
+                else "",
+            )
         if r.max_spanless_steps and self.spanless >= r.max_spanless_steps:
-            return (f"stopped after {self.spanless} consecutive steps in which no completion "
-                    f"opened a reasoning span {r.thought_open!r} (step {step}); under "
-                    "rlsd.thought_only they train as plain GRPO", "Check the prompt asks for the "
-                    "tags, set rlsd.thought_open/thought_close to what the model writes, or "
-                    "drop rlsd.thought_only")
+            return (
+                f"stopped after {self.spanless} consecutive steps in which no completion "
+                f"opened a reasoning span {r.thought_open!r} (step {step}); under "
+                "rlsd.thought_only they train as plain GRPO",
+                "Check the prompt asks for the "
+                "tags, set rlsd.thought_open/thought_close to what the model writes, or "
+                "drop rlsd.thought_only",
+            )
         return None
 
 
@@ -317,23 +423,29 @@ def train(cfg: Config, resume: bool = True) -> Path:
     run = setup(cfg, resume)
     steps, every = cfg.train.steps, cfg.output.save_every
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     watch = Watch(cfg, run.method)
     try:
         with progress_bar(cfg.output.progress and run.accelerator.is_main_process) as bar:
-            task = bar.add_task("train", total=steps, completed=run.start_step - 1, reward=0.0,
-                                acc=0.0, sps=0.0)
+            task = bar.add_task(
+                "train", total=steps, completed=run.start_step - 1, reward=0.0, acc=0.0, sps=0.0
+            )
             for step in range(run.start_step, steps + 1):
                 metrics = guarded_step(run, step)
                 run.metrics.write(metrics)
                 run.accelerator.log(tracker_values(metrics), step=step)
                 run.history.append(metrics)
                 recent = run.history[-5:]  # single steps are noisy: show a moving average
-                bar.update(task, advance=1,
-                           reward=sum(m["reward/mean"] for m in recent) / len(recent),
-                           acc=sum(m["reward/accuracy"] for m in recent) / len(recent),
-                           sps=metrics["perf/step_seconds"])
+                bar.update(
+                    task,
+                    advance=1,
+                    reward=sum(m["reward/mean"] for m in recent) / len(recent),
+                    acc=sum(m["reward/accuracy"] for m in recent) / len(recent),
+                    sps=metrics["perf/step_seconds"],
+                )
                 signalled = anywhere(run.accelerator, bool(caught))  # on any process
                 reason = watch.stop_reason(step, metrics)
                 if step == steps or (every and step % every == 0) or signalled or reason:
@@ -343,11 +455,11 @@ def train(cfg: Config, resume: bool = True) -> Path:
                     raise TrainingStopped(
                         f"stopped by signal {signal.Signals(signum).name} after step {step}; "
                         f"checkpoint written, resume with: rlsd train --resume {run.run_dir}",
-                        128 + signum)
+                        128 + signum,
+                    )
                 if reason:
                     what, hint = reason
-                    raise TrainingStopped(f"{what}; checkpoint written in {run.run_dir}. {hint}",
-                                          1)
+                    raise TrainingStopped(f"{what}; checkpoint written in {run.run_dir}. {hint}", 1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -40,13 +40,21 @@ class Rows:
     support_ids: torch.Tensor | None = None  # (n, T, k) their token ids (topk)
     token_adv: torch.Tensor | None = None  # (n, T) the step's credit, computed once
 
-    def select(self, idx: torch.Tensor) -> "Rows":
+    def select(self, idx: torch.Tensor) -> Rows:
         def pick(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x[idx]
 
-        return Rows(self.batch.select(idx), self.adv[idx], pick(self.teacher_logps),
-                    pick(self.ref_logps), pick(self.old_logps), pick(self.span),
-                    pick(self.support_vals), pick(self.support_ids), pick(self.token_adv))
+        return Rows(
+            self.batch.select(idx),
+            self.adv[idx],
+            pick(self.teacher_logps),
+            pick(self.ref_logps),
+            pick(self.old_logps),
+            pick(self.span),
+            pick(self.support_vals),
+            pick(self.support_ids),
+            pick(self.token_adv),
+        )
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -86,13 +94,19 @@ def credit(run: Any, step: int, data: Rows, logps: torch.Tensor) -> torch.Tensor
     def to_dev(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.to(device)
 
-    return run.method.token_advantages(step, data.adv.to(device), logps.detach(),
-                                       to_dev(data.teacher_logps),
-                                       data.batch.completion_mask.to(device), to_dev(data.span))
+    return run.method.token_advantages(
+        step,
+        data.adv.to(device),
+        logps.detach(),
+        to_dev(data.teacher_logps),
+        data.batch.completion_mask.to(device),
+        to_dev(data.span),
+    )
 
 
-def micro_batch_loss(run: Any, step: int, part: Rows, normaliser: float, sums: dict[str, float]
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def micro_batch_loss(
+    run: Any, step: int, part: Rows, normaliser: float, sums: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of one micro-batch (its share of the step's loss), its log-probs and its token
     advantages (computed here from the detached log-probs unless the rows already hold them);
     adds its KL terms and clip counts to `sums`."""
@@ -102,14 +116,26 @@ def micro_batch_loss(run: Any, step: int, part: Rows, normaliser: float, sums: d
     if part.support_vals is None:
         logps = run.scorer(ids, attn, c_mask)  # (mb, T)
     else:  # opsd.divergence full / topk: the exact per-token KL from the same pass
-        support = (part.support_vals.to(device),
-                   None if part.support_ids is None else part.support_ids.to(device))
+        support = (
+            part.support_vals.to(device),
+            None if part.support_ids is None else part.support_ids.to(device),
+        )
         logps, exact_kl = run.scorer(ids, attn, c_mask, support, cfg.opsd.direction == "reverse")
     old = logps.detach() if part.old_logps is None else part.old_logps.to(device)
-    token_adv = credit(run, step, part, old) if part.token_adv is None \
-        else part.token_adv.to(device)
-    loss, m = clipped_policy_loss(logps, old, token_adv, c_mask, alg.eps_low, alg.eps_high,
-                                  alg.loss_agg, normaliser, alg.dual_clip)
+    token_adv = (
+        credit(run, step, part, old) if part.token_adv is None else part.token_adv.to(device)
+    )
+    loss, m = clipped_policy_loss(
+        logps,
+        old,
+        token_adv,
+        c_mask,
+        alg.eps_low,
+        alg.eps_high,
+        alg.loss_agg,
+        normaliser,
+        alg.dual_clip,
+    )
     if exact_kl is not None:
         kl = aggregate(exact_kl, c_mask, alg.loss_agg, normaliser)
         loss = loss + method.divergence_weight * kl
@@ -124,8 +150,9 @@ def micro_batch_loss(run: Any, step: int, part: Rows, normaliser: float, sums: d
     return loss, logps, token_adv
 
 
-def policy_update(run: Any, step: int, data: Rows, normaliser: float,
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def policy_update(
+    run: Any, step: int, data: Rows, normaliser: float
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """One optimizer step: accumulate gradients over micro-batches of `data`, then step.
 
     `normaliser` is the loss denominator of the rows this step covers (skipped rows included),
@@ -151,28 +178,36 @@ def policy_update(run: Any, step: int, data: Rows, normaliser: float,
             acc.backward(loss)
         sums["loss/policy"] += loss.item()
     params = [p for p in run.scorer.parameters() if p.requires_grad]
-    grad_norm = float(acc.clip_grad_norm_(
-        params, cfg.train.max_grad_norm or float("inf")))  # inf: measure, do not clip
+    grad_norm = float(
+        acc.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+    )  # inf: measure, do not clip
     finite = math.isfinite(grad_norm) and not anywhere(acc, not math.isfinite(sums["loss/policy"]))
     if finite:  # a NaN or infinite gradient is never applied (the same decision everywhere)
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     tokens = max(data.batch.completion_mask.sum().item(), 1)  # clip fraction over trained tokens
-    metrics = {"loss/policy": sums["loss/policy"], "policy/grad_norm": grad_norm,
-               "policy/clip_frac": sums["clipped"] / tokens,
-               "policy/dual_clip_frac": sums["dual_clipped"] / tokens,
-               "train/nonfinite": float(not finite)}
+    metrics = {
+        "loss/policy": sums["loss/policy"],
+        "policy/grad_norm": grad_norm,
+        "policy/clip_frac": sums["clipped"] / tokens,
+        "policy/dual_clip_frac": sums["dual_clipped"] / tokens,
+        "train/nonfinite": float(not finite),
+    }
     if data.ref_logps is not None:
         metrics["policy/kl_ref"] = sums["policy/kl_ref"]
     if "opsd/kl_exact" in sums:
         metrics["opsd/kl_exact"] = sums["opsd/kl_exact"]
     empty = torch.zeros(0, data.batch.completion_ids.shape[1])
-    return (torch.cat(all_logps) if all_logps else empty,
-            torch.cat(all_adv) if all_adv else empty, metrics)
+    return (
+        torch.cat(all_logps) if all_logps else empty,
+        torch.cat(all_adv) if all_adv else empty,
+        metrics,
+    )
 
 
-def optimise(run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows,
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+def optimise(
+    run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows
+) -> tuple[torch.Tensor, dict[str, float]]:
     """All optimizer steps of one rollout batch: `ppo_epochs` passes over `mini_batches` parts.
 
     `batch` is the whole step's batch, `rows` (N,) marks the rows in `data`. Mini-batches split
@@ -191,8 +226,9 @@ def optimise(run: Any, step: int, batch: Batch, rows: torch.Tensor, data: Rows,
         return total(run.accelerator, loss_normaliser(mode, mask, max_new)) / size
 
     if epochs == 1 and parts == 1:
-        logps, data.token_adv, metrics = policy_update(run, step, data,
-                                                       normaliser(batch.completion_mask))
+        logps, data.token_adv, metrics = policy_update(
+            run, step, data, normaliser(batch.completion_mask)
+        )
         return logps, metrics
     data.old_logps = current_logps(run, data.batch)
     data.token_adv = credit(run, step, data, data.old_logps)

@@ -1,11 +1,11 @@
 """Launched by tests/test_distributed.py as one of several processes (accelerate launch).
 
-    ddp_worker.py train OVERRIDES.json OUT.json
-        the real `rlsd.trainer.train`, with a digest of the trainable weights gathered from every
-        process after each step (they must be identical everywhere)
-    ddp_worker.py equiv OVERRIDES.json OUT.safetensors
-        one update on a fixed batch of B prompts, split over the processes; the main process
-        writes the all-reduced gradients and the updated weights
+ddp_worker.py train OVERRIDES.json OUT.json
+    the real `rlsd.trainer.train`, with a digest of the trainable weights gathered from every
+    process after each step (they must be identical everywhere)
+ddp_worker.py equiv OVERRIDES.json OUT.safetensors
+    one update on a fixed batch of B prompts, split over the processes; the main process
+    writes the all-reduced gradients and the updated weights
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from rlsd.rollout import Batch, left_pad
 
 def trainable(run) -> dict[str, torch.Tensor]:
     model = run.accelerator.unwrap_model(run.scorer)
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()
-            if p.requires_grad}
+    return {
+        name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def digest(run) -> str:
@@ -46,8 +47,13 @@ def train_mode(overrides: dict, out: Path) -> None:
 
     def step_and_check(run, step):
         metrics = original(run, step)
-        seen.append({"step": step, "digests": gather_object([digest(run)]),
-                     "rank": run.accelerator.process_index})
+        seen.append(
+            {
+                "step": step,
+                "digests": gather_object([digest(run)]),
+                "rank": run.accelerator.process_index,
+            }
+        )
         return metrics
 
     trainer.train_step = step_and_check
@@ -85,16 +91,29 @@ def equiv_mode(overrides: dict, out: Path) -> None:
     step_fn = run.optimizer.step
 
     def capture_then_step(*args, **kwargs):
-        grads.update({f"grad.{n}": p.grad.detach().cpu().clone()
-                      for n, p in model.named_parameters() if p.requires_grad})
+        grads.update(
+            {
+                f"grad.{n}": p.grad.detach().cpu().clone()
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            }
+        )
         return step_fn(*args, **kwargs)
 
     run.optimizer.step = capture_then_step
     local = batch.select(rows)
     correct = [bool(r) for r in rewards[rows]]
-    trainer.learn(run, 1, shard(everything, rank, size), local, [""] * len(rows),
-                  rewards[rows], correct, {}, {"start": time.perf_counter()} | dict.fromkeys(
-                      ("generate", "reward"), time.perf_counter()))
+    trainer.learn(
+        run,
+        1,
+        shard(everything, rank, size),
+        local,
+        [""] * len(rows),
+        rewards[rows],
+        correct,
+        {},
+        {"start": time.perf_counter()} | dict.fromkeys(("generate", "reward"), time.perf_counter()),
+    )
     if run.accelerator.is_main_process:
         save_file({**grads, **{f"param.{k}": v for k, v in trainable(run).items()}}, out)
 

@@ -7,8 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlsd.algorithms import (aggregate, clipped_policy_loss, group_advantages, lambda_at,
-                             rlsd_token_advantages)
+from rlsd.algorithms import (
+    aggregate,
+    clipped_policy_loss,
+    group_advantages,
+    lambda_at,
+    rlsd_token_advantages,
+)
 
 SQ3 = math.sqrt(3.0)
 
@@ -58,13 +63,19 @@ def test_rlsd_token_advantages_by_hand():
     token_adv, metrics = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.5, 0.2)
     # A > 0: w = exp(+delta) = [1.10517, 0.6065 -> 0.8, 1.6487 -> 1.2, 1]; m = 0.5 + 0.5 w
     # A < 0: w = exp(-delta) = [0.90484, 1.6487 -> 1.2, 0.6065 -> 0.8, 1]
-    want = torch.tensor([[2 * (0.5 + 0.5 * math.exp(0.1)), 1.8, 2.2, 2.0],
-                         [-(0.5 + 0.5 * math.exp(-0.1)), -1.1, -0.9, 0.0]])
+    want = torch.tensor(
+        [
+            [2 * (0.5 + 0.5 * math.exp(0.1)), 1.8, 2.2, 2.0],
+            [-(0.5 + 0.5 * math.exp(-0.1)), -1.1, -0.9, 0.0],
+        ]
+    )
     torch.testing.assert_close(token_adv, want)
     assert metrics["rlsd/clip_low_frac"] == pytest.approx(2 / 7)
     assert metrics["rlsd/clip_high_frac"] == pytest.approx(2 / 7)
     assert metrics["rlsd/lambda"] == 0.5
-    assert metrics["rlsd/delta_mean"] == pytest.approx((0.1 - 0.5 + 0.5 + 0.0 + 0.1 - 0.5 + 0.5) / 7)
+    assert metrics["rlsd/delta_mean"] == pytest.approx(
+        (0.1 - 0.5 + 0.5 + 0.0 + 0.1 - 0.5 + 0.5) / 7
+    )
 
 
 def test_rlsd_lambda_zero_is_grpo_bit_for_bit():
@@ -127,16 +138,18 @@ def test_rlsd_and_loss_match_naive_loops_on_random_inputs():
         old = logps + torch.randn(5, 7, generator=gen, dtype=torch.float64) * 0.3
         mask = torch.rand(5, 7, generator=gen) > 0.25
         token_adv, _ = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.7, 0.25)
-        torch.testing.assert_close(token_adv, naive_rlsd(seq_adv, logps, teacher, mask, 0.7,
-                                                         0.25))
+        torch.testing.assert_close(token_adv, naive_rlsd(seq_adv, logps, teacher, mask, 0.7, 0.25))
         loss, _ = clipped_policy_loss(logps, old, token_adv, mask, 0.2, 0.28)
         assert loss.item() == pytest.approx(naive_loss(logps, old, token_adv, mask, 0.2, 0.28))
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(-5, 5), min_size=4, max_size=4),
-       st.lists(st.floats(-20, 20), min_size=12, max_size=12),
-       st.floats(0, 1), st.floats(0, 0.99))
+@given(
+    st.lists(st.floats(-5, 5), min_size=4, max_size=4),
+    st.lists(st.floats(-20, 20), min_size=12, max_size=12),
+    st.floats(0, 1),
+    st.floats(0, 0.99),
+)
 def test_rlsd_never_flips_an_advantage_sign(adv, deltas, lam, eps_w):
     seq_adv = torch.tensor(adv, dtype=torch.float64)
     logps = torch.zeros(4, 3, dtype=torch.float64)
@@ -195,4 +208,5 @@ def test_policy_loss_gradcheck_float64():
     adv = torch.randn(3, 4, generator=gen, dtype=torch.float64)
     mask = torch.rand(3, 4, generator=gen) > 0.2
     assert torch.autograd.gradcheck(
-        lambda x: clipped_policy_loss(x, old, adv, mask, 0.2, 0.28)[0], (logps,))
+        lambda x: clipped_policy_loss(x, old, adv, mask, 0.2, 0.28)[0], (logps,)
+    )

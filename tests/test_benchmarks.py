@@ -11,9 +11,20 @@ BENCH = TESTS_DIR.parent / "benchmarks" / "step_bench.py"
 
 
 def test_step_bench_smoke_writes_its_schema(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--only",
-                           "trl-grpo,grpo-full,grpo,rlsd", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--smoke",
+            "--only",
+            "trl-grpo,grpo-full,grpo,rlsd",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [result] = list(tmp_path.glob("step-smoke-*.json"))
     data = json.loads(result.read_text())
@@ -23,8 +34,10 @@ def test_step_bench_smoke_writes_its_schema(tmp_path):
         assert len(config["step_s"]) == 1 and config["step_s"][0] > 0, name
         assert config["peak_mb"] > 100 and config["params"] > 0
         assert set(config) >= {"phases", "completion_tokens", "trained_frac"}
-    assert {g["goal"] for g in data["goals"]} >= {"grpo step time <= 0.5 x TRL",
-                                                  "rlsd step time <= 1.25 x grpo"}
+    assert {g["goal"] for g in data["goals"]} >= {
+        "grpo step time <= 0.5 x TRL",
+        "rlsd step time <= 1.25 x grpo",
+    }
     for goal in data["goals"]:
         assert goal["ratio"] > 0 and isinstance(goal["met"], bool)
     table = result.with_suffix(".md").read_text()
@@ -33,14 +46,35 @@ def test_step_bench_smoke_writes_its_schema(tmp_path):
 
 def test_logprob_bench_measures_both_paths_and_they_agree(tmp_path):
     bench = TESTS_DIR.parent / "benchmarks" / "logprob_bench.py"
-    done = subprocess.run([sys.executable, str(bench), "--rows", "1024", "--vocab", "16000",
-                           "--hidden", "64", "--chunk", "128", "--name", "smoke",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(bench),
+            "--rows",
+            "1024",
+            "--vocab",
+            "16000",
+            "--hidden",
+            "64",
+            "--chunk",
+            "128",
+            "--name",
+            "smoke",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [result] = list(tmp_path.glob("logprob-smoke-*.md"))
     text = result.read_text()
     assert "same values and gradients: yes" in text
-    naive, chunked = (float(line.split("|")[2]) for line in text.splitlines()
-                      if line.startswith(("| naive", "| rlsd chunked")))
+    naive, chunked = (
+        float(line.split("|")[2])
+        for line in text.splitlines()
+        if line.startswith(("| naive", "| rlsd chunked"))
+    )
     # 1024 x 16000 fp32 logits are 65 MB; the ratio at full size: tests/test_logprobs.py
     assert naive > 100 and 0 < chunked < naive, (naive, chunked)

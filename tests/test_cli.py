@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,9 +20,20 @@ def argv(overrides: dict[str, str]) -> list[str]:
 def test_train_end_to_end_in_a_subprocess(tiny_overrides, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("algorithm:\n  name: rlsd\nteacher:\n  mode: frozen\n")
-    result = subprocess.run([sys.executable, "-m", "rlsd", "train", str(recipe),
-                             *argv(tiny_overrides), "--train.steps=2"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlsd",
+            "train",
+            str(recipe),
+            *argv(tiny_overrides),
+            "--train.steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "t"
     assert f"run directory: {run_dir}" in result.stdout
@@ -40,8 +52,16 @@ def test_help_lists_every_config_field(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for key in ("model.lora", "rlsd.lambda", "rlsd.eps_w", "teacher.mode", "train.steps",
-                "rollout.num_generations", "data.teacher_template", "output.save_every"):
+    for key in (
+        "model.lora",
+        "rlsd.lambda",
+        "rlsd.eps_w",
+        "teacher.mode",
+        "train.steps",
+        "rollout.num_generations",
+        "data.teacher_template",
+        "output.save_every",
+    ):
         assert key in out
 
 
@@ -50,19 +70,27 @@ def test_split_overrides():
     assert rest == ["train", "x.yaml", "--debug"] and over == {"a.b": "1", "c.d": "e=f"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--train.steps", "0"], "train.steps: must be >= 1, got 0"),
-    (["--train.stepz", "3"], "train.stepz: unknown field"),
-    (["--algorithm.name", "ppo"], "algorithm.name: must be one of grpo, rlsd"),
-    (["--model.lora", "maybe"], "model.lora: expected true or false"),
-    (["--algorithm.name", "grpo", "--rlsd.lambda", "0.3"], "rlsd.lambda: only applies to"),
-    (["--algorithm.name", "grpo", "--teacher.privileged", "false"],
-     "teacher.privileged: only applies to a self-teacher"),
-    (["--data.task", "no_such_task"], "data.task: unknown reasoning-gym task"),
-    (["--data.source", "file", "--data.path", "/nope.jsonl"], "/nope.jsonl: data file not found"),
-    (["--model.name", "/no/such/model"], "model.name"),
-    (["missing.yaml"], "missing.yaml: config file not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.steps", "0"], "train.steps: must be >= 1, got 0"),
+        (["--train.stepz", "3"], "train.stepz: unknown field"),
+        (["--algorithm.name", "ppo"], "algorithm.name: must be one of grpo, rlsd"),
+        (["--model.lora", "maybe"], "model.lora: expected true or false"),
+        (["--algorithm.name", "grpo", "--rlsd.lambda", "0.3"], "rlsd.lambda: only applies to"),
+        (
+            ["--algorithm.name", "grpo", "--teacher.privileged", "false"],
+            "teacher.privileged: only applies to a self-teacher",
+        ),
+        (["--data.task", "no_such_task"], "data.task: unknown reasoning-gym task"),
+        (
+            ["--data.source", "file", "--data.path", "/nope.jsonl"],
+            "/nope.jsonl: data file not found",
+        ),
+        (["--model.name", "/no/such/model"], "model.name"),
+        (["missing.yaml"], "missing.yaml: config file not found"),
+    ],
+)
 def test_user_errors_are_one_line_with_exit_code_2(args, message, tiny_overrides, capsys):
     overrides = {k: v for k, v in tiny_overrides.items() if f"--{k}" not in args}
     code = main(["train", *args, *argv(overrides)])
@@ -73,8 +101,9 @@ def test_user_errors_are_one_line_with_exit_code_2(args, message, tiny_overrides
 
 def test_bad_data_row_names_file_and_line(tiny_overrides, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n" +
-                    json.dumps({"prompt": "2+2"}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "1+1", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2"}) + "\n"
+    )
     code = main(["train", *argv(tiny_overrides), "--data.source", "file", "--data.path", str(data)])
     assert code == 2
     assert f"{data}:2: field 'answer' is missing or empty" in capsys.readouterr().err
@@ -94,5 +123,5 @@ def test_two_steps_of_every_method_through_the_cli(method, tiny_overrides, tiny_
         extra.update({"teacher.mode": "external", "teacher.model": str(tiny_model_dir)})
     assert main(["train", *argv({**tiny_overrides, **extra})]) == 0
     run_dir = tiny_overrides["output.dir"] + f"/{method}"
-    rows = [json.loads(x) for x in open(f"{run_dir}/metrics.jsonl")]
+    rows = [json.loads(x) for x in Path(f"{run_dir}/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["train/skipped_update"] == 0 for r in rows)

@@ -12,19 +12,29 @@ from rlsd.config import load_config, to_yaml
 from rlsd.report.compare import band, group_runs, load_run, summary, time_to_target
 
 
-def make_run(root: Path, name: str, method: str, seed: int, acc: list[float],
-             seconds: float, mem: float | None) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    method: str,
+    seed: int,
+    acc: list[float],
+    seconds: float,
+    mem: float | None,
+) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    overrides = {"algorithm.name": method, "train.seed": str(seed),
-                 "output.run_name": name}
+    overrides = {"algorithm.name": method, "train.seed": str(seed), "output.run_name": name}
     if method == "grpo":
         overrides["teacher.mode"] = "live"  # the default: allowed to be restated
     (run / "config.yaml").write_text(to_yaml(load_config(None, overrides)))
     rows = []
     for step, value in enumerate(acc, start=1):
-        row = {"step": step, "reward/accuracy": value, "reward/mean": value,
-               "perf/step_seconds": seconds}
+        row = {
+            "step": step,
+            "reward/accuracy": value,
+            "reward/mean": value,
+            "perf/step_seconds": seconds,
+        }
         if mem is not None:
             row["perf/peak_mem_mb"] = mem + step
         rows.append(row)
@@ -34,9 +44,11 @@ def make_run(root: Path, name: str, method: str, seed: int, acc: list[float],
 
 @pytest.fixture
 def runs(tmp_path) -> list[Path]:
-    return [make_run(tmp_path, "rlsd-s0", "rlsd", 0, [0, 0.5, 0.5, 1.0], 10, 100),
-            make_run(tmp_path, "rlsd-s1", "rlsd", 1, [0, 1.0], 20, 200),  # shorter run
-            make_run(tmp_path, "grpo-s0", "grpo", 0, [0, 0, 0.5, 0.5], 10, None)]  # no memory
+    return [
+        make_run(tmp_path, "rlsd-s0", "rlsd", 0, [0, 0.5, 0.5, 1.0], 10, 100),
+        make_run(tmp_path, "rlsd-s1", "rlsd", 1, [0, 1.0], 20, 200),  # shorter run
+        make_run(tmp_path, "grpo-s0", "grpo", 0, [0, 0, 0.5, 0.5], 10, None),
+    ]  # no memory
 
 
 def test_runs_differing_in_seed_share_a_group(runs):

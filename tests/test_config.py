@@ -23,24 +23,33 @@ def test_quickstart_recipe_is_the_default():
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: 7\n  lr: 3e-5\nrlsd:\n  lambda: 0.25\n")
-    cfg = load_config(path, {"train.steps": "9", "model.lora_target_modules": "q_proj,v_proj",
-                             "data.task_params": "{min_terms: 3}"})
+    cfg = load_config(
+        path,
+        {
+            "train.steps": "9",
+            "model.lora_target_modules": "q_proj,v_proj",
+            "data.task_params": "{min_terms: 3}",
+        },
+    )
     assert cfg.train.steps == 9 and cfg.train.lr == 3e-5 and cfg.rlsd.lambda_ == 0.25
     assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
     assert cfg.data.task_params == {"min_terms": 3}
     assert to_dict(cfg)["rlsd"]["lambda"] == 0.25
 
 
-@pytest.mark.parametrize("yaml_text, message", [
-    ("train: 3\n", "train: expected a mapping"),
-    ("trian:\n  steps: 3\n", "trian.steps: unknown key"),
-    ("train:\n  steps: three\n", "train.steps: expected an integer"),
-    ("rlsd:\n  eps_w: 1.5\n", "rlsd.eps_w: must be <= 1"),
-    ("- a\n", "the top level must be a mapping"),
-    ("a: [\n", "not valid YAML"),
-    ("train:\n  lr: .nan\n", "train.lr: expected a finite number"),
-    ("train:\n  lr: NaN\n", "train.lr: expected a finite number"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("train: 3\n", "train: expected a mapping"),
+        ("trian:\n  steps: 3\n", "trian.steps: unknown key"),
+        ("train:\n  steps: three\n", "train.steps: expected an integer"),
+        ("rlsd:\n  eps_w: 1.5\n", "rlsd.eps_w: must be <= 1"),
+        ("- a\n", "the top level must be a mapping"),
+        ("a: [\n", "not valid YAML"),
+        ("train:\n  lr: .nan\n", "train.lr: expected a finite number"),
+        ("train:\n  lr: NaN\n", "train.lr: expected a finite number"),
+    ],
+)
 def test_bad_yaml_names_file_and_field(tmp_path, yaml_text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
@@ -69,7 +78,8 @@ def test_saved_config_reloads_to_the_same_config(tmp_path, method):
 
 
 def test_restating_a_default_is_not_refused():
-    cfg = load_config(None, {"algorithm.name": "grpo", "rlsd.lambda": "0.5",
-                             "teacher.mode": "live"})
+    cfg = load_config(
+        None, {"algorithm.name": "grpo", "rlsd.lambda": "0.5", "teacher.mode": "live"}
+    )
     assert cfg.algorithm.name == "grpo" and cfg.rlsd.lambda_ == 0.5
     assert set(cfg.explicit) == {"algorithm.name", "rlsd.lambda", "teacher.mode"}

@@ -24,21 +24,28 @@ def test_jsonl_and_csv_files(tmp_path):
     jl = tmp_path / "d.jsonl"
     jl.write_text(json.dumps({"q": "1+1?", "a": 2, "sol": "1+1=2", "level": 1}) + "\n\n")
     rec = file_records(str(jl), "q", "a", "sol")[0]
-    assert (rec.prompt, rec.answer, rec.solution, rec.metadata) == ("1+1?", "2", "1+1=2",
-                                                                   {"level": 1})
+    assert (rec.prompt, rec.answer, rec.solution, rec.metadata) == (
+        "1+1?",
+        "2",
+        "1+1=2",
+        {"level": 1},
+    )
     csv = tmp_path / "d.csv"
     csv.write_text("prompt,answer\nwhat?,7\n")
     assert file_records(str(csv), "prompt", "answer", "solution")[0].answer == "7"
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", b'{"prompt": "x", "answer": "1"}\n{oops\n', "bad.jsonl:2: invalid JSON"),
-    ("bad2.jsonl", b'{"prompt": "", "answer": "1"}\n', "bad2.jsonl:1: field 'prompt'"),
-    ("bad.csv", b"prompt,answer\nx,\n", "bad.csv:2: field 'answer'"),
-    ("bin.jsonl", b'{"prompt": "\xff", "answer": "1"}\n', "not UTF-8"),
-    ("d.txt", b"x", "unsupported file type"),
-    ("empty.jsonl", b"\n", "no records"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", b'{"prompt": "x", "answer": "1"}\n{oops\n', "bad.jsonl:2: invalid JSON"),
+        ("bad2.jsonl", b'{"prompt": "", "answer": "1"}\n', "bad2.jsonl:1: field 'prompt'"),
+        ("bad.csv", b"prompt,answer\nx,\n", "bad.csv:2: field 'answer'"),
+        ("bin.jsonl", b'{"prompt": "\xff", "answer": "1"}\n', "not UTF-8"),
+        ("d.txt", b"x", "unsupported file type"),
+        ("empty.jsonl", b"\n", "no records"),
+    ],
+)
 def test_bad_files_name_file_and_line(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
@@ -56,8 +63,14 @@ def test_renderer_and_preflight():
     assert "Here is a reference solution:\n5" in teacher
     assert student.endswith("<|im_start|>assistant\n") and teacher.endswith("assistant\n")
     check_teacher_prompts(renderer, tok, [rec])
-    same = PromptRenderer(DataConfig(teacher_template="{{ prompt }}\n" "End your reply with a "
-                                     "final line of the form 'Answer: <answer>'."), tok)
+    same = PromptRenderer(
+        DataConfig(
+            teacher_template="{{ prompt }}\n"
+            "End your reply with a "
+            "final line of the form 'Answer: <answer>'."
+        ),
+        tok,
+    )
     with pytest.raises(ConfigError, match="same prompt as the student"):
         check_teacher_prompts(same, tok, [rec])
     blind = PromptRenderer(DataConfig(teacher_template="{{ prompt }} (think hard)"), tok)
@@ -109,17 +122,23 @@ def test_reasoning_gym_scorer_is_binary():
 
 def test_combined_reward_weights_errors_and_custom_functions():
     fn = build_reward(RewardConfig(verifiers=["exact", "format"], weights=[1.0, 0.5]))
-    rewards, correct, metrics = fn(["p", "p"], ["Answer: 5", "5"], {"answer": ["5", "5"],
-                                                                   "solution": ["", ""],
-                                                                   "metadata": [{}, {}]})
+    rewards, correct, metrics = fn(
+        ["p", "p"],
+        ["Answer: 5", "5"],
+        {"answer": ["5", "5"], "solution": ["", ""], "metadata": [{}, {}]},
+    )
     assert rewards == [1.5, 0.0] and correct == [True, False]
     assert metrics["reward/format/mean"] == 0.5 and metrics["reward/errors"] == 0
-    crash = build_reward(RewardConfig(verifiers=[f"{TESTS_DIR / 'rewards_for_tests.py'}:"
-                                                 "crashing_reward"], none_value=-1.0))
+    crash = build_reward(
+        RewardConfig(
+            verifiers=[f"{TESTS_DIR / 'rewards_for_tests.py'}:crashing_reward"], none_value=-1.0
+        )
+    )
     rewards, correct, metrics = crash(["p"], ["x"], {"answer": ["1"]})
     assert rewards == [-1.0] and correct == [False] and metrics["reward/errors"] == 1
-    async_fn = build_reward(RewardConfig(verifiers=[f"{TESTS_DIR / 'rewards_for_tests.py'}:"
-                                                    "async_reward"]))
+    async_fn = build_reward(
+        RewardConfig(verifiers=[f"{TESTS_DIR / 'rewards_for_tests.py'}:async_reward"])
+    )
     assert async_fn(["p", "p"], ["has 7", "no"], {"answer": ["7", "7"]})[0] == [1.0, 0.0]
     with pytest.raises(ConfigError, match="neither a built-in verifier"):
         build_reward(RewardConfig(verifiers=["nope"]))
@@ -132,16 +151,21 @@ def test_preflight_refuses_a_chat_template_that_changes_the_assistant_header():
     tok.chat_template = tok.chat_template.replace(
         "<|im_start|>assistant\n{% endif %}",
         "{% if 'reference' in messages[-1]['content'] %}<|im_start|>assistant (informed)\n"
-        "{% else %}<|im_start|>assistant\n{% endif %}{% endif %}")
+        "{% else %}<|im_start|>assistant\n{% endif %}{% endif %}",
+    )
     renderer = PromptRenderer(DataConfig(), tok)
-    with pytest.raises(ConfigError, match="data.teacher_template: the rendered prompt does not "
-                                          "end with the chat template's assistant header"):
+    with pytest.raises(
+        ConfigError,
+        match="data.teacher_template: the rendered prompt does not "
+        "end with the chat template's assistant header",
+    ):
         check_teacher_prompts(renderer, tok, [Record("Calculate 2 + 3.", "5")])
 
 
 def test_reasoning_gym_mix_with_weights():
-    cfg = DataConfig(mix={"chain_sum": 1, "leg_counting": 3}, mix_params={"chain_sum": {}},
-                     size=200)
+    cfg = DataConfig(
+        mix={"chain_sum": 1, "leg_counting": 3}, mix_params={"chain_sum": {}}, size=200
+    )
     records = load_records(cfg)
     families = [r.metadata["entry"]["metadata"]["source_dataset"] for r in records]
     assert set(families) == {"chain_sum", "leg_counting"}
@@ -174,7 +198,7 @@ def test_heldout_split_is_seeded_and_disjoint():
 
 def test_saved_hf_dataset_needs_the_datasets_package(tmp_path):
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         with pytest.raises(DataError, match="needs the datasets package"):
             file_records(str(tmp_path), "prompt", "answer", "solution")

@@ -31,15 +31,27 @@ def test_greedy_equals_generate_with_rows_finishing_early(lm):
     model, tok = lm
     ids, mask = prompts(tok)
     pad = tok.pad_token_id
-    free = model.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False,
-                          max_new_tokens=12, pad_token_id=pad, eos_token_id=[pad])[:, ids.shape[1]:]
+    free = model.generate(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        do_sample=False,
+        max_new_tokens=12,
+        pad_token_id=pad,
+        eos_token_id=[pad],
+    )[:, ids.shape[1] :]
     stops = [pad, frequent_token(free, pad)]
-    ref = model.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False,
-                         max_new_tokens=12, pad_token_id=pad, eos_token_id=stops)[:, ids.shape[1]:]
+    ref = model.generate(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        do_sample=False,
+        max_new_tokens=12,
+        pad_token_id=pad,
+        eos_token_id=stops,
+    )[:, ids.shape[1] :]
     ours = decode(model, ids, mask, 1, 12, stops, pad, greedy=True)
     assert (ours == pad).any() and (ours[:, -1] != pad).any()  # some rows stopped early
-    assert torch.equal(ours, ref[:, :ours.shape[1]])
-    assert (ref[:, ours.shape[1]:] == pad).all()
+    assert torch.equal(ours, ref[:, : ours.shape[1]])
+    assert (ref[:, ours.shape[1] :] == pad).all()
     grouped = decode(model, ids, mask, 3, 12, stops, pad, greedy=True)  # prefill shared by 3
     assert torch.equal(grouped, ours.repeat_interleave(3, 0))
 
@@ -57,15 +69,17 @@ def naive_decode(model, ids, mask, group, max_new, stops, pad, **sampling) -> to
         tokens[alive, t] = chosen
         keep = ~torch.isin(chosen, torch.tensor(stops))
         if t == max_new - 1 or not keep.any():
-            return tokens[:, :t + 1]
+            return tokens[:, : t + 1]
         alive, chosen, ids, mask = alive[keep], chosen[keep], ids[keep], mask[keep]
         ids = torch.cat([ids, chosen.unsqueeze(1)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return tokens
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=1.0, top_k=0, top_p=1.0),
-                                      dict(temperature=0.7, top_k=20, top_p=0.9)])
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)],
+)
 def test_sampling_equals_a_naive_loop(lm, sampling):
     model, tok = lm
     ids, mask = prompts(tok)
@@ -81,8 +95,9 @@ def test_sampling_equals_a_naive_loop(lm, sampling):
 
 
 def test_sample_rows_draws_from_the_distribution(monkeypatch):
-    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0],
-                          [0.1, 0.1, 0.1, 0.1, 0.6]])
+    probs = torch.tensor(
+        [[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.1, 0.6]]
+    )
     torch.manual_seed(0)
     draws = torch.stack([sample_rows(probs) for _ in range(20000)])  # (20000, 3)
     for row in range(3):
@@ -96,14 +111,18 @@ def test_sample_rows_draws_from_the_distribution(monkeypatch):
 
 
 def test_filters_equal_transformers_processors():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     torch.manual_seed(0)
     logits = torch.randn(5, 50) * 3
     ids = torch.zeros(5, 1, dtype=torch.long)
-    expected = TopPLogitsWarper(0.8)(ids, TopKLogitsWarper(10)(
-        ids, TemperatureLogitsWarper(0.6)(ids, logits.clone())))
+    expected = TopPLogitsWarper(0.8)(
+        ids, TopKLogitsWarper(10)(ids, TemperatureLogitsWarper(0.6)(ids, logits.clone()))
+    )
     assert torch.equal(filter_logits(logits, 0.6, 10, 0.8), expected)
     assert torch.equal(filter_logits(logits, 1.0, 0, 1.0), logits)
     kept = torch.isfinite(filter_logits(logits, 1.0, 3, 1.0)).sum(-1)
@@ -120,8 +139,9 @@ def test_top_k_zero_samples_the_whole_vocabulary(lm, decoder):
     prompt = tok("Calculate 12 + 7.")["input_ids"]
     cfg = RolloutConfig(num_generations=600, max_new_tokens=1, decoder=decoder)
     torch.manual_seed(0)
-    first = sample_completions(model, [prompt], cfg, tok.pad_token_id, [tok.pad_token_id],
-                               torch.device("cpu")).completion_ids[:, 0]
+    first = sample_completions(
+        model, [prompt], cfg, tok.pad_token_id, [tok.pad_token_id], torch.device("cpu")
+    ).completion_ids[:, 0]
     with torch.no_grad():
         probs = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
     top50 = torch.topk(probs, 50).indices

@@ -17,26 +17,48 @@ from rlsd.distributed import reduce_metrics, shard
 from .conftest import TESTS_DIR
 
 ROOT = TESTS_DIR.parent
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-          str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml")]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
+]
 
 
 def base(model_dir: Path, out_dir: Path, name: str, **extra: str) -> dict[str, str]:
-    return {"model.name": str(model_dir), "model.lora_r": "4", "model.threads": "1",
-            "data.size": "64", "rollout.max_new_tokens": "10", "rollout.num_generations": "4",
-            "train.prompts_per_step": "4", "train.micro_batch_size": "4", "train.steps": "3",
-            "train.lr": "0.01", "reward.verifiers": f"{TESTS_DIR / 'rewards_for_tests.py'}"
-            ":length_reward", "output.dir": str(out_dir), "output.run_name": name,
-            "output.progress": "false", "output.log_samples": "0", "output.save_every": "1",
-            "output.report": "false", **extra}
+    return {
+        "model.name": str(model_dir),
+        "model.lora_r": "4",
+        "model.threads": "1",
+        "data.size": "64",
+        "rollout.max_new_tokens": "10",
+        "rollout.num_generations": "4",
+        "train.prompts_per_step": "4",
+        "train.micro_batch_size": "4",
+        "train.steps": "3",
+        "train.lr": "0.01",
+        "reward.verifiers": f"{TESTS_DIR / 'rewards_for_tests.py'}:length_reward",
+        "output.dir": str(out_dir),
+        "output.run_name": name,
+        "output.progress": "false",
+        "output.log_samples": "0",
+        "output.save_every": "1",
+        "output.report": "false",
+        **extra,
+    }
 
 
 def launch(args: list[str], tmp: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([*LAUNCH, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=tmp)
-    assert done.returncode == 0, "\n".join(  # the workers' own lines, not the launcher's
-        line for line in done.stderr.splitlines() if line.startswith("[rank"))[-4000:]
+    done = subprocess.run(
+        [*LAUNCH, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp
+    )
+    assert done.returncode == 0, (
+        "\n".join(  # the workers' own lines, not the launcher's
+            line for line in done.stderr.splitlines() if line.startswith("[rank")
+        )[-4000:]
+    )
     return done
 
 
@@ -52,8 +74,12 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
     out = {}
     for method in ("rlsd", "grpo"):
         result = tmp / f"{method}.json"
-        worker("train", base(tiny_model_dir, tmp / "runs", method, **{"algorithm.name": method}),
-               tmp, result)
+        worker(
+            "train",
+            base(tiny_model_dir, tmp / "runs", method, **{"algorithm.name": method}),
+            tmp,
+            result,
+        )
         out[method] = json.loads(result.read_text())
     return out
 
@@ -68,8 +94,11 @@ def test_two_processes_train_with_identical_weights(runs, method):
     run_dir = Path(result["run_dir"])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # one file, written by one process
-    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == \
-        ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 * 2 * 4  # the main process's 2 prompts x 4 samples per step
     assert all(0.0 <= r["reward/accuracy"] <= 1.0 for r in rows)
@@ -81,9 +110,19 @@ def test_two_halves_make_the_same_update_as_one_whole(tiny_model_dir, tmp_path):
     spec = base(tiny_model_dir, tmp_path / "runs", "x", **{"train.micro_batch_size": "3"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     (tmp_path / "one.json").write_text(json.dumps({**spec, "output.run_name": "one"}))
-    done = subprocess.run([sys.executable, str(TESTS_DIR / "ddp_worker.py"), "equiv",
-                           str(tmp_path / "one.json"), str(one)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(TESTS_DIR / "ddp_worker.py"),
+            "equiv",
+            str(tmp_path / "one.json"),
+            str(one),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     worker("equiv", {**spec, "output.run_name": "two"}, tmp_path, two)
     whole, halves = load_file(one), load_file(two)
@@ -103,8 +142,10 @@ def test_a_two_process_run_resumes_where_it_stopped(runs, tiny_model_dir, tmp_pa
     assert resumed["steps"][0]["digests"] == straight  # as if it had never stopped
     run_dir = Path(resumed["run_dir"])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    reference = [json.loads(x) for x in
-                 (Path(runs["rlsd"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    reference = [
+        json.loads(x)
+        for x in (Path(runs["rlsd"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[-1]["reward/mean"] == reference[-1]["reward/mean"]
 
@@ -125,8 +166,13 @@ def test_prompts_must_split_evenly(tiny_model_dir, tmp_path):
     spec = base(tiny_model_dir, tmp_path / "runs", "odd", **{"train.prompts_per_step": "3"})
     (tmp_path / "odd.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([*LAUNCH, "-m", "rlsd.cli", "train",
-                           *[x for k, v in spec.items() for x in (f"--{k}", v)]],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    done = subprocess.run(
+        [*LAUNCH, "-m", "rlsd.cli", "train", *[x for k, v in spec.items() for x in (f"--{k}", v)]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert done.returncode != 0
     assert "train.prompts_per_step: 3 prompts do not split evenly over 2 processes" in done.stderr

@@ -19,8 +19,11 @@ def test_heldout_records_exclude_training_questions():
 def test_greedy_accuracy_is_deterministic_and_scored_by_the_first_verifier(tiny_overrides):
     cfg = load_config(None, {**tiny_overrides, "reward.verifiers": "exact"})
     lm, tok = load_model(cfg.model, torch.float32)
-    records = [Record("Calculate 1 + 2.", "3"), Record("Calculate 4 - 1.", "3"),
-               Record("What is 3 - 5?", "-2")]
+    records = [
+        Record("Calculate 1 + 2.", "3"),
+        Record("Calculate 4 - 1.", "3"),
+        Record("What is 3 - 5?", "-2"),
+    ]
     stops = stop_token_ids(lm, tok)
     first = greedy_accuracy(cfg, lm, tok, records, stops, torch.device("cpu"), batch_size=2)
     second = greedy_accuracy(cfg, lm, tok, records, stops, torch.device("cpu"), batch_size=3)
@@ -28,13 +31,18 @@ def test_greedy_accuracy_is_deterministic_and_scored_by_the_first_verifier(tiny_
     assert first["completions"] == second["completions"] == auto["completions"]
     assert len(first["completions"]) == 3
     assert first["n"] == 3
-    wanted = sum(c.strip().endswith(f"Answer: {r.answer}") for c, r in
-                 zip(first["completions"], records)) / 3
+    wanted = (
+        sum(
+            c.strip().endswith(f"Answer: {r.answer}") for c, r in zip(first["completions"], records)
+        )
+        / 3
+    )
     assert first["accuracy"] == wanted
 
 
 def test_evaluation_decodes_as_many_sequences_as_a_training_step_when_that_is_more(
-        tiny_overrides, monkeypatch):
+    tiny_overrides, monkeypatch
+):
     """64 sequences a decode, or a step's prompts x generations when larger; pass@k decodes
     k sequences a prompt (rollout.batch_size splits a decode further, inside the sampler)."""
     from rlsd import evaluate as ev
@@ -48,16 +56,17 @@ def test_evaluation_decodes_as_many_sequences_as_a_training_step_when_that_is_mo
 
     monkeypatch.setattr(ev, "sample_completions", spy)
     records = [Record(f"Calculate {i} + 1.", str(i + 1)) for i in range(160)]
-    for over, k, wanted in (({}, 1, [64, 64, 32]),  # 2 x 4 a step: the 64 floor
-                            ({"train.prompts_per_step": 20, "rollout.num_generations": 8}, 1,
-                             [160]),  # 160 a step
-                            ({"train.prompts_per_step": 20, "rollout.num_generations": 8}, 4,
-                             [40] * 4)):  # pass@4: 160 sequences are 40 prompts
+    for over, k, wanted in (
+        ({}, 1, [64, 64, 32]),  # 2 x 4 a step: the 64 floor
+        ({"train.prompts_per_step": 20, "rollout.num_generations": 8}, 1, [160]),  # 160 a step
+        ({"train.prompts_per_step": 20, "rollout.num_generations": 8}, 4, [40] * 4),
+    ):  # pass@4: 160 sequences are 40 prompts
         cfg = load_config(None, {**tiny_overrides, "rollout.max_new_tokens": 2, **over})
         lm, tok = load_model(cfg.model, torch.float32)
         sizes.clear()
-        ev.evaluate(cfg, lm, tok, records, stop_token_ids(lm, tok), torch.device("cpu"), k=k,
-                    greedy=k == 1)
+        ev.evaluate(
+            cfg, lm, tok, records, stop_token_ids(lm, tok), torch.device("cpu"), k=k, greedy=k == 1
+        )
         assert sizes == wanted, over
 
 
@@ -106,9 +115,18 @@ def test_evaluation_during_training_is_logged(tiny_overrides):
     from rlsd.config import load_config
     from rlsd.trainer import train
 
-    run_dir = train(load_config(None, {**tiny_overrides, "train.steps": "4",
-                                       "train.eval_every": "2", "train.eval_items": "5",
-                                       "data.heldout_size": "5"}))
+    run_dir = train(
+        load_config(
+            None,
+            {
+                **tiny_overrides,
+                "train.steps": "4",
+                "train.eval_every": "2",
+                "train.eval_items": "5",
+                "data.heldout_size": "5",
+            },
+        )
+    )
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert ["eval/pass@1" in r for r in rows] == [False, True, False, True]
     assert all(r["eval/items"] == 5 for r in rows if "eval/items" in r)

@@ -26,8 +26,9 @@ def test_exported_model_matches_the_trained_one(tiny_overrides, tmp_path, lora):
     run_dir = train(load_config(None, overrides))
     out = tmp_path / "exported"
     assert main(["export", str(run_dir), "--to", str(out)]) == 0
-    trained, _, _ = load_for_eval(str(run_dir), load_config(run_dir / "config.yaml"),
-                                  torch.device("cpu"))
+    trained, _, _ = load_for_eval(
+        str(run_dir), load_config(run_dir / "config.yaml"), torch.device("cpu")
+    )
     plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert not any("lora" in name for name, _ in plain.named_parameters())
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)

@@ -6,10 +6,15 @@ import math
 import pytest
 import torch
 
-from rlsd.algorithms import (aggregate, clipped_policy_loss, method_for,
-                             opsd_token_advantages, rlsd_token_advantages,
-                             sampled_forward_token_advantages)
-from rlsd.config import ConfigError, Config, load_config
+from rlsd.algorithms import (
+    aggregate,
+    clipped_policy_loss,
+    method_for,
+    opsd_token_advantages,
+    rlsd_token_advantages,
+    sampled_forward_token_advantages,
+)
+from rlsd.config import Config, ConfigError, load_config
 
 
 def loss_and_grad(ratio, adv, dual_clip):
@@ -22,14 +27,17 @@ def loss_and_grad(ratio, adv, dual_clip):
     return loss.item(), logps.grad.item(), metrics
 
 
-@pytest.mark.parametrize("ratio, adv, dual, want_loss, want_grad, bound", [
-    (5.0, -1.0, 3.0, 3.0, 0.0, True),    # the case: bounded at c |A|, no gradient
-    (5.0, -1.0, 0.0, 5.0, 5.0, False),   # dual clip off: -A rho = 5, d/dlogp = -A rho = 5
-    (2.0, -1.0, 3.0, 2.0, 2.0, False),   # below the bound: unchanged
-    (4.0, -2.0, 3.0, 6.0, 0.0, True),    # bound c |A| = 6 < 8
-    (5.0, 1.0, 3.0, -1.28, 0.0, False),  # A > 0: the usual clip (1 + eps_high), no dual clip
-    (0.5, -1.0, 3.0, 0.8, 0.0, False),   # A < 0, rho below 1 - eps_low: clipped at 0.8
-])
+@pytest.mark.parametrize(
+    "ratio, adv, dual, want_loss, want_grad, bound",
+    [
+        (5.0, -1.0, 3.0, 3.0, 0.0, True),  # the case: bounded at c |A|, no gradient
+        (5.0, -1.0, 0.0, 5.0, 5.0, False),  # dual clip off: -A rho = 5, d/dlogp = -A rho = 5
+        (2.0, -1.0, 3.0, 2.0, 2.0, False),  # below the bound: unchanged
+        (4.0, -2.0, 3.0, 6.0, 0.0, True),  # bound c |A| = 6 < 8
+        (5.0, 1.0, 3.0, -1.28, 0.0, False),  # A > 0: the usual clip (1 + eps_high), no dual clip
+        (0.5, -1.0, 3.0, 0.8, 0.0, False),  # A < 0, rho below 1 - eps_low: clipped at 0.8
+    ],
+)
 def test_dual_clip_by_hand(ratio, adv, dual, want_loss, want_grad, bound):
     loss, grad, metrics = loss_and_grad(ratio, adv, dual)
     assert loss == pytest.approx(want_loss)
@@ -89,8 +97,16 @@ def test_infinite_pads_give_the_clean_values_and_gradients(pad):
         token_adv, rlsd = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.5, 0.2)
         opsd, opsd_m = opsd_token_advantages(logps, teacher, mask)
         forward = sampled_forward_token_advantages(logps, teacher, mask)
-        loss, _ = clipped_policy_loss(logps, logps.detach(), token_adv + opsd + forward, mask,
-                                      0.2, 0.28, "seq_mean_token_mean", dual_clip=3.0)
+        loss, _ = clipped_policy_loss(
+            logps,
+            logps.detach(),
+            token_adv + opsd + forward,
+            mask,
+            0.2,
+            0.28,
+            "seq_mean_token_mean",
+            dual_clip=3.0,
+        )
         loss = loss + aggregate(logps, mask, "token_mean")
         loss.backward()
         return [token_adv, opsd, forward, loss.detach(), logps.grad], {**rlsd, **opsd_m}
@@ -105,8 +121,13 @@ def test_infinite_pads_give_the_clean_values_and_gradients(pad):
 
 @pytest.mark.parametrize("name", ["grpo", "rlsd", "opsd", "grpo_opsd", "opd"])
 def test_every_method_ignores_infinite_pads(name):
-    cfg = load_config(None, {"algorithm.name": name, **(
-        {"teacher.mode": "external", "teacher.model": "x"} if name == "opd" else {})})
+    cfg = load_config(
+        None,
+        {
+            "algorithm.name": name,
+            **({"teacher.mode": "external", "teacher.model": "x"} if name == "opd" else {}),
+        },
+    )
     method = method_for(cfg)
     seq_adv, clean, teacher_clean, mask = padded_case(-7.0)
     _, dirty, teacher_dirty, _ = padded_case(float("-inf"))

@@ -8,22 +8,66 @@ from hypothesis import strategies as st
 from rlsd.config import ConfigError, load_config
 from rlsd.data import DataError, file_records
 
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
-                    st.floats(allow_nan=True), st.text(max_size=12))
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) |
-                      st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
-KEYS = st.sampled_from(["model", "data", "train", "rlsd", "algorithm", "teacher", "opsd",
-                        "reward", "rollout", "output", "nope"])
-FIELDS = st.sampled_from(["name", "steps", "lr", "lambda", "eps_w", "mode", "lora", "task",
-                          "verifiers", "weights", "task_params", "loss_agg", "topk", "bogus"])
-CONFIGS = st.dictionaries(KEYS, st.one_of(VALUES, st.dictionaries(FIELDS, VALUES, max_size=4)),
-                          max_size=4)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+KEYS = st.sampled_from(
+    [
+        "model",
+        "data",
+        "train",
+        "rlsd",
+        "algorithm",
+        "teacher",
+        "opsd",
+        "reward",
+        "rollout",
+        "output",
+        "nope",
+    ]
+)
+FIELDS = st.sampled_from(
+    [
+        "name",
+        "steps",
+        "lr",
+        "lambda",
+        "eps_w",
+        "mode",
+        "lora",
+        "task",
+        "verifiers",
+        "weights",
+        "task_params",
+        "loss_agg",
+        "topk",
+        "bogus",
+    ]
+)
+CONFIGS = st.dictionaries(
+    KEYS, st.one_of(VALUES, st.dictionaries(FIELDS, VALUES, max_size=4)), max_size=4
+)
 COUNTS = {"config": 0, "data": 0}
 # derandomize: CI sees the same 300 + 300 inputs every run (a failure is reproducible)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(CONFIGS)
 def test_config_loader_raises_only_config_errors(tmp_path, raw):
     path = tmp_path / "fuzz.yaml"
@@ -35,8 +79,12 @@ def test_config_loader_raises_only_config_errors(tmp_path, raw):
         assert str(exc) and "\n" not in str(exc).strip()
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(st.binary(max_size=300), st.sampled_from([".jsonl", ".csv"]))
 def test_data_loader_raises_only_data_errors(tmp_path, content, suffix):
     path = tmp_path / f"fuzz{suffix}"

@@ -24,8 +24,7 @@ def scoring_inputs(tokenizer, gen):
 
 
 def test_chunked_logprobs_equal_naive_values_and_gradients(tiny_model_dir):
-    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), lora=False),
-                                  torch.float32)
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), lora=False), torch.float32)
     ids, attn, c_mask = scoring_inputs(tokenizer, torch.Generator().manual_seed(0))
     scorer = TokenScorer(model, temperature=0.7, chunk_rows=4)  # several chunks
     fast = scorer(ids, attn, c_mask)
@@ -35,8 +34,9 @@ def test_chunked_logprobs_equal_naive_values_and_gradients(tiny_model_dir):
     slow = naive_logprobs(model, ids, attn, c_mask, temperature=0.7)
     (slow * torch.arange(1.0, 7.0)).sum().backward()
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast_grad, model.model.layers[0].self_attn.q_proj.weight.grad,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        fast_grad, model.model.layers[0].self_attn.q_proj.weight.grad, rtol=1e-4, atol=1e-6
+    )
     assert (fast[~c_mask] == 0).all() and (fast[c_mask] < 0).all()
 
 
@@ -54,13 +54,13 @@ def test_the_scorer_never_masks_a_position_from_every_key(tiny_model_dir):
     real and every position can attend to it (no fully masked attention rows, whose backward
     some GPU kernels turn into NaN); the values and gradients equal the naive left-padded
     pass (test above)."""
-    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), lora=False),
-                                  torch.float32)
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), lora=False), torch.float32)
     ids, attn, c_mask = scoring_inputs(tokenizer, torch.Generator().manual_seed(2))
     assert (attn[:, 0] == 0).any()  # the batch is left-padded
     seen = []
     hook = model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+    )
     TokenScorer(model)(ids, attn, c_mask)
     hook.remove()
     assert len(seen) == 1 and (seen[0][:, 0] == 1).all()
@@ -105,8 +105,13 @@ def test_chunked_path_peak_memory_is_below_naive_at_vocab_32k():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
     def peak(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, mode], check=True,
-                             capture_output=True, text=True, env=env)
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, mode],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         return float(out.stdout.strip())
 
     naive, chunked = peak("naive"), peak("chunked")

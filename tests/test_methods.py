@@ -6,9 +6,17 @@ import statistics
 import pytest
 import torch
 
-from rlsd.algorithms import (aggregate, answer_span_mask, clipped_policy_loss, credit_split,
-                             group_advantages, loss_normaliser, opsd_token_advantages,
-                             reweighted_tokens, rlsd_token_advantages)
+from rlsd.algorithms import (
+    aggregate,
+    answer_span_mask,
+    clipped_policy_loss,
+    credit_split,
+    group_advantages,
+    loss_normaliser,
+    opsd_token_advantages,
+    reweighted_tokens,
+    rlsd_token_advantages,
+)
 from rlsd.config import ConfigError, load_config
 
 from .test_algorithms import naive_rlsd, rlsd_case
@@ -46,27 +54,32 @@ def test_split_batches_sum_to_the_full_batch_loss(mode):
     mask[:, 0] = True
     norm = loss_normaliser(mode, mask, 5)
     whole = aggregate(per_token, mask, mode, norm)
-    parts = sum(aggregate(per_token[i:i + 2], mask[i:i + 2], mode, norm) for i in (0, 2, 4))
+    parts = sum(aggregate(per_token[i : i + 2], mask[i : i + 2], mode, norm) for i in (0, 2, 4))
     torch.testing.assert_close(parts, whole)
     torch.testing.assert_close(whole, aggregate(per_token, mask, mode, max_new_tokens=5))
 
 
 def test_negative_only_reweights_only_negative_sequences():
     seq_adv, logps, teacher, mask = rlsd_case()
-    token_adv, metrics = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.5, 0.2,
-                                               negative_only=True)
+    token_adv, metrics = rlsd_token_advantages(
+        seq_adv, logps, teacher, mask, 0.5, 0.2, negative_only=True
+    )
     torch.testing.assert_close(token_adv[0], torch.full((4,), 2.0))  # A > 0 keeps m = 1
-    torch.testing.assert_close(token_adv[1], torch.tensor([-(0.5 + 0.5 * math.exp(-0.1)),
-                                                           -1.1, -0.9, 0.0]))
+    torch.testing.assert_close(
+        token_adv[1], torch.tensor([-(0.5 + 0.5 * math.exp(-0.1)), -1.1, -0.9, 0.0])
+    )
     assert metrics["rlsd/reweighted_frac"] == pytest.approx(3 / 7)
 
 
 def test_answer_span_mask_by_hand():
-    pieces = [["12", " +", " 7", "\n", "Answer", ":", " 19", ""],  # the marker spans two tokens
-              ["no", " answer", " here"],                            # no marker (case counts)
-              ["Answer:", " 1", "\nAnswer", ": 2"]]                 # the last marker counts
-    want = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0] * 8, [0, 0, 1, 1, 0, 0, 0, 0]],
-                        dtype=torch.bool)
+    pieces = [
+        ["12", " +", " 7", "\n", "Answer", ":", " 19", ""],  # the marker spans two tokens
+        ["no", " answer", " here"],  # no marker (case counts)
+        ["Answer:", " 1", "\nAnswer", ": 2"],
+    ]  # the last marker counts
+    want = torch.tensor(
+        [[0, 0, 0, 0, 1, 1, 1, 1], [0] * 8, [0, 0, 1, 1, 0, 0, 0, 0]], dtype=torch.bool
+    )
     assert torch.equal(answer_span_mask(pieces, "Answer:", 8), want)
 
 
@@ -74,14 +87,20 @@ def test_credit_split_by_hand():
     seq_adv, logps, teacher, mask = rlsd_case()  # Delta = [0.1, -0.5, 0.5, 0.0] in both rows
     correct = torch.tensor([[True] * 4, [False] * 4]) & mask  # row 1 has 3 tokens
     answer = torch.tensor([[False, False, True, True]] * 2) & mask
-    groups = {"correct": correct, "incorrect": mask & ~correct, "answer_tokens": answer,
-              "empty": torch.zeros_like(mask)}
+    groups = {
+        "correct": correct,
+        "incorrect": mask & ~correct,
+        "answer_tokens": answer,
+        "empty": torch.zeros_like(mask),
+    }
     reweighted = reweighted_tokens(seq_adv, mask)
     got = credit_split(teacher - logps, groups, (seq_adv, reweighted, 0.2))
     d = [0.1, -0.5, 0.5, 0.0]
-    want = {"correct": (d, 1 / 4, 1 / 4),  # A > 0: exp(Delta) = 1.105, 0.607 (low), 1.649 (high), 1
-            "incorrect": (d[:3], 1 / 3, 1 / 3),  # A < 0: exp(-Delta) = 0.905, 1.649 (high), 0.607
-            "answer_tokens": ([0.5, 0.0, 0.5], 1 / 3, 1 / 3)}  # 1.649 (high), 1, 0.607 (low)
+    want = {
+        "correct": (d, 1 / 4, 1 / 4),  # A > 0: exp(Delta) = 1.105, 0.607 (low), 1.649 (high), 1
+        "incorrect": (d[:3], 1 / 3, 1 / 3),  # A < 0: exp(-Delta) = 0.905, 1.649 (high), 0.607
+        "answer_tokens": ([0.5, 0.0, 0.5], 1 / 3, 1 / 3),
+    }  # 1.649 (high), 1, 0.607 (low)
     for name, (values, low, high) in want.items():
         assert got[f"rlsd/delta_mean_{name}"] == pytest.approx(statistics.mean(values))
         assert got[f"rlsd/delta_std_{name}"] == pytest.approx(statistics.pstdev(values))
@@ -94,7 +113,9 @@ def test_credit_split_by_hand():
     assert whole["rlsd/clip_low_frac_all"] == pytest.approx(metrics["rlsd/clip_low_frac"])
     assert whole["rlsd/delta_std_all"] == pytest.approx(metrics["rlsd/delta_std"])
     # negative_only: only the A < 0 row is reweighted, so the correct row has no clip fraction
-    neg = credit_split(teacher - logps, groups, (seq_adv, reweighted_tokens(seq_adv, mask, True), 0.2))
+    neg = credit_split(
+        teacher - logps, groups, (seq_adv, reweighted_tokens(seq_adv, mask, True), 0.2)
+    )
     assert "rlsd/clip_low_frac_correct" not in neg and "rlsd/delta_mean_correct" in neg
     assert "rlsd/clip_low_frac" not in credit_split(teacher - logps, groups)  # no clip: Delta only
 
@@ -102,8 +123,9 @@ def test_credit_split_by_hand():
 def test_thought_only_keeps_tags_and_answer_at_one():
     seq_adv, logps, teacher, mask = rlsd_case()
     span = torch.tensor([[False, True, True, False], [False, True, True, False]])
-    token_adv, metrics = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.5, 0.2,
-                                               span_mask=span)
+    token_adv, metrics = rlsd_token_advantages(
+        seq_adv, logps, teacher, mask, 0.5, 0.2, span_mask=span
+    )
     want = torch.tensor([[2.0, 1.8, 2.2, 2.0], [-1.0, -1.1, -0.9, 0.0]])
     torch.testing.assert_close(token_adv, want)
     assert metrics["rlsd/multiplier_mean_answer"] == pytest.approx(1.0)
@@ -117,8 +139,9 @@ def test_options_match_the_naive_loop_on_random_inputs():
     teacher = logps + torch.randn(6, 8, generator=gen, dtype=torch.float64)
     mask = torch.rand(6, 8, generator=gen) > 0.2
     span = torch.rand(6, 8, generator=gen) > 0.5
-    got, _ = rlsd_token_advantages(seq_adv, logps, teacher, mask, 0.6, 0.3, negative_only=True,
-                                   span_mask=span)
+    got, _ = rlsd_token_advantages(
+        seq_adv, logps, teacher, mask, 0.6, 0.3, negative_only=True, span_mask=span
+    )
     full = naive_rlsd(seq_adv, logps, teacher, mask, 0.6, 0.3)
     keep = (seq_adv < 0).unsqueeze(1) & span
     want = torch.where(keep, full, seq_adv.unsqueeze(1) * mask)
@@ -166,7 +189,9 @@ def test_distillation_loss_gradcheck_float64():
     mask = torch.ones(2, 3, dtype=torch.bool)
 
     adv, _ = opsd_token_advantages(logps, teacher, mask)  # stop-gradient: a constant
-    old = logps.detach() + torch.tensor([[0.01, -0.3, 0.02], [0.4, 0.0, -0.05]], dtype=torch.float64)
+    old = logps.detach() + torch.tensor(
+        [[0.01, -0.3, 0.02], [0.4, 0.0, -0.05]], dtype=torch.float64
+    )
 
     def loss_fn(x):  # ratios inside and outside the clip range
         return clipped_policy_loss(x, old, adv, mask, 0.2, 0.28)[0]
@@ -196,8 +221,10 @@ def test_k3_kl_by_hand():
 def _count_forwards(run):
     calls = []
     original = run.scorer.forward
-    run.scorer.forward = lambda *a, **k: calls.append(
-        ("grad" if torch.is_grad_enabled() else "no_grad", a[0].shape[0])) or original(*a, **k)
+    run.scorer.forward = lambda *a, **k: (
+        calls.append(("grad" if torch.is_grad_enabled() else "no_grad", a[0].shape[0]))
+        or original(*a, **k)
+    )
     return calls
 
 
@@ -214,8 +241,12 @@ def test_one_pass_runs_no_extra_forward_and_epochs_reuse_old_logps(tiny_override
     assert metrics["policy/kl_ref"] == 0.0  # LoRA starts at the reference exactly
     assert "train/optimizer_steps" not in metrics
 
-    run = setup(load_config(None, {**base, "output.run_name": "many", "train.ppo_epochs": "2",
-                                   "train.mini_batches": "2"}))
+    run = setup(
+        load_config(
+            None,
+            {**base, "output.run_name": "many", "train.ppo_epochs": "2", "train.mini_batches": "2"},
+        )
+    )
     calls = _count_forwards(run)
     metrics = train_step(run, 1)
     assert metrics["train/optimizer_steps"] == 4.0
@@ -253,16 +284,21 @@ def test_topk_with_k_equal_to_vocab_is_the_full_kl_and_gradchecks():
     t = torch.log_softmax(torch.randn(5, 7, generator=gen, dtype=torch.float64), -1)
     top = t.topk(7, dim=-1)
     for reverse in (True, False):
-        torch.testing.assert_close(token_divergence(s, top.values, top.indices, reverse),
-                                   token_divergence(s, t, None, reverse))
+        torch.testing.assert_close(
+            token_divergence(s, top.values, top.indices, reverse),
+            token_divergence(s, t, None, reverse),
+        )
     logits = torch.randn(3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     t3 = torch.log_softmax(torch.randn(3, 6, generator=gen, dtype=torch.float64), -1)
     top3 = t3.topk(3, dim=-1)
     for ids, vals in ((None, t3), (top3.indices, top3.values)):
         for reverse in (True, False):
             assert torch.autograd.gradcheck(
-                lambda x: token_divergence(torch.log_softmax(x, -1), vals, ids, reverse),
-                (logits,))
+                lambda x, v=vals, i=ids, r=reverse: token_divergence(
+                    torch.log_softmax(x, -1), v, i, r
+                ),
+                (logits,),
+            )
 
 
 def test_sampled_forward_kl_gradient_matches_by_enumeration():
@@ -294,26 +330,35 @@ def test_scorer_exact_kl_matches_full_logits(tiny_model_dir):
     ids, attn, c_mask = scoring_inputs(tok, torch.Generator().manual_seed(3))
     student = TokenScorer(model, chunk_rows=4)
     gen = torch.Generator().manual_seed(9)
-    teacher_full = torch.log_softmax(torch.randn(*c_mask.shape, model.config.vocab_size,
-                                                 generator=gen), -1)
-    logps, kl = student(ids, attn, c_mask, (teacher_full, None), True)
-    logits = model(input_ids=ids, attention_mask=attn,
-                   position_ids=position_ids_for(attn)).logits[:, -7:-1]
+    teacher_full = torch.log_softmax(
+        torch.randn(*c_mask.shape, model.config.vocab_size, generator=gen), -1
+    )
+    _logps, kl = student(ids, attn, c_mask, (teacher_full, None), True)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn)).logits[
+        :, -7:-1
+    ]
     want = token_divergence(torch.log_softmax(logits, -1), teacher_full, None) * c_mask
     torch.testing.assert_close(kl, want, rtol=1e-4, atol=1e-5)
-    vals, top_ids = student.support(ids, attn, c_mask, topk=5)
+    vals, _top_ids = student.support(ids, attn, c_mask, topk=5)
     assert vals.shape == (3, 6, 5) and (vals[~c_mask] == 0).all()
     _, self_kl = student(ids, attn, c_mask, student.support(ids, attn, c_mask, topk=0), True)
     assert self_kl.abs().max() < 1e-5  # teacher = student: zero divergence
 
 
-@pytest.mark.parametrize("extra", [
-    {"algorithm.name": "opsd", "opsd.divergence": "full"},
-    {"algorithm.name": "opsd", "opsd.divergence": "topk", "opsd.topk": "8",
-     "opsd.direction": "forward"},
-    {"algorithm.name": "grpo_opsd", "opsd.divergence": "topk", "opsd.beta": "0.5"},
-    {"algorithm.name": "opsd", "opsd.direction": "forward"},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"algorithm.name": "opsd", "opsd.divergence": "full"},
+        {
+            "algorithm.name": "opsd",
+            "opsd.divergence": "topk",
+            "opsd.topk": "8",
+            "opsd.direction": "forward",
+        },
+        {"algorithm.name": "grpo_opsd", "opsd.divergence": "topk", "opsd.beta": "0.5"},
+        {"algorithm.name": "opsd", "opsd.direction": "forward"},
+    ],
+)
 def test_divergence_modes_train(tiny_overrides, extra):
     from rlsd.trainer import setup, train_step
 
@@ -324,8 +369,9 @@ def test_divergence_modes_train(tiny_overrides, extra):
     if extra.get("opsd.divergence", "sampled") != "sampled":
         # an exact KL is never negative (the sampled estimate can be)
         assert first["opsd/kl_exact"] > 0 and second["opsd/kl_exact"] > 0
-    moved = any(not torch.equal(before[n], p) for n, p in run.scorer.named_parameters()
-                if p.requires_grad)
+    moved = any(
+        not torch.equal(before[n], p) for n, p in run.scorer.named_parameters() if p.requires_grad
+    )
     assert moved and math.isfinite(second["loss/policy"])
 
 

@@ -29,8 +29,11 @@ def test_report_of_an_rlsd_run(tiny_overrides):
     blocks = re.findall(r'<div class="tokens">(.*?)</div>', page)
     assert len(blocks) >= 1
     for block in blocks:  # one span per completion token, value and colour agree
-        spans = re.findall(r'<span class="tok" data-m="([-0-9.]+)" data-a="([-0-9.]+)" '
-                           r'title="[^"]*" style="background:(rgba\([^)]*\))">', block)
+        spans = re.findall(
+            r'<span class="tok" data-m="([-0-9.]+)" data-a="([-0-9.]+)" '
+            r'title="[^"]*" style="background:(rgba\([^)]*\))">',
+            block,
+        )
         assert len(spans) == block.count('class="tok"')
         assert any(len(spans) == len(s["token_ids"]) for s in credited)
         for multiplier, _, colour in spans:
@@ -48,6 +51,6 @@ def test_token_pieces_keep_split_characters_whole():
     tok = build_tokenizer()
     ids = tok("9 + 6 = 15 😀 é", add_special_tokens=False)["input_ids"]
     pieces = token_pieces(tok, ids)
-    assert len(pieces) == len(ids) and len(ids) > len("9 + 6 = 15 😀 é".split())
+    assert len(pieces) == len(ids) and len(ids) > len(["9", "+", "6", "=", "15", "😀", "é"])
     assert "".join(pieces) == tok.decode(ids) == "9 + 6 = 15 😀 é"
     assert not any("\ufffd" in p for p in pieces) and "" in pieces  # the emoji spans tokens

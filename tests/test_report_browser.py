@@ -35,9 +35,14 @@ class Tokens(HTMLParser):
             self.blocks.append([])
         if tag == "span" and attrs.get("class") == "tok":
             rgba = re.search(r"rgba?\(([^)]*)\)", attrs["style"]).group(1).split(",")
-            self.blocks[-1].append({"m": float(attrs["data-m"]), "a": float(attrs["data-a"]),
-                                    "rgb": tuple(int(x) for x in rgba[:3]),
-                                    "alpha": float(rgba[3]) if len(rgba) > 3 else 1.0})
+            self.blocks[-1].append(
+                {
+                    "m": float(attrs["data-m"]),
+                    "a": float(attrs["data-a"]),
+                    "rgb": tuple(int(x) for x in rgba[:3]),
+                    "alpha": float(rgba[3]) if len(rgba) > 3 else 1.0,
+                }
+            )
 
 
 def expected(value: float, centre: float, span: float) -> tuple[tuple[int, int, int], float]:
@@ -48,13 +53,23 @@ def expected(value: float, centre: float, span: float) -> tuple[tuple[int, int, 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_model_dir) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("browser")
-    overrides = {"model.name": str(tiny_model_dir), "model.lora_r": "4",
-                 "model.threads": "1", "data.size": "64", "rollout.max_new_tokens": "12",
-                 "rollout.num_generations": "4", "train.prompts_per_step": "2",
-                 "train.micro_batch_size": "4", "train.steps": "3", "train.lr": "0.01",
-                 "reward.verifiers": str(Path(__file__).parent / "rewards_for_tests.py")
-                 + ":length_reward", "output.dir": str(root), "output.run_name": "t",
-                 "output.progress": "false", "output.log_samples": "0"}
+    overrides = {
+        "model.name": str(tiny_model_dir),
+        "model.lora_r": "4",
+        "model.threads": "1",
+        "data.size": "64",
+        "rollout.max_new_tokens": "12",
+        "rollout.num_generations": "4",
+        "train.prompts_per_step": "2",
+        "train.micro_batch_size": "4",
+        "train.steps": "3",
+        "train.lr": "0.01",
+        "reward.verifiers": str(Path(__file__).parent / "rewards_for_tests.py") + ":length_reward",
+        "output.dir": str(root),
+        "output.run_name": "t",
+        "output.progress": "false",
+        "output.log_samples": "0",
+    }
     assert main(["train", *argv(overrides)]) == 0  # output.report defaults to true
     run_dir = root / "t"
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
@@ -73,7 +88,9 @@ def test_heat_map_renders_one_coloured_element_per_token(report):
         assert len(block) in lengths
         for token in block:
             rgb, alpha = expected(token["m"], 1.0, 0.5 * 0.2)  # lambda * eps_w
-            assert token["alpha"] == pytest.approx(alpha, abs=6e-3)  # Chromium keeps alpha in 8 bits, prints 2 decimals
+            assert token["alpha"] == pytest.approx(
+                alpha, abs=6e-3
+            )  # Chromium keeps alpha in 8 bits, prints 2 decimals
             if alpha > 6e-3:
                 assert token["rgb"] == rgb
     alphas = {round(t["alpha"], 2) for b in parser.blocks for t in b}
@@ -81,7 +98,7 @@ def test_heat_map_renders_one_coloured_element_per_token(report):
 
 
 def test_switch_recolours_by_advantage(report):
-    page, credited = report
+    page, _credited = report
     dom, console = rendered_dom(page, fragment="advantage")
     assert console == []
     parser = Tokens()
@@ -90,7 +107,9 @@ def test_switch_recolours_by_advantage(report):
     biggest = max(abs(t["a"]) for t in picked)
     for token in picked:
         rgb, alpha = expected(token["a"], 0.0, biggest)
-        assert token["alpha"] == pytest.approx(alpha, abs=6e-3)  # Chromium keeps alpha in 8 bits, prints 2 decimals
+        assert token["alpha"] == pytest.approx(
+            alpha, abs=6e-3
+        )  # Chromium keeps alpha in 8 bits, prints 2 decimals
         if alpha > 6e-3:
             assert token["rgb"] == rgb
     assert '<span id="scale">final advantage A_t: full colour at 0 ±' in dom  # legend follows

@@ -32,10 +32,13 @@ def weights(run_dir: Path, step: int) -> dict:
     return {k: v for f in files for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("extra", [
-    {"teacher.mode": "sync", "teacher.sync_every": "3"},
-    {"model.lora": "false", "teacher.mode": "frozen"},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"teacher.mode": "sync", "teacher.sync_every": "3"},
+        {"model.lora": "false", "teacher.mode": "frozen"},
+    ],
+)
 def test_resume_continues_bit_identically(tiny_overrides, extra):
     base = {**tiny_overrides, **extra, "train.steps": "5", "output.save_every": "2"}
     whole = train(load_config(None, {**base, "output.run_name": "whole"}))
@@ -44,6 +47,7 @@ def test_resume_continues_bit_identically(tiny_overrides, extra):
     part_cfg = load_config(None, {**base, "output.run_name": "part", "train.steps": "3"})
     part = train(part_cfg)
     import shutil
+
     shutil.rmtree(part / "checkpoint-3")
     (part / "latest").unlink()
     assert len(metrics(part)) == 3
@@ -63,27 +67,43 @@ def test_resume_refuses_a_changed_config_and_no_resume_refuses_the_dir(tiny_over
     assert main(["train", *argv(tiny_overrides), "--no-resume"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     # more steps is a safe change: --resume continues from step 3
-    assert main(["train", "--resume", str(run_dir), "--train.steps", "3",
-                 "--output.progress", "false"]) == 0
+    assert (
+        main(
+            ["train", "--resume", str(run_dir), "--train.steps", "3", "--output.progress", "false"]
+        )
+        == 0
+    )
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
     assert main(["train", "x.yaml", "--resume", str(run_dir)]) == 2
 
 
 def test_keep_last_deletes_old_checkpoints(tiny_overrides):
-    run_dir = train(load_config(None, {**tiny_overrides, "train.steps": "4",
-                                       "output.save_every": "1", "output.keep_last": "2"}))
-    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3",
-                                                                     "checkpoint-4"]
+    run_dir = train(
+        load_config(
+            None,
+            {
+                **tiny_overrides,
+                "train.steps": "4",
+                "output.save_every": "1",
+                "output.keep_last": "2",
+            },
+        )
+    )
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
 
 
 def test_nonfinite_gradients_are_skipped_then_stop_with_a_checkpoint(tiny_overrides, monkeypatch):
     from rlsd import trainer
 
     real = trainer.group_advantages
-    monkeypatch.setattr(trainer, "group_advantages", lambda *a, **k: (
-        torch.full_like(real(*a, **k)[0], float("nan")), real(*a, **k)[1]))
-    cfg = load_config(None, {**tiny_overrides, "train.steps": "5",
-                             "train.max_nonfinite_steps": "2"})
+    monkeypatch.setattr(
+        trainer,
+        "group_advantages",
+        lambda *a, **k: (torch.full_like(real(*a, **k)[0], float("nan")), real(*a, **k)[1]),
+    )
+    cfg = load_config(
+        None, {**tiny_overrides, "train.steps": "5", "train.max_nonfinite_steps": "2"}
+    )
     with pytest.raises(TrainingStopped, match="2 consecutive steps with a NaN") as stop:
         train(cfg)
     assert stop.value.exit_code == 1
@@ -92,14 +112,28 @@ def test_nonfinite_gradients_are_skipped_then_stop_with_a_checkpoint(tiny_overri
     assert [r["train/nonfinite"] for r in rows] == [1.0, 1.0]
     assert (run_dir / "latest").read_text().strip() == "checkpoint-2"
     from safetensors.torch import load_file
+
     adapter = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in adapter.items() if "lora_B" in k)
 
 
 def _start(overrides: dict, steps: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlsd", "train", *argv(overrides),
-                             "--train.steps", str(steps), "--output.save_every", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rlsd",
+            "train",
+            *argv(overrides),
+            "--train.steps",
+            str(steps),
+            "--output.save_every",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_lines(path: Path, count: int, proc: subprocess.Popen, limit: float = 120) -> None:
@@ -126,8 +160,17 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tiny_overrides):
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tiny_overrides):
     steps = 6
-    reference = train(load_config(None, {**tiny_overrides, "output.run_name": "ref",
-                                         "train.steps": str(steps), "output.save_every": "1"}))
+    reference = train(
+        load_config(
+            None,
+            {
+                **tiny_overrides,
+                "output.run_name": "ref",
+                "train.steps": str(steps),
+                "output.save_every": "1",
+            },
+        )
+    )
     want = metrics(reference)
     rng = random.Random(0)
     for trial in range(10):
@@ -140,9 +183,22 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tiny_
         time.sleep(rng.uniform(0.0, 2.5))  # during generation, the update or a checkpoint
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()
-        result = subprocess.run([sys.executable, "-m", "rlsd", "train", *argv(overrides),
-                                 "--train.steps", str(steps), "--output.save_every", "1"],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rlsd",
+                "train",
+                *argv(overrides),
+                "--train.steps",
+                str(steps),
+                "--output.save_every",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         assert metrics(run_dir) == want, f"trial {trial}"
 
@@ -166,8 +222,9 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_overrid
     assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
 
 
-def test_out_of_memory_is_reported_with_sizes_and_keeps_the_checkpoint(tiny_overrides,
-                                                                      monkeypatch, capsys):
+def test_out_of_memory_is_reported_with_sizes_and_keeps_the_checkpoint(
+    tiny_overrides, monkeypatch, capsys
+):
     from rlsd import trainer
 
     real = trainer.sample_completions
@@ -180,8 +237,7 @@ def test_out_of_memory_is_reported_with_sizes_and_keeps_the_checkpoint(tiny_over
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "sample_completions", flaky)
-    code = main(["train", *argv(tiny_overrides), "--train.steps", "4", "--output.save_every",
-                 "1"])
+    code = main(["train", *argv(tiny_overrides), "--train.steps", "4", "--output.save_every", "1"])
     err = capsys.readouterr().err
     assert code == 1
     assert "out of memory during generation at step 3 (2 prompts x 4 samples" in err
@@ -189,8 +245,7 @@ def test_out_of_memory_is_reported_with_sizes_and_keeps_the_checkpoint(tiny_over
     assert "--rollout.batch_size 4" in err and "--resume" in err
 
 
-def test_corrupt_model_files_are_a_one_line_error(tiny_model_dir, tiny_overrides, tmp_path,
-                                                  capsys):
+def test_corrupt_model_files_are_a_one_line_error(tiny_model_dir, tiny_overrides, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "broken"
@@ -204,10 +259,18 @@ def test_corrupt_model_files_are_a_one_line_error(tiny_model_dir, tiny_overrides
 
 def test_long_prompts_error_or_skip(tiny_overrides, tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"prompt": "1 + 1", "answer": "2"}) + "\n" +
-                    json.dumps({"prompt": "9 " * 300, "answer": "9"}) + "\n")
-    base = {**tiny_overrides, "data.source": "file", "data.path": str(data),
-            "data.max_prompt_tokens": "200"}
+    data.write_text(
+        json.dumps({"prompt": "1 + 1", "answer": "2"})
+        + "\n"
+        + json.dumps({"prompt": "9 " * 300, "answer": "9"})
+        + "\n"
+    )
+    base = {
+        **tiny_overrides,
+        "data.source": "file",
+        "data.path": str(data),
+        "data.max_prompt_tokens": "200",
+    }
     from rlsd.data import DataError
 
     with pytest.raises(DataError, match="record 1: prompt of .* tokens exceeds"):

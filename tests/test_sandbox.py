@@ -45,7 +45,8 @@ def test_code_extraction_and_programs():
     assert completion_code("def f(): pass") == "def f(): pass"
     meta = {"tests": ["assert f(1) == 2", "assert f(2) == 3"]}
     assert code_program("```python\ndef f(x):\n    return x + 1\n```", meta).endswith(
-        "assert f(2) == 3\n")
+        "assert f(2) == 3\n"
+    )
     assert code_program("def f(): pass", {}) is None
 
 
@@ -54,7 +55,7 @@ def test_code_verifier_on_humaneval():
     assert len(records) == 164 and records[0].metadata["task_id"] == "HumanEval/0"
     first = records[0]
     meta = first.metadata
-    body = first.answer[len(meta["prompt_code"]):]  # the canonical body, as a continuation
+    body = first.answer[len(meta["prompt_code"]) :]  # the canonical body, as a continuation
     wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```"
     completions = [f"```python\n{first.answer}\n```", body, wrong, "I cannot do that."]
     assert code([""] * 4, completions, [meta] * 4) == [1.0, 1.0, 0.0, 0.0]
@@ -66,8 +67,10 @@ def test_humaneval_recipe_trains_a_step_on_a_tiny_model(tiny_overrides):
     from rlsd.trainer import setup, train_step
 
     overrides = {k: v for k, v in tiny_overrides.items() if k != "reward.verifiers"}
-    cfg = load_config("configs/humaneval.yaml", {**overrides, "data.long_prompts": "skip",
-                                                 "data.max_prompt_tokens": "4096"})
+    cfg = load_config(
+        "configs/humaneval.yaml",
+        {**overrides, "data.long_prompts": "skip", "data.max_prompt_tokens": "4096"},
+    )
     run = setup(cfg)
     metrics = train_step(run, 1)
     assert metrics["reward/code/mean"] == 0.0 and metrics["reward/errors"] == 0
@@ -75,8 +78,11 @@ def test_humaneval_recipe_trains_a_step_on_a_tiny_model(tiny_overrides):
 
 def test_exiting_early_or_forging_the_pass_token_does_not_pass():
     meta = {"tests": ["assert f() == 1"]}
-    hacks = ["import sys\nsys.exit(0)", "import os\nos._exit(0)",
-             "print(open(__file__).read().splitlines()[-1][7:-2])\nimport os\nos._exit(0)"]
+    hacks = [
+        "import sys\nsys.exit(0)",
+        "import os\nos._exit(0)",
+        "print(open(__file__).read().splitlines()[-1][7:-2])\nimport os\nos._exit(0)",
+    ]
     assert code([""] * 3, hacks, [meta] * 3) == [0.0, 0.0, 0.0]
     assert code([""], ["def f():\n    return 1"], [meta]) == [1.0]
 

@@ -9,9 +9,22 @@ from rlsd.cli import main
 
 @pytest.mark.slow
 def test_quickstart_recipe_trains_the_real_model(tmp_path, capsys):
-    code = main(["train", "configs/quickstart.yaml", "--train.steps", "3",
-                 "--output.dir", str(tmp_path), "--output.run_name", "qs",
-                 "--output.progress", "false", "--output.log_samples", "0"])
+    code = main(
+        [
+            "train",
+            "configs/quickstart.yaml",
+            "--train.steps",
+            "3",
+            "--output.dir",
+            str(tmp_path),
+            "--output.run_name",
+            "qs",
+            "--output.progress",
+            "false",
+            "--output.log_samples",
+            "0",
+        ]
+    )
     assert code == 0
     run_dir = tmp_path / "qs"
     assert f"run directory: {run_dir}" in capsys.readouterr().out

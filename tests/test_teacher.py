@@ -8,15 +8,17 @@ from rlsd.trainer import setup, train_step
 
 
 def teacher_logps(run, batch):
-    return run.teacher.logprobs(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                batch.completion_mask, run.device).logps
+    return run.teacher.logprobs(
+        batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, run.device
+    ).logps
 
 
 def probe_batch(run):
     from rlsd.rollout import Batch, completion_mask_from, left_pad
 
-    p_ids, p_mask = left_pad([run.renderer.teacher_ids(r) for r in run.records[:2]],
-                             run.tokenizer.pad_token_id)
+    p_ids, p_mask = left_pad(
+        [run.renderer.teacher_ids(r) for r in run.records[:2]], run.tokenizer.pad_token_id
+    )
     c_ids = torch.tensor([[40, 41, 42, 43], [44, 45, run.tokenizer.eos_token_id, 0]])
     c_mask = completion_mask_from(c_ids, run.stop_ids)
     return Batch(p_ids, p_mask, c_ids, c_mask)
@@ -69,8 +71,16 @@ def _joined(batch):
 
 @pytest.mark.parametrize("lora", ["true", "false"])
 def test_sync_teacher_changes_exactly_every_n_steps(tiny_overrides, lora):
-    cfg = load_config(None, {**tiny_overrides, "teacher.mode": "sync", "teacher.sync_every": "2",
-                             "model.lora": lora, "output.run_name": f"sync{lora}"})
+    cfg = load_config(
+        None,
+        {
+            **tiny_overrides,
+            "teacher.mode": "sync",
+            "teacher.sync_every": "2",
+            "model.lora": lora,
+            "output.run_name": f"sync{lora}",
+        },
+    )
     run = setup(cfg)
     batch = probe_batch(run)
     seen = []
@@ -96,8 +106,15 @@ def test_external_teacher_with_another_tokenizer_is_refused(tiny_overrides, tmp_
     from .conftest import build_model_dir
 
     other = build_model_dir(tmp_path / "other", tokenizer_vocab=350)
-    cfg = load_config(None, {**tiny_overrides, "algorithm.name": "opd",
-                             "teacher.mode": "external", "teacher.model": str(other)})
+    cfg = load_config(
+        None,
+        {
+            **tiny_overrides,
+            "algorithm.name": "opd",
+            "teacher.mode": "external",
+            "teacher.model": str(other),
+        },
+    )
     with pytest.raises(ConfigError, match="teacher.model: its tokenizer differs"):
         setup(cfg)
 
@@ -106,15 +123,26 @@ def test_opd_scores_with_the_external_model_on_the_plain_prompt(tiny_overrides, 
     from .conftest import build_model_dir
 
     other = build_model_dir(tmp_path / "teacher", seed=1)
-    run = setup(load_config(None, {**tiny_overrides, "algorithm.name": "opd",
-                                   "teacher.mode": "external", "teacher.model": str(other)}))
+    run = setup(
+        load_config(
+            None,
+            {
+                **tiny_overrides,
+                "algorithm.name": "opd",
+                "teacher.mode": "external",
+                "teacher.model": str(other),
+            },
+        )
+    )
     metrics = train_step(run, 1)
     assert metrics["opsd/reverse_kl"] != 0 and metrics["train/skipped_update"] == 0
     from rlsd.logprobs import TokenScorer
     from rlsd.rollout import left_pad
+
     batch = probe_batch(run)
-    p_ids, p_mask = left_pad([run.renderer.student_ids(r) for r in run.records[:2]],
-                             run.tokenizer.pad_token_id)
+    p_ids, p_mask = left_pad(
+        [run.renderer.student_ids(r) for r in run.records[:2]], run.tokenizer.pad_token_id
+    )
     plain = batch.__class__(p_ids, p_mask, batch.completion_ids, batch.completion_mask)
     want = TokenScorer(run.teacher.external.lm)(*_joined(plain), plain.completion_mask)
     torch.testing.assert_close(teacher_logps(run, plain), want)

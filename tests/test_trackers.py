@@ -13,8 +13,9 @@ from rlsd.trainer import train
 
 
 def trained(tiny_overrides, trackers: str) -> tuple[Path, list[dict]]:
-    cfg = load_config(None, {**tiny_overrides, "output.trackers": trackers,
-                             "output.project": "rlsd-test"})
+    cfg = load_config(
+        None, {**tiny_overrides, "output.trackers": trackers, "output.project": "rlsd-test"}
+    )
     run_dir = train(cfg)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return run_dir, rows
@@ -44,8 +45,9 @@ def test_mlflow_run_holds_the_metrics_and_config(tiny_overrides, monkeypatch):
     assert found.info.run_name == run_dir.name
     assert found.data.params["algorithm.name"] == "rlsd"
     history = client.get_metric_history(found.info.run_id, "reward/accuracy")
-    assert sorted((m.step, m.value) for m in history) == \
-        [(r["step"], pytest.approx(r["reward/accuracy"])) for r in rows]
+    assert sorted((m.step, m.value) for m in history) == [
+        (r["step"], pytest.approx(r["reward/accuracy"])) for r in rows
+    ]
 
 
 def wandb_records(path: Path) -> list:
@@ -60,8 +62,8 @@ def wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # block trailer too short for a header: padding
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -75,12 +77,17 @@ def test_wandb_offline_run_holds_the_metrics(tiny_overrides, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir, rows = trained(tiny_overrides, "[wandb]")
     [offline] = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    history = [r.history for r in wandb_records(offline) if r.WhichOneof("record_type") == "history"]
+    history = [
+        r.history for r in wandb_records(offline) if r.WhichOneof("record_type") == "history"
+    ]
     assert history and all(h.step.num for h in history)
-    values = [(h.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                            for i in h.item}) for h in history]
-    assert [(step, h["reward/accuracy"]) for step, h in values] == \
-        [(r["step"], pytest.approx(r["reward/accuracy"])) for r in rows]
+    values = [
+        (h.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in h.item})
+        for h in history
+    ]
+    assert [(step, h["reward/accuracy"]) for step, h in values] == [
+        (r["step"], pytest.approx(r["reward/accuracy"])) for r in rows
+    ]
 
 
 def test_tracker_errors_are_clear(tiny_overrides, monkeypatch):

@@ -20,8 +20,15 @@ def trainable(run):
 
 @pytest.mark.parametrize("method", ["grpo", "rlsd", "opsd", "grpo_opsd"])
 def test_two_steps_train_and_write_outputs(tiny_overrides, method):
-    cfg = load_config(None, {**tiny_overrides, "algorithm.name": method, "output.run_name": method,
-                             "output.save_every": "1"})
+    cfg = load_config(
+        None,
+        {
+            **tiny_overrides,
+            "algorithm.name": method,
+            "output.run_name": method,
+            "output.save_every": "1",
+        },
+    )
     run_dir = train(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -60,11 +67,20 @@ def test_parameters_change_and_loss_is_finite(tiny_overrides):
 
 def test_same_seed_gives_identical_metrics(tiny_overrides):
     def metrics(name, seed=0):
-        cfg = load_config(None, {**tiny_overrides, "output.run_name": name, "train.steps": "3",
-                                 "train.seed": str(seed)})
+        cfg = load_config(
+            None,
+            {
+                **tiny_overrides,
+                "output.run_name": name,
+                "train.steps": "3",
+                "train.seed": str(seed),
+            },
+        )
         path = train(cfg) / "metrics.jsonl"
-        return [{k: v for k, v in json.loads(line).items() if not k.startswith(PERF)}
-                for line in path.read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.startswith(PERF)}
+            for line in path.read_text().splitlines()
+        ]
 
     first, second = metrics("a"), metrics("b")
     assert first == second
@@ -73,19 +89,32 @@ def test_same_seed_gives_identical_metrics(tiny_overrides):
 
 def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_overrides):
     """1 x 8 and 8 x 1 micro-batches accumulate the same gradient (token-mean over the step)."""
+
     def gradient(micro):
-        cfg = load_config(None, {**tiny_overrides, "train.micro_batch_size": str(micro),
-                                 "output.run_name": f"mb{micro}", "algorithm.name": "grpo"})
+        cfg = load_config(
+            None,
+            {
+                **tiny_overrides,
+                "train.micro_batch_size": str(micro),
+                "output.run_name": f"mb{micro}",
+                "algorithm.name": "grpo",
+            },
+        )
         run = setup(cfg)
         captured = {}
         run.optimizer.step = lambda: captured.update(
-            {n: p.grad.clone() for n, p in run.scorer.named_parameters() if p.grad is not None})
+            {n: p.grad.clone() for n, p in run.scorer.named_parameters() if p.grad is not None}
+        )
         gen = torch.Generator().manual_seed(0)
         c_ids = torch.randint(3, 200, (8, 5), generator=gen)
         c_mask = torch.ones(8, 5, dtype=torch.bool)
         c_mask[3, 2:] = False
-        batch = Batch(torch.randint(3, 200, (8, 4), generator=gen), torch.ones(8, 4, dtype=bool),
-                      c_ids, c_mask)
+        batch = Batch(
+            torch.randint(3, 200, (8, 4), generator=gen),
+            torch.ones(8, 4, dtype=bool),
+            c_ids,
+            c_mask,
+        )
         adv = torch.randn(8, generator=gen)
         policy_update(run, 1, Rows(batch, adv), float(c_mask.sum()))
         return captured
@@ -102,8 +131,14 @@ def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatc
     from rlsd import trainer
     from rlsd.rollout import completion_mask_from, left_pad
 
-    cfg = load_config(None, {**tiny_overrides, "rlsd.thought_only": thought_only,
-                             "output.run_name": f"span{thought_only}"})
+    cfg = load_config(
+        None,
+        {
+            **tiny_overrides,
+            "rlsd.thought_only": thought_only,
+            "output.run_name": f"span{thought_only}",
+        },
+    )
     run = setup(cfg)
     tok = run.tokenizer
     think = tok("<think>", add_special_tokens=False)["input_ids"]
@@ -113,8 +148,10 @@ def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatc
 
     def fixed_rollout(run, step, recs):
         prompts, _ = left_pad([run.renderer.student_ids(r) for r in recs], tok.pad_token_id)
-        rows = [think + body[: 1 + i % 3] + close + answer + [tok.eos_token_id]
-                for i in range(len(recs) * 4)]
+        rows = [
+            think + body[: 1 + i % 3] + close + answer + [tok.eos_token_id]
+            for i in range(len(recs) * 4)
+        ]
         c_ids, _ = left_pad([r[::-1] for r in rows], tok.pad_token_id)
         c_ids = c_ids.flip(1)  # right-padded
         c_mask = completion_mask_from(c_ids, run.stop_ids)
@@ -148,21 +185,38 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_overrides, tmp_path, 
     name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
     weights = []
     for flag in ("false", "true"):
-        run_dir = train(load_config(None, {**tiny_overrides, "model.lora": lora,
-                                           "train.gradient_checkpointing": flag,
-                                           "output.run_name": f"gc-{flag}"}))
+        run_dir = train(
+            load_config(
+                None,
+                {
+                    **tiny_overrides,
+                    "model.lora": lora,
+                    "train.gradient_checkpointing": flag,
+                    "output.run_name": f"gc-{flag}",
+                },
+            )
+        )
         weights.append(load_file(run_dir / "checkpoint-2" / name))
-    run = setup(load_config(None, {**tiny_overrides, "model.lora": lora,
-                                   "train.gradient_checkpointing": "true",
-                                   "output.run_name": "gc-probe"}))
+    run = setup(
+        load_config(
+            None,
+            {
+                **tiny_overrides,
+                "model.lora": lora,
+                "train.gradient_checkpointing": "true",
+                "output.run_name": "gc-probe",
+            },
+        )
+    )
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in run.lm.modules())
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("extract,tail", [("marker", "Answer: 19"), ("boxed", "\\boxed{19}."),
-                                          ("last_number", None)])
+@pytest.mark.parametrize(
+    "extract,tail", [("marker", "Answer: 19"), ("boxed", "\\boxed{19}."), ("last_number", None)]
+)
 def test_answer_tokens_cover_the_final_answer(tiny_model_dir, extract, tail):
     """The diagnostics' final-answer tokens, found with the real tokenizer: from the token that
     starts the last answer anchor to the end; none when the extraction has no anchor."""

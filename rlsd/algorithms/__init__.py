@@ -8,13 +8,38 @@ from .distill import opsd_token_advantages, sampled_forward_token_advantages, to
 from .masking import masked, teacher_gap
 from .method import METHODS, Method, method_for
 from .policy_loss import AGGREGATIONS, aggregate, clipped_policy_loss, loss_normaliser
-from .rlsd import (credit_split, lambda_at, reweighted_tokens, rlsd_credit, rlsd_metrics,
-                   rlsd_token_advantages)
+from .rlsd import (
+    credit_split,
+    lambda_at,
+    reweighted_tokens,
+    rlsd_credit,
+    rlsd_metrics,
+    rlsd_token_advantages,
+)
 from .spans import answer_span_mask, reasoning_span_mask, span_split, token_pieces
 
-__all__ = ["AGGREGATIONS", "METHODS", "Method", "aggregate", "answer_span_mask",
-           "clipped_policy_loss", "credit_split", "group_advantages", "lambda_at",
-           "loss_normaliser", "masked", "method_for", "opsd_token_advantages",
-           "reasoning_span_mask", "reweighted_tokens", "rlsd_credit", "rlsd_metrics",
-           "rlsd_token_advantages", "sampled_forward_token_advantages", "span_split",
-           "teacher_gap", "token_divergence", "token_pieces"]
+__all__ = [
+    "AGGREGATIONS",
+    "METHODS",
+    "Method",
+    "aggregate",
+    "answer_span_mask",
+    "clipped_policy_loss",
+    "credit_split",
+    "group_advantages",
+    "lambda_at",
+    "loss_normaliser",
+    "masked",
+    "method_for",
+    "opsd_token_advantages",
+    "reasoning_span_mask",
+    "reweighted_tokens",
+    "rlsd_credit",
+    "rlsd_metrics",
+    "rlsd_token_advantages",
+    "sampled_forward_token_advantages",
+    "span_split",
+    "teacher_gap",
+    "token_divergence",
+    "token_pieces",
+]

@@ -23,13 +23,19 @@ BASELINES = ("mean", "leave_one_out")
 STD_ESTIMATORS = ("unbiased", "population")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = True,
-                     eps: float = 1e-6, baseline: str = "mean", std: str = "unbiased",
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale_std: bool = True,
+    eps: float = 1e-6,
+    baseline: str = "mean",
+    std: str = "unbiased",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """rewards (B*G,) laid out group by group -> advantages (B*G,) and metrics."""
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups "
-                         f"of {group_size}")
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}"
+        )
     if std not in STD_ESTIMATORS:
         raise ValueError(f"unknown std estimator {std!r} (one of {', '.join(STD_ESTIMATORS)})")
     grouped = rewards.view(-1, group_size)  # (B, G)
@@ -44,6 +50,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = T
     adv = centred / (spread + eps) if scale_std else centred
     flat = grouped.eq(grouped[:, :1]).all(dim=1)  # (B,) all rewards equal
     adv = torch.where(flat.unsqueeze(1), torch.zeros_like(adv), adv)  # all-equal groups: exact 0
-    metrics = {"adv/zero_group_frac": flat.float().mean().item(),
-               "adv/abs_mean": adv.abs().mean().item()}
+    metrics = {
+        "adv/zero_group_frac": flat.float().mean().item(),
+        "adv/abs_mean": adv.abs().mean().item(),
+    }
     return adv.reshape(-1), metrics

@@ -21,16 +21,18 @@ import torch
 from .masking import masked, teacher_gap
 
 
-def opsd_token_advantages(logps: torch.Tensor, teacher_logps: torch.Tensor,
-                          completion_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def opsd_token_advantages(
+    logps: torch.Tensor, teacher_logps: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
     """(N, T) log-probs -> token advantages (N, T) = detached log T - log S on real tokens."""
     delta = teacher_gap(teacher_logps, logps, completion_mask)  # (N, T)
     n_tokens = completion_mask.sum().clamp(min=1)
     return delta, {"opsd/reverse_kl": (-delta.sum() / n_tokens).item()}
 
 
-def sampled_forward_token_advantages(logps: torch.Tensor, teacher_logps: torch.Tensor,
-                                     completion_mask: torch.Tensor) -> torch.Tensor:
+def sampled_forward_token_advantages(
+    logps: torch.Tensor, teacher_logps: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
     """Forward KL(T || S) on student samples: grad = -E_T[grad log S] = -E_S[(T/S) grad log S],
     so each sampled token gets the importance weight T/S as advantage, minus the constant 1
     (a baseline: E_S[grad log S] = 0), i.e. exp(Delta_t) - 1."""
@@ -38,8 +40,12 @@ def sampled_forward_token_advantages(logps: torch.Tensor, teacher_logps: torch.T
     return masked(torch.expm1(delta), completion_mask)
 
 
-def token_divergence(student_logp: torch.Tensor, teacher_vals: torch.Tensor,
-                     teacher_ids: torch.Tensor | None, reverse: bool = True) -> torch.Tensor:
+def token_divergence(
+    student_logp: torch.Tensor,
+    teacher_vals: torch.Tensor,
+    teacher_ids: torch.Tensor | None,
+    reverse: bool = True,
+) -> torch.Tensor:
     """Exact per-token KL between the student's distribution and the teacher's.
 
     student_logp (M, V): the student's log-probs over the vocabulary (with gradient).

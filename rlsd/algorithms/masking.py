@@ -15,8 +15,10 @@ def masked(x: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(~completion_mask.bool(), 0.0)
 
 
-def teacher_gap(teacher_logps: torch.Tensor, logps: torch.Tensor,
-                completion_mask: torch.Tensor) -> torch.Tensor:
+def teacher_gap(
+    teacher_logps: torch.Tensor, logps: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
     """Delta_t = stopgrad(log P_T(y_t) - log P_S(y_t)) on completion tokens, 0 elsewhere."""
-    return masked(teacher_logps.detach(), completion_mask) - masked(logps.detach(),
-                                                                    completion_mask)  # (N, T)
+    return masked(teacher_logps.detach(), completion_mask) - masked(
+        logps.detach(), completion_mask
+    )  # (N, T)

@@ -55,23 +55,36 @@ class Method:
         """True when its token credit is the sequence advantage times a multiplier m_t."""
         return False
 
-    def token_advantages(self, step: int, seq_adv: torch.Tensor, logps: torch.Tensor,
-                         teacher_logps: torch.Tensor | None, completion_mask: torch.Tensor,
-                         span: torch.Tensor | None = None) -> torch.Tensor:
+    def token_advantages(
+        self,
+        step: int,
+        seq_adv: torch.Tensor,
+        logps: torch.Tensor,
+        teacher_logps: torch.Tensor | None,
+        completion_mask: torch.Tensor,
+        span: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(N,) sequence advantages and (N, T) log-probs -> (N, T) token advantages."""
-        return masked(seq_adv.unsqueeze(1).expand_as(completion_mask).to(logps.dtype),
-                      completion_mask)
+        return masked(
+            seq_adv.unsqueeze(1).expand_as(completion_mask).to(logps.dtype), completion_mask
+        )
 
-    def metrics(self, step: int, seq_adv: torch.Tensor, logps: torch.Tensor,
-                teacher_logps: torch.Tensor, token_adv: torch.Tensor,
-                completion_mask: torch.Tensor, span: torch.Tensor | None = None
-                ) -> dict[str, float]:
+    def metrics(
+        self,
+        step: int,
+        seq_adv: torch.Tensor,
+        logps: torch.Tensor,
+        teacher_logps: torch.Tensor,
+        token_adv: torch.Tensor,
+        completion_mask: torch.Tensor,
+        span: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """The method's own statistics of a step's credit (all trained rows at once)."""
         return {}
 
-    def clip_bounds(self, seq_adv: torch.Tensor, completion_mask: torch.Tensor,
-                    span: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    def clip_bounds(
+        self, seq_adv: torch.Tensor, completion_mask: torch.Tensor, span: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """For a reweighting method, (seq_adv, the reweighted tokens (N, T), eps_w): what the
         per-group clip fractions of `credit_split` need; None otherwise."""
         return None
@@ -104,25 +117,38 @@ class RLSD(Method):
         return span if self.thought_only else None
 
     def token_advantages(self, step, seq_adv, logps, teacher_logps, completion_mask, span=None):
-        token_adv, _ = rlsd_credit(seq_adv, logps, teacher_logps, completion_mask,
-                                   self.lambda_at(step), self.eps_w, self.negative_only,
-                                   self._span(span))
+        token_adv, _ = rlsd_credit(
+            seq_adv,
+            logps,
+            teacher_logps,
+            completion_mask,
+            self.lambda_at(step),
+            self.eps_w,
+            self.negative_only,
+            self._span(span),
+        )
         return token_adv
 
-    def reweighted(self, seq_adv: torch.Tensor, completion_mask: torch.Tensor,
-                   span: torch.Tensor | None) -> torch.Tensor:
+    def reweighted(
+        self, seq_adv: torch.Tensor, completion_mask: torch.Tensor, span: torch.Tensor | None
+    ) -> torch.Tensor:
         """(N, T) the tokens whose credit the teacher sets."""
         return reweighted_tokens(seq_adv, completion_mask, self.negative_only, self._span(span))
 
     def clip_bounds(self, seq_adv, completion_mask, span=None):
         return seq_adv, self.reweighted(seq_adv, completion_mask, span), self.eps_w
 
-    def metrics(self, step, seq_adv, logps, teacher_logps, token_adv, completion_mask,
-                span=None):
+    def metrics(self, step, seq_adv, logps, teacher_logps, token_adv, completion_mask, span=None):
         delta = teacher_gap(teacher_logps, logps, completion_mask)
-        return rlsd_metrics(seq_adv, delta, token_adv, completion_mask,
-                            self.reweighted(seq_adv, completion_mask, span),
-                            self.lambda_at(step), self.eps_w)
+        return rlsd_metrics(
+            seq_adv,
+            delta,
+            token_adv,
+            completion_mask,
+            self.reweighted(seq_adv, completion_mask, span),
+            self.lambda_at(step),
+            self.eps_w,
+        )
 
 
 @dataclass(frozen=True)
@@ -149,8 +175,9 @@ class OPSD(Method):
     def divergence_weight(self) -> float:
         return 0.0 if self.divergence == "sampled" else 1.0
 
-    def distill_advantages(self, logps: torch.Tensor, teacher_logps: torch.Tensor,
-                           completion_mask: torch.Tensor) -> torch.Tensor:
+    def distill_advantages(
+        self, logps: torch.Tensor, teacher_logps: torch.Tensor, completion_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The sampled estimate's token advantages (0 when the exact divergence is the loss)."""
         if self.divergence != "sampled":
             return torch.zeros_like(masked(logps.detach(), completion_mask))
@@ -161,13 +188,12 @@ class OPSD(Method):
     def token_advantages(self, step, seq_adv, logps, teacher_logps, completion_mask, span=None):
         return self.distill_advantages(logps, teacher_logps, completion_mask)
 
-    def metrics(self, step, seq_adv, logps, teacher_logps, token_adv, completion_mask,
-                span=None):
+    def metrics(self, step, seq_adv, logps, teacher_logps, token_adv, completion_mask, span=None):
         return opsd_token_advantages(logps, teacher_logps, completion_mask)[1]
 
 
 @dataclass(frozen=True)
-class GRPO_OPSD(OPSD):  # noqa: N801 (named as the method)
+class GRPO_OPSD(OPSD):
     """The GRPO loss plus beta times the OPSD loss (the paper's naive combination)."""
 
     name: ClassVar[str] = "grpo_opsd"
@@ -202,8 +228,14 @@ def method_for(cfg: Any) -> Method:
     kind = METHODS[cfg.algorithm.name]
     if kind is RLSD:
         r = cfg.rlsd
-        return RLSD(r.lambda_, r.eps_w, r.lambda_warmup_steps, r.lambda_decay_steps,
-                    r.negative_only, r.thought_only)
+        return RLSD(
+            r.lambda_,
+            r.eps_w,
+            r.lambda_warmup_steps,
+            r.lambda_decay_steps,
+            r.negative_only,
+            r.thought_only,
+        )
     if issubclass(kind, OPSD):
         o = cfg.opsd
         extra = {"beta": o.beta} if kind is GRPO_OPSD else {}

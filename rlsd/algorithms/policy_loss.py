@@ -48,8 +48,13 @@ def loss_normaliser(mode: str, completion_mask: torch.Tensor, max_new_tokens: in
     raise ValueError(f"unknown loss aggregation {mode!r} (one of {', '.join(AGGREGATIONS)})")
 
 
-def aggregate(per_token: torch.Tensor, completion_mask: torch.Tensor, mode: str,
-              normaliser: float | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor,
+    completion_mask: torch.Tensor,
+    mode: str,
+    normaliser: float | None = None,
+    max_new_tokens: int | None = None,
+) -> torch.Tensor:
     """Reduce (N, T) per-token values to a scalar; `normaliser` defaults to this batch's own."""
     if normaliser is None:
         normaliser = loss_normaliser(mode, completion_mask, max_new_tokens or per_token.shape[1])
@@ -60,10 +65,17 @@ def aggregate(per_token: torch.Tensor, completion_mask: torch.Tensor, mode: str,
     return values.sum() / normaliser
 
 
-def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, token_adv: torch.Tensor,
-                        completion_mask: torch.Tensor, eps_low: float, eps_high: float,
-                        agg: str = "token_mean", normaliser: float | None = None,
-                        dual_clip: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def clipped_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    token_adv: torch.Tensor,
+    completion_mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    agg: str = "token_mean",
+    normaliser: float | None = None,
+    dual_clip: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """(N, T) tensors -> scalar loss and metrics (clip fractions over completion tokens)."""
     if dual_clip and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be 0 (off) or > 1, got {dual_clip}")
@@ -83,6 +95,8 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, token_adv:
     with torch.no_grad():
         tokens = max(mask.sum().item(), 1)
         was_clipped = (ratio * token_adv) != surrogate
-        metrics = {"policy/clip_frac": (was_clipped & mask).sum().item() / tokens,
-                   "policy/dual_clip_frac": (dual & mask).sum().item() / tokens}
+        metrics = {
+            "policy/clip_frac": (was_clipped & mask).sum().item() / tokens,
+            "policy/dual_clip_frac": (dual & mask).sum().item() / tokens,
+        }
     return loss, metrics

@@ -10,7 +10,8 @@ the same model, shown privileged context (the teacher), decides how much credit 
 
 m_t > 0, so no token's advantage changes sign. lambda = 0 gives m_t = 1 exactly (GRPO). Nothing is
 renormalised after reweighting (as in the reference code). Tokens outside `completion_mask` get
-A_t = 0, and their inputs are masked before any arithmetic (a -inf pad never gives NaN). Options of the reference implementation:
+A_t = 0, and their inputs are masked before any arithmetic (a -inf pad never gives NaN).
+Options of the reference implementation:
 - `negative_only`: only sequences with A < 0 are reweighted; the others keep m_t = 1.
 - `thought_only`: only tokens inside the reasoning span are reweighted (`span_mask`, built by
   `spans.reasoning_span_mask` from the decoded text); the tag tokens and everything outside keep
@@ -36,9 +37,12 @@ def lambda_at(step: int, lam: float, warmup: int = 0, decay: int = 0) -> float:
     return lam
 
 
-def reweighted_tokens(seq_adv: torch.Tensor, completion_mask: torch.Tensor,
-                      negative_only: bool = False, span_mask: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+def reweighted_tokens(
+    seq_adv: torch.Tensor,
+    completion_mask: torch.Tensor,
+    negative_only: bool = False,
+    span_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(N, T) True on the tokens whose credit the teacher sets: completion tokens of sequences
     with A != 0 (A < 0 only under `negative_only`), inside `span_mask` when given."""
     sign = torch.sign(seq_adv).unsqueeze(1)
@@ -50,10 +54,16 @@ def reweighted_tokens(seq_adv: torch.Tensor, completion_mask: torch.Tensor,
     return out
 
 
-def rlsd_credit(seq_adv: torch.Tensor, logps: torch.Tensor, teacher_logps: torch.Tensor,
-                completion_mask: torch.Tensor, lam: float, eps_w: float,
-                negative_only: bool = False, span_mask: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def rlsd_credit(
+    seq_adv: torch.Tensor,
+    logps: torch.Tensor,
+    teacher_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    lam: float,
+    eps_w: float,
+    negative_only: bool = False,
+    span_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """seq_adv (N,), logps / teacher_logps / masks (N, T) -> token advantages A_t (N, T) and the
     credit multipliers m_t (N, T; 1 on tokens the teacher does not reweight). No host sync.
 
@@ -68,9 +78,15 @@ def rlsd_credit(seq_adv: torch.Tensor, logps: torch.Tensor, teacher_logps: torch
     return token_adv, multiplier
 
 
-def rlsd_metrics(seq_adv: torch.Tensor, delta: torch.Tensor, token_adv: torch.Tensor,
-                 completion_mask: torch.Tensor, reweighted: torch.Tensor, lam: float,
-                 eps_w: float) -> dict[str, float]:
+def rlsd_metrics(
+    seq_adv: torch.Tensor,
+    delta: torch.Tensor,
+    token_adv: torch.Tensor,
+    completion_mask: torch.Tensor,
+    reweighted: torch.Tensor,
+    lam: float,
+    eps_w: float,
+) -> dict[str, float]:
     """The step's RLSD statistics from its credit: delta = Delta (N, T, 0 at pads), the token
     advantages and the reweighted tokens (`reweighted_tokens`)."""
     tokens = completion_mask.bool()
@@ -93,14 +109,20 @@ def rlsd_metrics(seq_adv: torch.Tensor, delta: torch.Tensor, token_adv: torch.Te
     }
 
 
-def rlsd_token_advantages(seq_adv: torch.Tensor, logps: torch.Tensor,
-                          teacher_logps: torch.Tensor, completion_mask: torch.Tensor,
-                          lam: float, eps_w: float, negative_only: bool = False,
-                          span_mask: torch.Tensor | None = None,
-                          ) -> tuple[torch.Tensor, dict[str, float]]:
+def rlsd_token_advantages(
+    seq_adv: torch.Tensor,
+    logps: torch.Tensor,
+    teacher_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    lam: float,
+    eps_w: float,
+    negative_only: bool = False,
+    span_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """`rlsd_credit` and `rlsd_metrics` in one call: token advantages (N, T) and metrics."""
-    token_adv, multiplier = rlsd_credit(seq_adv, logps, teacher_logps, completion_mask, lam,
-                                        eps_w, negative_only, span_mask)
+    token_adv, multiplier = rlsd_credit(
+        seq_adv, logps, teacher_logps, completion_mask, lam, eps_w, negative_only, span_mask
+    )
     reweighted = reweighted_tokens(seq_adv, completion_mask, negative_only, span_mask)
     delta = teacher_gap(teacher_logps, logps, completion_mask)
     metrics = rlsd_metrics(seq_adv, delta, token_adv, completion_mask, reweighted, lam, eps_w)
@@ -109,9 +131,11 @@ def rlsd_token_advantages(seq_adv: torch.Tensor, logps: torch.Tensor,
     return token_adv, metrics
 
 
-def credit_split(delta: torch.Tensor, groups: dict[str, torch.Tensor],
-                 clip: tuple[torch.Tensor, torch.Tensor, float] | None = None
-                 ) -> dict[str, float]:
+def credit_split(
+    delta: torch.Tensor,
+    groups: dict[str, torch.Tensor],
+    clip: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> dict[str, float]:
     """Per group of tokens ((N, T) bool, completion tokens only): mean and std of the
     teacher-student gap Delta (N, T); with `clip` = (seq_adv (N,), reweighted (N, T), eps_w),
     the fractions of the group's reweighted tokens whose RLSD weight exp(sign(A) * Delta) was

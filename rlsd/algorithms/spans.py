@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 
-def token_pieces(tokenizer: Any, completion_ids: torch.Tensor,
-                 completion_mask: torch.Tensor) -> list[list[str]]:
+def token_pieces(
+    tokenizer: Any, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> list[list[str]]:
     """For each row, the decoded text of each real (mask True) completion token, in order.
 
     `tokenizer` only needs `batch_decode` (a Hugging Face tokenizer, duck-typed). Tokens are
@@ -40,8 +41,17 @@ def token_pieces(tokenizer: Any, completion_ids: torch.Tensor,
     out = []
     for row in range(completion_ids.shape[0]):
         ids = completion_ids[row][completion_mask[row].bool()].tolist()  # (L,)
-        out.append(list(tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
-                                               clean_up_tokenization_spaces=False)) if ids else [])
+        out.append(
+            list(
+                tokenizer.batch_decode(
+                    [[i] for i in ids],
+                    skip_special_tokens=False,
+                    clean_up_tokenization_spaces=False,
+                )
+            )
+            if ids
+            else []
+        )
     return out
 
 
@@ -59,8 +69,9 @@ def _span_chars(text: str, open_tag: str, close_tag: str) -> list[tuple[int, int
     return spans
 
 
-def reasoning_span_mask(pieces: list[list[str]], open_tag: str, close_tag: str,
-                        width: int) -> torch.Tensor:
+def reasoning_span_mask(
+    pieces: list[list[str]], open_tag: str, close_tag: str, width: int
+) -> torch.Tensor:
     """(N, width) True on tokens lying wholly inside a reasoning span (see the module docstring).
 
     `pieces[i]` holds the decoded text of each of row i's completion tokens, in order (from
@@ -76,7 +87,7 @@ def reasoning_span_mask(pieces: list[list[str]], open_tag: str, close_tag: str,
             first = bisect_left(starts, inner)  # first token starting at or after the span start
             last = bisect_right(ends, stop)  # tokens before this one end at or before its stop
             if first < last:
-                out[row, first:min(last, width)] = True
+                out[row, first : min(last, width)] = True
     return out
 
 
@@ -91,13 +102,14 @@ def answer_span_mask(pieces: list[list[str]], anchor: str, width: int) -> torch.
         for t, part in enumerate(parts if pos >= 0 else []):
             end += len(part)
             if end > pos:
-                out[row, t:len(parts)] = True
+                out[row, t : len(parts)] = True
                 break
     return out
 
 
-def span_split(multiplier: torch.Tensor, span_mask: torch.Tensor,
-               completion_mask: torch.Tensor) -> dict[str, float]:
+def span_split(
+    multiplier: torch.Tensor, span_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> dict[str, float]:
     """Mean credit multiplier inside the reasoning span and outside it (the answer)."""
     out = {}
     for name, where in (("thought", span_mask.bool()), ("answer", ~span_mask.bool())):

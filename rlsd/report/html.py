@@ -29,8 +29,9 @@ def token_color(value: float, centre: float, span: float) -> str:
     return f"rgba({rgb},{abs(strength):.3f})"
 
 
-def heatmap_html(sample: dict, pieces: list[str], scales: dict[str, tuple[float, float]],
-                 key: str) -> str:
+def heatmap_html(
+    sample: dict, pieces: list[str], scales: dict[str, tuple[float, float]], key: str
+) -> str:
     """One completion: a span per token carrying each credit value it has (data-m: RLSD
     multiplier, data-a: token advantage), coloured by `key`; hover shows the values."""
     spans = []
@@ -39,18 +40,22 @@ def heatmap_html(sample: dict, pieces: list[str], scales: dict[str, tuple[float,
         tip = " · ".join(f"{LABELS[name]} {v:+.4f}" for name, v in values.items())
         attrs = "".join(f' data-{ATTR[name]}="{v:.5f}"' for name, v in values.items())
         centre, span = scales[key]
-        spans.append(f'<span class="tok"{attrs} title="{html.escape(tip)}" '
-                     f'style="background:{token_color(values[key], centre, span)}">'
-                     f"{html.escape(piece)}</span>")
+        spans.append(
+            f'<span class="tok"{attrs} title="{html.escape(tip)}" '
+            f'style="background:{token_color(values[key], centre, span)}">'
+            f"{html.escape(piece)}</span>"
+        )
     verdict = "correct" if sample.get("correct") else "incorrect"
     context = sample.get("teacher_prompt") or f"reference answer: {sample.get('answer', '')}"
-    return (f'<div class="sample {verdict}"><div class="meta">step {sample["step"]} · '
-            f'reward {sample["reward"]:.3f} · advantage {sample["advantage"]:+.3f} · {verdict}'
-            f'</div><div class="prompt"><b>student saw</b> {html.escape(sample["prompt"])}</div>'
-            f'<details class="ref"><summary><b>teacher also saw</b> (privileged context; '
-            f'reference answer {html.escape(str(sample.get("answer", "")))})</summary>'
-            f'{html.escape(str(context))}</details>'
-            f'<div class="tokens">{"".join(spans)}</div></div>')
+    return (
+        f'<div class="sample {verdict}"><div class="meta">step {sample["step"]} · '
+        f"reward {sample['reward']:.3f} · advantage {sample['advantage']:+.3f} · {verdict}"
+        f'</div><div class="prompt"><b>student saw</b> {html.escape(sample["prompt"])}</div>'
+        f'<details class="ref"><summary><b>teacher also saw</b> (privileged context; '
+        f"reference answer {html.escape(str(sample.get('answer', '')))})</summary>"
+        f"{html.escape(str(context))}</details>"
+        f'<div class="tokens">{"".join(spans)}</div></div>'
+    )
 
 
 LABELS = {"credit_multiplier": "teacher weight m_t", "token_advantage": "final advantage A_t"}
@@ -108,14 +113,14 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     completes it (the others are empty, drawn as a thin block)."""
     pieces, previous = [], ""
     for i in range(len(ids)):
-        text = tokenizer.decode(ids[:i + 1], skip_special_tokens=False)
+        text = tokenizer.decode(ids[: i + 1], skip_special_tokens=False)
         if not text.startswith(previous):  # the tokenizer rewrote the prefix: fall back
             pieces.append(tokenizer.decode([ids[i]], skip_special_tokens=False))
             previous = text
         elif text.endswith("\ufffd"):  # an unfinished character: wait for its last byte
             pieces.append("")
         else:
-            pieces.append(text[len(previous):])
+            pieces.append(text[len(previous) :])
             previous = text
     return pieces
 
@@ -127,7 +132,8 @@ h1{font-size:20px}h2{font-size:16px;margin-top:28px}
 .sample.correct{border-left:4px solid #16a34a}.sample.incorrect{border-left:4px solid #dc2626}
 .meta{font-size:12px;color:#555}.prompt,.ref{font-size:12px;margin:3px 0;white-space:pre-wrap}
 .tokens{font-family:ui-monospace,monospace;white-space:pre-wrap;margin-top:6px}
-.tok{border-radius:2px}.tok:empty{padding:0 2px}.legend span{padding:1px 6px;margin-right:6px;border-radius:2px}
+.tok{border-radius:2px}.tok:empty{padding:0 2px}
+.legend span{padding:1px 6px;margin-right:6px;border-radius:2px}
 .legend label{margin-right:10px}details.ref summary{cursor:pointer}
 pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px}
 """
@@ -138,14 +144,18 @@ def legend_html(scales: dict[str, tuple[float, float]], key: str) -> str:
     centre, span = scales[key]
     switch = "".join(
         f'<label><input type="radio" name="colour" value="{ATTR[name]}"'
-        f'{" checked" if name == key else ""}> {LABELS[name]}</label> ' for name in scales)
-    return (f'<p class="legend">{"colour by: " + switch if len(scales) > 1 else ""}'
-            f'<span style="background:{token_color(centre + span, centre, span)}">larger share'
-            f'</span><span style="background:{token_color(centre - span, centre, span)}">smaller '
-            f'share</span><span id="scale">{scale_text(key, centre, span)}</span><br>'
-            f'<small>m_t: a token\'s share of its completion\'s update (more credit in a correct '
-            f'completion, more blame in an incorrect one); A_t: the signed push on the token '
-            f'(green up, red down).</small></p>')
+        f"{' checked' if name == key else ''}> {LABELS[name]}</label> "
+        for name in scales
+    )
+    return (
+        f'<p class="legend">{"colour by: " + switch if len(scales) > 1 else ""}'
+        f'<span style="background:{token_color(centre + span, centre, span)}">larger share'
+        f'</span><span style="background:{token_color(centre - span, centre, span)}">smaller '
+        f'share</span><span id="scale">{scale_text(key, centre, span)}</span><br>'
+        f"<small>m_t: a token's share of its completion's update (more credit in a correct "
+        f"completion, more blame in an incorrect one); A_t: the signed push on the token "
+        f"(green up, red down).</small></p>"
+    )
 
 
 def scale_text(key: str, centre: float, span: float) -> str:
@@ -164,25 +174,34 @@ def write_report(run_dir: Path, tokenizer: Any = None) -> Path:
 
         from ..models import resolve_model_path
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name),
-                                                  local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model_path(cfg.model.name), local_files_only=True
+        )
     picked = pick_samples(samples, key)
     scales = credit_scales(cfg, picked)
-    maps = "".join(heatmap_html(s, token_pieces(tokenizer, s["token_ids"]), scales, key)
-                   for s in picked) or "<p>No logged completion carries per-token credit.</p>"
+    maps = (
+        "".join(
+            heatmap_html(s, token_pieces(tokenizer, s["token_ids"]), scales, key) for s in picked
+        )
+        or "<p>No logged completion carries per-token credit.</p>"
+    )
     for_js = {ATTR[k]: [c, w, scale_text(k, c, w)] for k, (c, w) in scales.items()}
     last = rows[-1] if rows else {}
-    summary = json.dumps({k: last[k] for k in ("step", "reward/mean", "reward/accuracy")
-                          if k in last})
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rlsd report: "
-            f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>"
-            f"<h1>{html.escape(run_dir.name)} · {cfg.algorithm.name}</h1>"
-            f"<p>{len(rows)} steps; last: {html.escape(summary)}</p>"
-            f"<h2>Learning curves</h2>"
-            + (f'<img alt="learning curves" src="{curves_png(rows)}">' if rows else "")
-            + f"<h2 id=\"heatmap\">What the teacher did to each token</h2>{legend_html(scales, key)}{maps}"
-            f"<h2>Config</h2><pre>{html.escape(to_yaml(cfg))}</pre>"
-            f"<script>var SCALES = {json.dumps(for_js)};{SCRIPT}</script></body></html>")
+    summary = json.dumps(
+        {k: last[k] for k in ("step", "reward/mean", "reward/accuracy") if k in last}
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>rlsd report: "
+        f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{html.escape(run_dir.name)} · {cfg.algorithm.name}</h1>"
+        f"<p>{len(rows)} steps; last: {html.escape(summary)}</p>"
+        f"<h2>Learning curves</h2>"
+        + (f'<img alt="learning curves" src="{curves_png(rows)}">' if rows else "")
+        + '<h2 id="heatmap">What the teacher did to each token</h2>'
+        + f"{legend_html(scales, key)}{maps}"
+        f"<h2>Config</h2><pre>{html.escape(to_yaml(cfg))}</pre>"
+        f"<script>var SCALES = {json.dumps(for_js)};{SCRIPT}</script></body></html>"
+    )
     out = run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out

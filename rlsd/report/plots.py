@@ -57,15 +57,17 @@ def curves_png(rows: list[dict]) -> str:
     """All panels that have data, in one PNG, as a base64 data URI."""
     import matplotlib.pyplot as plt
 
-    panels = [(t, [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)])
-              for t, keys in PANELS]
+    panels = [
+        (t, [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)])
+        for t, keys in PANELS
+    ]
     panels = [(t, keys) for t, keys in panels if keys]
     fig, axes = panel_grid(len(panels), 3, 4.2, 2.8)
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             steps, values = zip(*points)
-            line, = ax.plot(steps, values, alpha=0.35, linewidth=1)
+            (line,) = ax.plot(steps, values, alpha=0.35, linewidth=1)
             ax.plot(steps, moving_average(list(values)), color=line.get_color(), label=key)
         label_panel(ax, title)
     fig.tight_layout()

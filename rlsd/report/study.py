@@ -2,7 +2,7 @@
 95 % percentile bootstrap intervals (seeds and items resampled together; the difference to the
 reference arm pairs the items), steps and seconds to the reference arm's final accuracy, area
 under the curve, speed, memory, the leakage check and the teacher's credit diagnostics; written as
-JSON, a markdown table and PNG plots."""
+JSON, a markdown page (`study_markdown.py`) and PNG plots."""
 
 from __future__ import annotations
 
@@ -17,13 +17,20 @@ from typing import Any
 from ..study import Cell, Study, eval_path, finished, grid, run_dir
 from ..tracking import read_jsonl, write_atomic
 from .compare import FINAL_WINDOW, final_value, load_run, write_compare
+from .study_markdown import GROUPS, summary_markdown
 from .study_plots import ablations_png, accuracy_png, diagnostics_png
 
 OPENER = re.compile(r"^(the\s+)?(final\s+)?answer(\s+is)?\s*[:=]?\s*", re.IGNORECASE)
-GROUPS = ("correct", "incorrect", "answer_tokens", "other_tokens")  # of the credit diagnostics
-DIAGNOSTICS = ("teacher/kl", "rlsd/clip_low_frac", "rlsd/clip_high_frac",
-               *(f"rlsd/{stat}_{group}" for group in GROUPS
-                 for stat in ("delta_mean", "delta_std", "clip_low_frac", "clip_high_frac")))
+DIAGNOSTICS = (
+    "teacher/kl",
+    "rlsd/clip_low_frac",
+    "rlsd/clip_high_frac",
+    *(
+        f"rlsd/{stat}_{group}"
+        for group in GROUPS
+        for stat in ("delta_mean", "delta_std", "clip_low_frac", "clip_high_frac")
+    ),
+)
 # the teacher template's own words, absent from the student's prompt: a completion using them
 # (down to OPSD's collapse into "solution solution ...") behaves as if it had seen that prompt
 ECHO = re.compile(r"\b(reference|solution)s?\b|\bin (your|my) own way", re.IGNORECASE)
@@ -49,8 +56,9 @@ def _interval(center: float, stats: list[float]) -> tuple[float, float, float]:
     return center, stats[int(0.025 * (count - 1))], stats[math.ceil(0.975 * (count - 1))]
 
 
-def bootstrap(matrix: list[list[float]], samples: int = 2000, seed: int = 0
-              ) -> tuple[float, float, float]:
+def bootstrap(
+    matrix: list[list[float]], samples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, 2.5th, 97.5th percentile) of the mean of a seeds x items 0/1 matrix, resampling
     seeds and items with replacement."""
     rng = random.Random(seed)
@@ -63,8 +71,9 @@ def bootstrap(matrix: list[list[float]], samples: int = 2000, seed: int = 0
     return _interval(matrix_mean(matrix), stats)
 
 
-def bootstrap_difference(a: list[list[float]], b: list[list[float]], samples: int = 2000,
-                         seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_difference(
+    a: list[list[float]], b: list[list[float]], samples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean(a) - mean(b), 2.5th, 97.5th percentile) for two arms' seeds x items 0/1 matrices on
     the same held-out items: the items are resampled together (paired), each arm's seeds on
     their own (different runs)."""
@@ -96,12 +105,16 @@ def leakage(completion: str, answer: str) -> dict[str, bool]:
 
 def finished_cells(study: Study, task: str, arm: str | None = None) -> list[Cell]:
     """The finished runs of a task (of one arm when given), in grid order."""
-    return [c for c in grid(study) if c.task == task and (arm is None or c.arm == arm)
-            and finished(study, c)]
+    return [
+        c
+        for c in grid(study)
+        if c.task == task and (arm is None or c.arm == arm) and finished(study, c)
+    ]
 
 
-def arm_evals(study: Study, task: str, arm: str, seeds: list[int] | None = None
-              ) -> dict[int, list[list[float]]]:
+def arm_evals(
+    study: Study, task: str, arm: str, seeds: list[int] | None = None
+) -> dict[int, list[list[float]]]:
     """eval step -> seeds x items matrix of greedy correctness over the arm's finished runs (of
     `seeds` only, when given; a run still in progress is left out; step 0: the base model, the
     same for every seed)."""
@@ -136,15 +149,20 @@ def diagnostics(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str,
     over steps and runs, and its mean over runs at every step (for the plot). Runs that did
     not log a key are left out of its means, and so are a step's correct (incorrect) group
     values when none of its completions was correct (incorrect): older runs logged 0.0 there."""
+
     def empty(row: dict[str, Any], key: str) -> bool:
         accuracy = row.get("reward/accuracy")
-        return (key.endswith("_correct") and accuracy == 0) or \
-            (key.endswith("_incorrect") and accuracy == 1)
+        return (key.endswith("_correct") and accuracy == 0) or (
+            key.endswith("_incorrect") and accuracy == 1
+        )
 
     means, curves = {}, {}
     for key in DIAGNOSTICS:
-        values = [(r["step"], r[key]) for r in rows
-                  if isinstance(r.get(key), (int, float)) and not empty(r, key)]
+        values = [
+            (r["step"], r[key])
+            for r in rows
+            if isinstance(r.get(key), (int, float)) and not empty(r, key)
+        ]
         if values:
             means[key] = statistics.mean(v for _, v in values)
             by_step: dict[int, list[float]] = {}
@@ -158,12 +176,14 @@ def run_peak_mb(rows: list[dict[str, Any]]) -> float | None:
     """The largest peak memory that runs measured for themselves. A study trains many runs in
     one process: rows scoped to the "process" (CPU outside Linux), or without a scope (logged
     before rlsd reset the peak at each run's start), may hold an earlier run's peak."""
-    return max((r["perf/peak_mem_mb"] for r in rows if r.get("perf/peak_mem_scope") == "run"),
-               default=None)
+    return max(
+        (r["perf/peak_mem_mb"] for r in rows if r.get("perf/peak_mem_scope") == "run"), default=None
+    )
 
 
-def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[list[float]]]
-                ) -> dict[str, Any]:
+def arm_summary(
+    study: Study, task: str, arm: str, reference: dict[int, list[list[float]]]
+) -> dict[str, Any]:
     """One arm of one task, over its finished runs: bootstrap curve, final and best accuracy,
     the final difference to the reference arm (paired over items), area under the curve, steps
     and seconds to the reference arm's final accuracy, speed, memory, leakage of its last
@@ -180,15 +200,21 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
     mean = [curve[s][0] for s in steps]
     reach = next((s for s, m in zip(steps, mean) if target is not None and m >= target), None)
     step_s = [r["perf/step_seconds"] for r in rows if "perf/step_seconds" in r]
-    leaks = [leakage(c, a) for p in runs if (p / "evals.jsonl").is_file()
-             for e in read_jsonl(p / "evals.jsonl")[-1:]
-             for c, a in zip(e["completions"], e["answers"])]
+    leaks = [
+        leakage(c, a)
+        for p in runs
+        if (p / "evals.jsonl").is_file()
+        for e in read_jsonl(p / "evals.jsonl")[-1:]
+        for c, a in zip(e["completions"], e["answers"])
+    ]
 
     pass_k, sampled = arm_pass_k(study, task, arm)
     diag, diag_curves = diagnostics(rows)
     best = max(steps[1:], key=lambda s: curve[s][0], default=None)  # after step 0
     return {
-        "runs": len(runs), "planned": planned, "curve": {s: list(curve[s]) for s in steps},
+        "runs": len(runs),
+        "planned": planned,
+        "curve": {s: list(curve[s]) for s in steps},
         "final": list(curve[steps[-1]]) if steps else None,
         "best": [best, curve[best][0]] if best is not None else None,
         "vs_reference": list(bootstrap_difference(evals[steps[-1]], reference[last]))
@@ -198,14 +224,19 @@ def arm_summary(study: Study, task: str, arm: str, reference: dict[int, list[lis
         "steps_to_target": reach,
         "seconds_to_target": statistics.mean(
             sum(r["perf/step_seconds"] for r in run_rows if r["step"] <= reach)
-            for run_rows in per_run) if reach and per_run else None,
+            for run_rows in per_run
+        )
+        if reach and per_run
+        else None,
         "seconds_per_step": statistics.median(step_s) if step_s else None,
         "peak_mem_mb": run_peak_mb(rows),
         "leak_echo": statistics.mean(x["echo"] for x in leaks) if leaks else None,
         "leak_answer_first": statistics.mean(x["answer_first"] for x in leaks) if leaks else None,
-        "pass_k": list(bootstrap(pass_k)) if pass_k else None, "pass_k_runs": len(pass_k),
+        "pass_k": list(bootstrap(pass_k)) if pass_k else None,
+        "pass_k_runs": len(pass_k),
         "sampled_pass1": list(bootstrap(sampled)) if sampled else None,
-        "diagnostics": diag, "diagnostics_curves": diag_curves,
+        "diagnostics": diag,
+        "diagnostics_curves": diag_curves,
         "eval_items": len(evals[steps[-1]][0]) if steps else 0,
     }
 
@@ -217,12 +248,17 @@ def curve_auc(evals: dict[int, list[list[float]]]) -> float | None:
     mean = [matrix_mean(evals[s]) for s in steps]
     if len(steps) < 2:
         return None
-    return (sum((a + b) / 2 * (t - s) for s, t, a, b in zip(steps, steps[1:], mean, mean[1:]))
-            / (steps[-1] - steps[0]))
+    return sum((a + b) / 2 * (t - s) for s, t, a, b in zip(steps, steps[1:], mean, mean[1:])) / (
+        steps[-1] - steps[0]
+    )
 
 
-def ablation_summary(mine: dict[int, list[list[float]]], runs: dict[int, list[list[float]]],
-                     paired: dict[int, list[list[float]]], against: str) -> dict[str, Any] | None:
+def ablation_summary(
+    mine: dict[int, list[list[float]]],
+    runs: dict[int, list[list[float]]],
+    paired: dict[int, list[list[float]]],
+    against: str,
+) -> dict[str, Any] | None:
     """An ablation's evaluations (`mine`) against the reference arm's run at the same seed
     (`paired`: the same data order and held-out items, so the difference pairs the items): that
     run's final accuracy, AUC and curve, the final difference with its 95 % interval (items
@@ -231,10 +267,15 @@ def ablation_summary(mine: dict[int, list[list[float]]], runs: dict[int, list[li
     if not mine or not paired or max(mine) != max(paired):
         return None
     finals = [statistics.mean(run) for run in runs[max(runs)]]
-    return {"against": against, "final": final_mean(paired), "auc": curve_auc(paired),
-            "seed_spread": max(finals) - min(finals), "seeds": len(finals),
-            "curve": {step: matrix_mean(m) for step, m in sorted(paired.items())},
-            "difference": list(bootstrap_difference(mine[max(mine)], paired[max(paired)]))}
+    return {
+        "against": against,
+        "final": final_mean(paired),
+        "auc": curve_auc(paired),
+        "seed_spread": max(finals) - min(finals),
+        "seeds": len(finals),
+        "curve": {step: matrix_mean(m) for step, m in sorted(paired.items())},
+        "difference": list(bootstrap_difference(mine[max(mine)], paired[max(paired)])),
+    }
 
 
 def training_curves(study: Study, task: str) -> None:
@@ -243,11 +284,17 @@ def training_curves(study: Study, task: str) -> None:
     cells = finished_cells(study, task)
     if not cells:
         return
-    finals = [final_value(load_run(run_dir(study, c)), "reward/accuracy", FINAL_WINDOW)
-              for c in cells if c.arm == study.reference_arm]
+    finals = [
+        final_value(load_run(run_dir(study, c)), "reward/accuracy", FINAL_WINDOW)
+        for c in cells
+        if c.arm == study.reference_arm
+    ]
     finals = [f for f in finals if f is not None]
-    write_compare([run_dir(study, c) for c in cells], study.out / f"compare-{task}",
-                  statistics.mean(finals) if finals else None)
+    write_compare(
+        [run_dir(study, c) for c in cells],
+        study.out / f"compare-{task}",
+        statistics.mean(finals) if finals else None,
+    )
 
 
 def constant_answer(study: Study, task: str) -> tuple[str, float] | None:
@@ -266,14 +313,18 @@ def constant_answer(study: Study, task: str) -> tuple[str, float] | None:
 def base_accuracy(study: Study, task: str) -> dict[str, Any]:
     """The untrained model's greedy pass@1 and (with pass_k) pass@k on the task, and the
     constant-answer baseline."""
-    out: dict[str, Any] = {"greedy": None, "pass_k": None,
-                           "constant_answer": constant_answer(study, task)}
+    out: dict[str, Any] = {
+        "greedy": None,
+        "pass_k": None,
+        "constant_answer": constant_answer(study, task),
+    }
     greedy, sampled = eval_path(study, task), eval_path(study, task, sampled=True)
     if greedy.is_file():
         out["greedy"] = statistics.mean(map(float, json.loads(greedy.read_text())["correct"]))
     if sampled.is_file():
-        out["pass_k"] = statistics.mean(float(c > 0) for c in
-                                        json.loads(sampled.read_text())["correct"])
+        out["pass_k"] = statistics.mean(
+            float(c > 0) for c in json.loads(sampled.read_text())["correct"]
+        )
     return out
 
 
@@ -285,163 +336,36 @@ def summarize(study: Study) -> dict[str, Any]:
     result: dict[str, Any] = {"study": str(study.path), "tasks": {}}
     for task in study.tasks:
         reference = arm_evals(study, task, study.reference_arm)
-        names = [*study.arms, *(study.ablations if study.ablation_tasks is None
-                                or task in study.ablation_tasks else [])]
+        names = [
+            *study.arms,
+            *(
+                study.ablations
+                if study.ablation_tasks is None or task in study.ablation_tasks
+                else []
+            ),
+        ]
         arms = {arm: arm_summary(study, task, arm, reference) for arm in names}
         base = study.ablation_reference
         if base:  # its runs read once per task, not once per ablation
-            runs, paired = arm_evals(study, task, base), arm_evals(study, task, base,
-                                                                   study.seeds[:1])
+            runs, paired = (
+                arm_evals(study, task, base),
+                arm_evals(study, task, base, study.seeds[:1]),
+            )
             for arm in (a for a in names if a in study.ablations):
                 arms[arm]["vs_ablation_reference"] = ablation_summary(
-                    arm_evals(study, task, arm), runs, paired, f"{base}-seed{study.seeds[0]}")
-        result["tasks"][task] = {"target": final_mean(reference),
-                                 "base": base_accuracy(study, task), "arms": arms}
-        accuracy_png({arm: arms[arm] for arm in study.arms}, study.out / f"accuracy-{task}.png",
-                     task)
+                    arm_evals(study, task, arm), runs, paired, f"{base}-seed{study.seeds[0]}"
+                )
+        result["tasks"][task] = {
+            "target": final_mean(reference),
+            "base": base_accuracy(study, task),
+            "arms": arms,
+        }
+        accuracy_png(
+            {arm: arms[arm] for arm in study.arms}, study.out / f"accuracy-{task}.png", task
+        )
         ablations_png(arms, study.out / f"ablations-{task}.png", task)
         diagnostics_png(arms, study.out / f"diagnostics-{task}.png", task)
         training_curves(study, task)
     write_atomic(study.out / "summary.json", json.dumps(result, indent=1))
     write_atomic(study.out / "summary.md", summary_markdown(study, result))
     return result
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
-def _ci(value: list[float] | None) -> str:
-    return "-" if not value else f"{_pct(value[0])} [{_pct(value[1])}, {_pct(value[2])}]"
-
-
-def _diff(value: list[float] | None) -> str:
-    return "-" if value is None else (f"{100 * value[0]:+.1f} [{100 * value[1]:+.1f}, "
-                                      f"{100 * value[2]:+.1f}]")
-
-
-def summary_row(arm: str, a: dict[str, Any], pass_k: int) -> str:
-    best = f"{_pct(a['best'][1])} ({a['best'][0]})" if a["best"] else "-"
-    versus = "(reference)" if a["runs"] and a["vs_reference"] is None else _diff(a["vs_reference"])
-    cells = [arm, f"{a['runs']}/{a['planned']}", _ci(a["final"]), versus,
-             best, _pct(a["auc"]),
-             "-" if a["steps_to_target"] is None else str(a["steps_to_target"]),
-             "-" if a["seconds_to_target"] is None else str(round(a["seconds_to_target"])),
-             "-" if a["seconds_per_step"] is None else str(round(a["seconds_per_step"], 1)),
-             "-" if not a["peak_mem_mb"] else str(round(a["peak_mem_mb"])),
-             _pct(a["leak_echo"]), _pct(a["leak_answer_first"])]
-    if pass_k:
-        cells[3:3] = [_ci(a["pass_k"]) + (f" (n={a['pass_k_runs']})" if a["pass_k"] else "")]
-    return "| " + " | ".join(cells) + " |"
-
-
-def _delta(d: dict[str, float], group: str) -> str:
-    mean, std = d.get(f"rlsd/delta_mean_{group}"), d.get(f"rlsd/delta_std_{group}")
-    if mean is None:
-        return "-"
-    return f"{mean:+.3f}" + ("" if std is None else f" ± {std:.3f}")
-
-
-def _clips(d: dict[str, float], group: str) -> str:
-    low, high = d.get(f"rlsd/clip_low_frac_{group}"), d.get(f"rlsd/clip_high_frac_{group}")
-    return "-" if low is None else f"{_pct(low)} / {_pct(high)}"
-
-
-def diagnostics_rows(arms: dict[str, dict]) -> list[str]:
-    """The credit diagnostics table of the arms that have a teacher."""
-    names = [g.replace("_", " ") for g in GROUPS]
-    rows = ["| arm | teacher KL | " + " | ".join(f"Delta {g}" for g in names) + " | "
-            + " | ".join(f"clipped low / high % {g}" for g in names) + " |",
-            "|" + "---|" * (2 + 2 * len(GROUPS))]
-    for arm, a in arms.items():
-        d = a["diagnostics"]
-        if "teacher/kl" in d:
-            kl = f"{d['teacher/kl']:.3f}"
-            rows.append(f"| {arm} | {kl} | " + " | ".join(_delta(d, g) for g in GROUPS) + " | "
-                        + " | ".join(_clips(d, g) for g in GROUPS) + " |")
-    return rows if len(rows) > 2 else []
-
-
-def _changes(overrides: dict[str, Any], width: int = 40) -> str:
-    """An ablation's overrides as `key=value` for one table cell: the algorithm's name left out,
-    whitespace runs (a template's newlines) as one space, values over `width` characters cut."""
-    values = {k: " ".join(str(v).split()) for k, v in overrides.items() if k != "algorithm.name"}
-    text = [f"{k}={v}" if len(v) <= width else f"{k}={v[:width - 3]}..."
-            for k, v in values.items()]
-    return ", ".join(text).replace("|", "/") or "-"
-
-
-def ablation_rows(study: Study, arms: dict[str, dict], task: str) -> list[str]:
-    """The ablations against the `ablation_reference` arm at the same seed (finished pairs)."""
-    pairs = [(arm, a["vs_ablation_reference"]) for arm, a in arms.items()
-             if a.get("vs_ablation_reference")]
-    if not pairs:
-        return []
-    first = pairs[0][1]
-    against = first["against"]
-    spread = (f" The interval covers the items only, not the runs' own randomness: the "
-              f"{first['seeds']} seeds of {study.ablation_reference} end "
-              f"{_pct(first['seed_spread'])} points apart." if first["seeds"] > 1 else "")
-    rows = [f"Ablations against {against} (the same seed, data order and held-out items; the "
-            "difference pairs the items, so it is the change the ablation made on this seed, "
-            f"not across seeds).{spread}", "", f"![ablations](ablations-{task}.png)", "",
-            f"| ablation | changes | final pass@1 [95 % CI] | {against} | difference [95 % CI] "
-            f"| AUC | AUC of {against} |", "|" + "---|" * 7]
-    for arm, vs in pairs:
-        rows.append(f"| {arm} | {_changes(study.ablations[arm])} | {_ci(arms[arm]['final'])} | "
-                    f"{_pct(vs['final'])} | {_diff(vs['difference'])} | "
-                    f"{_pct(arms[arm]['auc'])} | {_pct(vs['auc'])} |")
-    return rows
-
-
-def _constant(base: dict[str, Any]) -> str:
-    if not base.get("constant_answer"):
-        return ""
-    answer, share = base["constant_answer"]
-    return (f" Always answering {answer!r}, the most frequent held-out answer, would score "
-            f"{_pct(share)} %.")
-
-
-def summary_markdown(study: Study, result: dict[str, Any]) -> str:
-    k = study.pass_k
-    lines = [f"# Study `{study.path}`", "",
-             f"Made by `rlsd study {study.path}` (rerun it to continue or reproduce the study; "
-             "`--summarize` rebuilds this page from the finished runs).", "",
-             "Finished runs only. Held-out greedy pass@1 (%) on the same "
-             f"{study.eval_items} items for every arm, with 95 % bootstrap intervals over seeds "
-             f"and items; *vs {study.reference_arm}*: the final difference in points, items "
-             "resampled in pairs; *best*: the highest evaluation after step 0 and its step (an "
-             "optimistic pick); *target*: the "
-             f"{study.reference_arm} arm's final accuracy; echo / answer-first: the leakage "
-             "check on the last evaluation's completions; *peak MB*: the largest of the runs' "
-             "own peaks (resident set on CPU, allocated on CUDA), runs that could only log the "
-             "study process's peak (before rlsd measured per run, or on CPU outside Linux) "
-             "left out.", ""]
-    if k:
-        lines += [f"*pass@{k}*: {k} samples per item at the rollout temperature from the final "
-                  f"checkpoint, on the first {study.pass_k_items or study.eval_items} held-out "
-                  "items (n: runs with it).", ""]
-    lines += ["Credit diagnostics: means over every step of every run that logged them; Delta = "
-              "log P_teacher - log P_student per completion token (mean ± the within-step std), "
-              "*clipped*: RLSD weights exp(sign(A) Delta) outside [1 - eps_w, 1 + eps_w].", ""]
-    for task, part in result["tasks"].items():
-        base = part.get("base", {})
-        head = ["arm", "runs", "final pass@1 [95 % CI]", f"vs {study.reference_arm}",
-                "best (step)", "AUC", "steps to target", "s to target", "s/step", "peak MB",
-                "echo %", "answer-first %"]
-        if k:
-            head[3:3] = [f"pass@{k} [95 % CI]"]
-        lines += [f"## {task}", "", f"![accuracy](accuracy-{task}.png)", "",
-                  f"Training curves of every run: [compare-{task}](compare-{task}/compare.md).", "",
-                  f"Base model: greedy pass@1 {_pct(base.get('greedy'))} %"
-                  + (f", pass@{k} {_pct(base.get('pass_k'))} %" if k else "")
-                  + f". Target: {_pct(part['target'])} %." + _constant(base), "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += [summary_row(arm, a, k) for arm, a in part["arms"].items()]
-        ablations = ablation_rows(study, part["arms"], task)
-        lines += ["", *ablations] if ablations else []
-        table = diagnostics_rows(part["arms"])
-        if table:
-            lines += ["", f"![diagnostics](diagnostics-{task}.png)", "", *table]
-        lines.append("")
-    return "\n".join(lines) + "\n"

@@ -28,10 +28,9 @@ def accuracy_png(arms: dict[str, dict], out: Path, task: str) -> None:
         if not steps:
             continue
         mean, low, high = zip(*(a["curve"][s] for s in a["curve"]))
-        line, = ax.plot(steps, mean, marker="o", label=f"{arm} (n={a['runs']})")
+        (line,) = ax.plot(steps, mean, marker="o", label=f"{arm} (n={a['runs']})")
         ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
-    ax.set(title=f"{task}: held-out greedy pass@1 (95 % bootstrap)", xlabel="step",
-           ylabel="pass@1")
+    ax.set(title=f"{task}: held-out greedy pass@1 (95 % bootstrap)", xlabel="step", ylabel="pass@1")
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -48,11 +47,17 @@ def ablations_png(arms: dict[str, dict], out: Path, task: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     reference = next(iter(shown.values()))["vs_ablation_reference"]
-    ax.plot([int(s) for s in reference["curve"]], list(reference["curve"].values()), "k--",
-            marker="o", label=reference["against"])
+    ax.plot(
+        [int(s) for s in reference["curve"]],
+        list(reference["curve"].values()),
+        "k--",
+        marker="o",
+        label=reference["against"],
+    )
     for arm, a in shown.items():
-        ax.plot([int(s) for s in a["curve"]], [v[0] for v in a["curve"].values()], marker=".",
-                label=arm)
+        ax.plot(
+            [int(s) for s in a["curve"]], [v[0] for v in a["curve"].values()], marker=".", label=arm
+        )
     ax.set(title=f"{task}: ablations, held-out greedy pass@1", xlabel="step", ylabel="pass@1")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -60,14 +65,24 @@ def ablations_png(arms: dict[str, dict], out: Path, task: str) -> None:
     plt.close(fig)
 
 
-PANELS = [("Delta: correct (solid) vs incorrect", "rlsd/delta_mean_correct",
-           "rlsd/delta_mean_incorrect"),
-          ("Delta: answer tokens (solid) vs other", "rlsd/delta_mean_answer_tokens",
-           "rlsd/delta_mean_other_tokens"),
-          ("RLSD weights clipped low: correct vs incorrect", "rlsd/clip_low_frac_correct",
-           "rlsd/clip_low_frac_incorrect"),
-          ("RLSD weights clipped high: correct vs incorrect", "rlsd/clip_high_frac_correct",
-           "rlsd/clip_high_frac_incorrect")]
+PANELS = [
+    ("Delta: correct (solid) vs incorrect", "rlsd/delta_mean_correct", "rlsd/delta_mean_incorrect"),
+    (
+        "Delta: answer tokens (solid) vs other",
+        "rlsd/delta_mean_answer_tokens",
+        "rlsd/delta_mean_other_tokens",
+    ),
+    (
+        "RLSD weights clipped low: correct vs incorrect",
+        "rlsd/clip_low_frac_correct",
+        "rlsd/clip_low_frac_incorrect",
+    ),
+    (
+        "RLSD weights clipped high: correct vs incorrect",
+        "rlsd/clip_high_frac_correct",
+        "rlsd/clip_high_frac_incorrect",
+    ),
+]
 
 
 def diagnostics_png(arms: dict[str, dict], out: Path, task: str) -> None:
@@ -83,8 +98,13 @@ def diagnostics_png(arms: dict[str, dict], out: Path, task: str) -> None:
         for i, (arm, curves) in enumerate(shown.items()):
             drawn = [(key, style) for key, style in ((solid, "-"), (dashed, "--")) if key in curves]
             for j, (key, style) in enumerate(drawn):  # the arm's name on its first line
-                ax.plot([int(s) for s in curves[key]], moving_average(list(curves[key].values())),
-                        style, color=colours[i % len(colours)], label=None if j else arm)
+                ax.plot(
+                    [int(s) for s in curves[key]],
+                    moving_average(list(curves[key].values())),
+                    style,
+                    color=colours[i % len(colours)],
+                    label=None if j else arm,
+                )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         if ax.lines:

@@ -7,5 +7,12 @@ weighted verifiers, and reports each verifier's mean and how many items it could
 from .builtin import BUILTIN, extract_after_marker, extract_answer, extract_last_number
 from .combine import RewardFn, build_reward, load_callable
 
-__all__ = ["BUILTIN", "RewardFn", "build_reward", "extract_after_marker", "extract_answer",
-           "extract_last_number", "load_callable"]
+__all__ = [
+    "BUILTIN",
+    "RewardFn",
+    "build_reward",
+    "extract_after_marker",
+    "extract_answer",
+    "extract_last_number",
+    "load_callable",
+]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 _NUMBER = re.compile(r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?|[-+−]?\.\d+%?")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -29,7 +30,7 @@ def extract_after_marker(text: str, marker: str) -> str | None:
     pos = text.rfind(marker)
     if pos < 0:
         return None
-    tail = text[pos + len(marker):].strip().splitlines()
+    tail = text[pos + len(marker) :].strip().splitlines()
     return strip_markup(tail[0]) if tail else ""
 
 
@@ -42,7 +43,7 @@ def extract_boxed(text: str) -> str | None:
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1:j].strip()
+            return text[i + 1 : j].strip()
     return None  # unbalanced
 
 
@@ -96,8 +97,13 @@ def parse_number(text: str) -> Fraction | None:
     return value / 100 if percent else value
 
 
-def _judge_each(completions: list[str], answer: list[str], extract: str, marker: str,
-                judge: Callable[[str, str], bool]) -> list[float]:
+def _judge_each(
+    completions: list[str],
+    answer: list[str],
+    extract: str,
+    marker: str,
+    judge: Callable[[str, str], bool],
+) -> list[float]:
     """1.0 where judge(extracted answer, reference) holds, 0.0 elsewhere or when nothing could
     be extracted."""
     out = []
@@ -107,16 +113,30 @@ def _judge_each(completions: list[str], answer: list[str], extract: str, marker:
     return out
 
 
-def exact(prompts: list[str], completions: list[str], answer: list[str],
-          extract: str = "marker", marker: str = "Answer:", **_: Any) -> list[float]:
+def exact(
+    prompts: list[str],
+    completions: list[str],
+    answer: list[str],
+    extract: str = "marker",
+    marker: str = "Answer:",
+    **_: Any,
+) -> list[float]:
     """1.0 when the normalised extracted answer equals the normalised reference."""
-    return _judge_each(completions, answer, extract, marker,
-                       lambda got, gold: normalise(got) == normalise(gold))
+    return _judge_each(
+        completions, answer, extract, marker, lambda got, gold: normalise(got) == normalise(gold)
+    )
 
 
-def numeric(prompts: list[str], completions: list[str], answer: list[str],
-            extract: str = "marker", marker: str = "Answer:", tolerance: float = 1e-6,
-            rel_tolerance: float = 0.0, **_: Any) -> list[float | None]:
+def numeric(
+    prompts: list[str],
+    completions: list[str],
+    answer: list[str],
+    extract: str = "marker",
+    marker: str = "Answer:",
+    tolerance: float = 1e-6,
+    rel_tolerance: float = 0.0,
+    **_: Any,
+) -> list[float | None]:
     """1.0 when the last number of the extracted answer equals the reference within
     max(tolerance, rel_tolerance * |reference|). None when the reference is not a number."""
     out: list[float | None] = []
@@ -132,8 +152,14 @@ def numeric(prompts: list[str], completions: list[str], answer: list[str],
     return out
 
 
-def math(prompts: list[str], completions: list[str], answer: list[str],
-         extract: str = "marker", marker: str = "Answer:", **_: Any) -> list[float]:
+def math(
+    prompts: list[str],
+    completions: list[str],
+    answer: list[str],
+    extract: str = "marker",
+    marker: str = "Answer:",
+    **_: Any,
+) -> list[float]:
     """1.0 when math-verify finds the extracted answer equivalent to the reference (LaTeX,
     fractions, sets, intervals, boxed answers). Runs without math-verify's own signal-based
     timeout (it only works in the main thread): the verifier runner enforces the time limit."""
@@ -147,14 +173,23 @@ def math(prompts: list[str], completions: list[str], answer: list[str],
     def equivalent(got: str, gold: str) -> bool:
         gold_parsed = parse(wrap(gold), parsing_timeout=None)
         got_parsed = parse(wrap(got), parsing_timeout=None)
-        return bool(gold_parsed) and bool(got_parsed) and \
-            verify(gold_parsed, got_parsed, timeout_seconds=None)
+        return (
+            bool(gold_parsed)
+            and bool(got_parsed)
+            and verify(gold_parsed, got_parsed, timeout_seconds=None)
+        )
 
     return _judge_each(completions, answer, extract, marker, equivalent)
 
 
-def choice(prompts: list[str], completions: list[str], answer: list[str],
-           extract: str = "marker", marker: str = "Answer:", **_: Any) -> list[float]:
+def choice(
+    prompts: list[str],
+    completions: list[str],
+    answer: list[str],
+    extract: str = "marker",
+    marker: str = "Answer:",
+    **_: Any,
+) -> list[float]:
     """Multiple choice: 1.0 when the extracted answer names the reference option, by its letter
     ("B", "(b)", "B)", "Option B") or by its text."""
 
@@ -168,8 +203,14 @@ def choice(prompts: list[str], completions: list[str], answer: list[str],
     return _judge_each(completions, answer, extract, marker, same_option)
 
 
-def regex(prompts: list[str], completions: list[str], extract: str = "marker",
-          marker: str = "Answer:", pattern: str = "", **_: Any) -> list[float]:
+def regex(
+    prompts: list[str],
+    completions: list[str],
+    extract: str = "marker",
+    marker: str = "Answer:",
+    pattern: str = "",
+    **_: Any,
+) -> list[float]:
     """1.0 when the extracted answer fully matches `reward.pattern`."""
     compiled = re.compile(pattern)
     out = []
@@ -179,9 +220,15 @@ def regex(prompts: list[str], completions: list[str], extract: str = "marker",
     return out
 
 
-def answer_format(prompts: list[str], completions: list[str], extract: str = "marker",
-                  marker: str = "Answer:", format_think: bool = False,
-                  format_partial: bool = False, **_: Any) -> list[float]:
+def answer_format(
+    prompts: list[str],
+    completions: list[str],
+    extract: str = "marker",
+    marker: str = "Answer:",
+    format_think: bool = False,
+    format_partial: bool = False,
+    **_: Any,
+) -> list[float]:
     """Structure only. Checks: an answer can be extracted and is not empty (with extract=marker
     the marker line must also be the reply's last line); with `format_think`, a closed
     <think>...</think> span comes before the answer. All or nothing, or with `format_partial`
@@ -192,7 +239,7 @@ def answer_format(prompts: list[str], completions: list[str], extract: str = "ma
         if extract == "marker":
             lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
             last = lines[-1] if lines else ""
-            checks.append(last.startswith(marker) and bool(last[len(marker):].strip()))
+            checks.append(last.startswith(marker) and bool(last[len(marker) :].strip()))
         else:
             got = extract_answer(completion, extract, marker)
             checks.append(bool(got and got.strip()))
@@ -206,9 +253,14 @@ def answer_format(prompts: list[str], completions: list[str], extract: str = "ma
     return out
 
 
-def reasoning_gym_score(prompts: list[str], completions: list[str], metadata: list[dict],
-                        extract: str = "marker", marker: str = "Answer:",
-                        **_: Any) -> list[float | None]:
+def reasoning_gym_score(
+    prompts: list[str],
+    completions: list[str],
+    metadata: list[dict],
+    extract: str = "marker",
+    marker: str = "Answer:",
+    **_: Any,
+) -> list[float | None]:
     """The reasoning-gym task's own scorer on the extracted answer, as 0/1.
 
     reasoning-gym gives partial credit for substring matches; only a full score counts here.
@@ -256,15 +308,23 @@ def code_program(completion: str, meta: dict) -> str | None:
 
 def _fraction_program(code: str, tests: list[str], token: str) -> str:
     """Run each assert on its own and print the token with how many passed."""
-    return (f"{code}\n\n_rlsd_passed = 0\nfor _rlsd_test in {tests!r}:\n    try:\n"
-            f"        exec(_rlsd_test, globals())\n        _rlsd_passed += 1\n"
-            f"    except BaseException:\n        pass\n"
-            f"print({token!r}, _rlsd_passed, {len(tests)})\n")
+    return (
+        f"{code}\n\n_rlsd_passed = 0\nfor _rlsd_test in {tests!r}:\n    try:\n"
+        f"        exec(_rlsd_test, globals())\n        _rlsd_passed += 1\n"
+        f"    except BaseException:\n        pass\n"
+        f"print({token!r}, _rlsd_passed, {len(tests)})\n"
+    )
 
 
-def code(prompts: list[str], completions: list[str], metadata: list[dict],
-         code_timeout: float = 5.0, code_memory_mb: int = 1024, code_score: str = "all_pass",
-         **_: Any) -> list[float | None]:
+def code(
+    prompts: list[str],
+    completions: list[str],
+    metadata: list[dict],
+    code_timeout: float = 5.0,
+    code_memory_mb: int = 1024,
+    code_score: str = "all_pass",
+    **_: Any,
+) -> list[float | None]:
     """1.0 when the completion's code passes the record's tests in the sandbox (own temp dir, no
     network, CPU / wall-time / memory / output limits, process group killed on time-out), 0.0
     when it fails or exceeds a limit, None for records without tests. With
@@ -282,8 +342,11 @@ def code(prompts: list[str], completions: list[str], metadata: list[dict],
         # program must also print a fresh random token that only its last line knows.
         token = secrets.token_hex(16)
         tests = meta.get("tests")
-        fraction = code_score == "pass_fraction" and isinstance(tests, list) and \
-            not meta.get("entry_point")
+        fraction = (
+            code_score == "pass_fraction"
+            and isinstance(tests, list)
+            and not meta.get("entry_point")
+        )
         if fraction:
             program = _fraction_program(completion_code(completion), tests, token)
         else:
@@ -297,5 +360,13 @@ def code(prompts: list[str], completions: list[str], metadata: list[dict],
     return out
 
 
-BUILTIN = {"exact": exact, "numeric": numeric, "math": math, "choice": choice, "regex": regex,
-           "format": answer_format, "reasoning_gym": reasoning_gym_score, "code": code}
+BUILTIN = {
+    "exact": exact,
+    "numeric": numeric,
+    "math": math,
+    "choice": choice,
+    "regex": regex,
+    "format": answer_format,
+    "reasoning_gym": reasoning_gym_score,
+    "code": code,
+}

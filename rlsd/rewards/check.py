@@ -46,11 +46,18 @@ def check_references(cfg: Config, limit: int = 0, batch: int = 256) -> CheckResu
     reward_fn = build_reward(cfg.reward)
     accepted, rejected, sums = 0, [], {}
     for start in range(0, len(records), batch):
-        chunk = records[start:start + batch]
-        texts = [reference_completion(r.answer, cfg.reward.extract, cfg.reward.answer_marker,
-                                      cfg.reward.verifiers[0]) for r in chunk]
-        columns = {"answer": [r.answer for r in chunk], "solution": [r.solution for r in chunk],
-                   "metadata": [r.metadata for r in chunk]}
+        chunk = records[start : start + batch]
+        texts = [
+            reference_completion(
+                r.answer, cfg.reward.extract, cfg.reward.answer_marker, cfg.reward.verifiers[0]
+            )
+            for r in chunk
+        ]
+        columns = {
+            "answer": [r.answer for r in chunk],
+            "solution": [r.solution for r in chunk],
+            "metadata": [r.metadata for r in chunk],
+        }
         _, correct, metrics = reward_fn([r.prompt for r in chunk], texts, columns)
         for key, value in metrics.items():
             weight = len(chunk) if key.endswith("/mean") else 1

@@ -1,11 +1,11 @@
 """Turn the `reward` config into one batch scorer: weighted verifiers run safely, with metrics.
 
 Every verifier is called once per completion (a batch of one), in a daemon thread, up to
-`reward.workers` at a time, each wave waited for at most `reward.timeout` seconds. A call that raises,
-returns something that is not one finite number, or runs out of time gives that completion
-None (counted in `reward/errors` or `reward/timeouts`), never a crash; the run goes on. A call
-that never returns is abandoned (its thread cannot be killed; code that must be stopped for real
-belongs in the sandboxed `code` verifier, which runs in a subprocess).
+`reward.workers` at a time, each wave waited for at most `reward.timeout` seconds. A call
+that raises, returns something that is not one finite number, or runs out of time gives that
+completion None (counted in `reward/errors` or `reward/timeouts`), never a crash; the run goes
+on. A call that never returns is abandoned (its thread cannot be killed; code that must be
+stopped for real belongs in the sandboxed `code` verifier, which runs in a subprocess).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import ConfigError, RewardConfig
 from .builtin import BUILTIN
@@ -31,8 +32,10 @@ TIMEOUT = object()  # marks a call that ran out of time
 def load_callable(spec: str) -> Callable:
     """A function from 'package.module:name' or 'path/to/file.py:name'."""
     if ":" not in spec:
-        raise ConfigError(f"reward.verifiers: {spec!r} is neither a built-in verifier "
-                          f"({', '.join(BUILTIN)}) nor 'module:function'")
+        raise ConfigError(
+            f"reward.verifiers: {spec!r} is neither a built-in verifier "
+            f"({', '.join(BUILTIN)}) nor 'module:function'"
+        )
     target, name = spec.rsplit(":", 1)
     try:
         if target.endswith(".py"):
@@ -62,13 +65,19 @@ def _call_one(fn: Callable, args: tuple, kwargs: dict) -> Any:
         if len(scores) != 1:
             raise ValueError(f"returned {len(scores)} scores for 1 completion")
         return scores[0]
-    except Exception as exc:  # noqa: BLE001 - any verifier bug is this completion's None
+    except Exception as exc:
         return exc
 
 
-def run_verifier(fn: Callable, prompts: list[str], completions: list[str],
-                 columns: dict[str, list[Any]], extra: dict[str, Any], timeout: float,
-                 workers: int) -> list[Any]:
+def run_verifier(
+    fn: Callable,
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list[Any]],
+    extra: dict[str, Any],
+    timeout: float,
+    workers: int,
+) -> list[Any]:
     """Per completion: a float, an exception, or TIMEOUT.
 
     Completions are scored in waves of `workers` concurrent threads; each wave waits at most
@@ -82,8 +91,10 @@ def run_verifier(fn: Callable, prompts: list[str], completions: list[str],
         results[i] = _call_one(fn, ([prompts[i]], [completions[i]]), {**row, **extra})
 
     for start in range(0, n, workers):
-        wave = [threading.Thread(target=work, args=(i,), daemon=True)
-                for i in range(start, min(start + workers, n))]
+        wave = [
+            threading.Thread(target=work, args=(i,), daemon=True)
+            for i in range(start, min(start + workers, n))
+        ]
         for thread in wave:
             thread.start()
         deadline = time.monotonic() + timeout
@@ -103,11 +114,18 @@ class RewardFn:
         self.names = list(cfg.verifiers)
         self.weights = [float(w) for w in cfg.weights] or [1.0] * len(self.names)
         self.none_value, self.timeout, self.workers = cfg.none_value, cfg.timeout, cfg.workers
-        options = {"extract": cfg.extract, "marker": cfg.answer_marker,
-                   "tolerance": cfg.numeric_tolerance, "rel_tolerance": cfg.numeric_rel_tolerance,
-                   "pattern": cfg.pattern, "code_timeout": cfg.code_timeout,
-                   "code_memory_mb": cfg.code_memory_mb, "code_score": cfg.code_score, "format_think": cfg.format_think,
-                   "format_partial": cfg.format_partial}
+        options = {
+            "extract": cfg.extract,
+            "marker": cfg.answer_marker,
+            "tolerance": cfg.numeric_tolerance,
+            "rel_tolerance": cfg.numeric_rel_tolerance,
+            "pattern": cfg.pattern,
+            "code_timeout": cfg.code_timeout,
+            "code_memory_mb": cfg.code_memory_mb,
+            "code_score": cfg.code_score,
+            "format_think": cfg.format_think,
+            "format_partial": cfg.format_partial,
+        }
         self.fns = []
         for name in self.names:
             if name in BUILTIN:
@@ -115,8 +133,14 @@ class RewardFn:
             else:
                 self.fns.append((load_callable(name), {}))
 
-    def _scores(self, fn: Callable, extra: dict, prompts: list[str], completions: list[str],
-                columns: dict[str, list[Any]]) -> tuple[list[float | None], int, int]:
+    def _scores(
+        self,
+        fn: Callable,
+        extra: dict,
+        prompts: list[str],
+        completions: list[str],
+        columns: dict[str, list[Any]],
+    ) -> tuple[list[float | None], int, int]:
         raw = run_verifier(fn, prompts, completions, columns, extra, self.timeout, self.workers)
         scores: list[float | None] = []
         errors = timeouts = 0
@@ -126,27 +150,36 @@ class RewardFn:
                 scores.append(None)
             elif isinstance(value, Exception):
                 errors += 1
-                log.warning("verifier %s raised %s: %s", getattr(fn, "__name__", fn),
-                            type(value).__name__, value)
+                log.warning(
+                    "verifier %s raised %s: %s",
+                    getattr(fn, "__name__", fn),
+                    type(value).__name__,
+                    value,
+                )
                 scores.append(None)
             elif value is None:
                 scores.append(None)  # the verifier cannot judge this one
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and math.isfinite(value):
-                scores.append(float(value))
-            elif isinstance(value, bool):
+            elif (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ) or isinstance(value, bool):
                 scores.append(float(value))
             else:
                 errors += 1
                 scores.append(None)
         return scores, errors, timeouts
 
-    def __call__(self, prompts: list[str], completions: list[str],
-                 columns: dict[str, list[Any]]) -> tuple[list[float], list[bool], dict]:
+    def __call__(
+        self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]
+    ) -> tuple[list[float], list[bool], dict]:
         n = len(completions)
         total = [0.0] * n
-        metrics: dict[str, float] = {"reward/errors": 0.0, "reward/timeouts": 0.0,
-                                     "reward/unjudged": 0.0}
+        metrics: dict[str, float] = {
+            "reward/errors": 0.0,
+            "reward/timeouts": 0.0,
+            "reward/unjudged": 0.0,
+        }
         correct: list[bool] = []
         for i, ((fn, extra), name, weight) in enumerate(zip(self.fns, self.names, self.weights)):
             scores, errors, timeouts = self._scores(fn, extra, prompts, completions, columns)

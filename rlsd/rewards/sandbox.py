@@ -12,6 +12,7 @@ machine, run the trainer inside a container.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import resource
@@ -67,8 +68,9 @@ def namespaces_available() -> bool:
     if shutil.which("unshare") is None:
         return False
     try:
-        probe = subprocess.run(["unshare", "-rn", "--pid", "--fork", "true"],
-                               capture_output=True, timeout=10)
+        probe = subprocess.run(
+            ["unshare", "-rn", "--pid", "--fork", "true"], capture_output=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
@@ -84,8 +86,9 @@ def _limits(cpu_seconds: int, memory_mb: int, file_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_python(code: str, timeout: float = 10.0, memory_mb: int = 1024,
-               max_output: int = 1_000_000) -> SandboxResult:
+def run_python(
+    code: str, timeout: float = 10.0, memory_mb: int = 1024, max_output: int = 1_000_000
+) -> SandboxResult:
     """Run `code` with the limits above; the exit status decides pass or fail.
 
     Output goes to a file in the sandbox, and the file-size limit (`max_output` bytes, for
@@ -102,10 +105,14 @@ def run_python(code: str, timeout: float = 10.0, memory_mb: int = 1024,
         out_path = os.path.join(workdir, "output.txt")
         with open(out_path, "wb") as out:
             proc = subprocess.Popen(
-                command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin", "HOME": workdir},
-                preexec_fn=functools.partial(_limits, int(timeout) + 1, memory_mb,
-                                             max_output))
+                command,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={"PATH": "/usr/bin:/bin", "HOME": workdir},
+                preexec_fn=functools.partial(_limits, int(timeout) + 1, memory_mb, max_output),
+            )
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -122,8 +129,6 @@ def run_python(code: str, timeout: float = 10.0, memory_mb: int = 1024,
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
