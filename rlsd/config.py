@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .algorithms.method import METHODS
+from .context import SOURCES as CONTEXT_SOURCES
 from .sections import (  # noqa: F401 (re-exported: import the schema from here)
     AGGREGATIONS,
     ANSWER_LINE,
@@ -283,6 +284,7 @@ def _check_method(cfg: Config, changed: set[str]) -> None:
         )
     if mode == "external" and not cfg.teacher.model:
         raise ConfigError("teacher.model: required with teacher.mode=external")
+    _check_context(cfg, method, changed)
     if "teacher.privileged" in changed and method.teacher != "privileged":
         raise ConfigError(
             "teacher.privileged: only applies to a self-teacher ("
@@ -292,6 +294,35 @@ def _check_method(cfg: Config, changed: set[str]) -> None:
     for key, needed in (("teacher.model", "external"), ("teacher.sync_every", "sync")):
         if key in changed and mode != needed:
             raise ConfigError(f"{key}: only applies to teacher.mode={needed}, not {mode}")
+
+
+def _check_context(cfg: Config, method: Any, changed: set[str]) -> None:
+    """teacher.context: known sources, each once, only for a self-teacher; memory_size only
+    with the memory source."""
+    sources = cfg.teacher.context
+    unknown = [s for s in sources if s not in CONTEXT_SOURCES]
+    if unknown or not sources or len(set(sources)) != len(sources):
+        raise ConfigError(
+            f"teacher.context: {sources!r} must list each of {', '.join(CONTEXT_SOURCES)} at "
+            "most once, at least one of them"
+        )
+    if "teacher.context" in changed and method.teacher != "privileged":
+        raise ConfigError(
+            f"teacher.context: only applies to a self-teacher, not {method.name}"
+            + (" (its teacher sees the plain prompt)" if method.teacher == "plain" else "")
+        )
+    if "teacher.context" in changed and not cfg.teacher.privileged:
+        raise ConfigError(
+            "teacher.context: a teacher.privileged: false control shows the teacher no context"
+        )
+    exact = "opsd.divergence".startswith(method.options) and cfg.opsd.divergence != "sampled"
+    if exact and method.teacher == "privileged" and "reference" not in sources:
+        raise ConfigError(
+            f"teacher.context: opsd.divergence {cfg.opsd.divergence} needs a context for every "
+            "completion; end the list with reference (always available)"
+        )
+    if "teacher.memory_size" in changed and "memory" not in sources:
+        raise ConfigError("teacher.memory_size: only applies with memory in teacher.context")
 
 
 def _check_trackers(trackers: list) -> None:

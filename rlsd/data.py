@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 
 from .config import ConfigError, DataConfig
+from .context import Context
 
 
 class DataError(ValueError):
@@ -225,12 +226,15 @@ class PromptRenderer:
         self.cfg = cfg
         self.tokenizer = tokenizer
 
-    def _user_text(self, template: jinja2.Template, record: Record, which: str) -> str:
+    def _user_text(
+        self, template: jinja2.Template, record: Record, which: str, extra: dict | None = None
+    ) -> str:
         values = {
             **record.metadata,
             "prompt": record.prompt,
             "answer": record.answer,
             "solution": record.solution,
+            **(extra or {}),
         }
         try:
             return template.render(**values)
@@ -252,11 +256,23 @@ class PromptRenderer:
     def student_ids(self, record: Record) -> list[int]:
         return self._checked(self._ids(self.student_text(record)), record)
 
-    def teacher_text(self, record: Record) -> str:
-        return self._user_text(self.teacher, record, "teacher_template")
+    def teacher_text(self, record: Record, context: Context | None = None) -> str:
+        """The teacher's message, showing `context` (default: the reference, the record's
+        solution or else its answer) as the template's `context` and `context_kind`."""
+        context = context or Context("reference", record.solution or record.answer)
+        extra = {"context": context.text, "context_kind": context.kind}
+        return self._user_text(self.teacher, record, "teacher_template", extra)
 
-    def teacher_ids(self, record: Record) -> list[int]:
-        return self._checked(self._ids(self.teacher_text(record)), record)
+    def teacher_ids(self, record: Record, context: Context | None = None) -> list[int]:
+        """Token ids of the teacher's prompt. A completion shown as context (sibling, memory)
+        may take the prompt past data.max_prompt_tokens by up to rollout.max_new_tokens: only
+        the reference prompt is held to the limit."""
+        ids = self._ids(self.teacher_text(record, context))
+        return (
+            ids
+            if context is not None and context.kind != "reference"
+            else self._checked(ids, record)
+        )
 
     def _checked(self, ids: list[int], record: Record) -> list[int]:
         if len(ids) > self.cfg.max_prompt_tokens:

@@ -1,9 +1,10 @@
 """Start-up checks that refuse a run whose teacher would be misaligned or would teach nothing.
 
 Run once before training:
-- on every record (text only, cheap): the teacher's prompt differs from the student's and
-  contains the privileged context (the solution, else the answer); otherwise RLSD's Delta is 0
-  on that record and it trains as plain GRPO without a word;
+- on every record and every `teacher.context` source (text only, cheap): the teacher's prompt
+  differs from the student's and shows the privileged context (the reference: the solution,
+  else the answer; a sibling's or a memory's completion, stood in for by a probe text);
+  otherwise RLSD's Delta is 0 on that record and it trains as plain GRPO without a word;
 - on a sample of records (`ALIGNMENT_SAMPLE`, token ids): both prompts end with the chat
   template's assistant header, so the completion follows the same context in both;
 - through the very code that builds scoring inputs, the positions the scorer reads hold exactly
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
+from .context import Context
 from .data import PromptRenderer, Record, chat_ids
 from .logprobs import position_ids_for
 from .rollout import join, left_pad
@@ -35,19 +37,39 @@ def generation_header(tokenizer: Any) -> list[int]:
     return opened[len(bare) :] if opened[: len(bare)] == bare else []
 
 
+PROBE = "rlsd-context-probe: 12 + 7 = 19"  # stands for a sibling's or a memory's completion
+
+
+def source_contexts(record: Record, sources: tuple[str, ...] | list[str]) -> list[Context]:
+    """One context per configured source, as the preflight renders them: the record's own
+    reference, and a probe text for the completions that sibling and memory will show."""
+    return [
+        Context(kind, record.solution or record.answer if kind == "reference" else PROBE)
+        for kind in sources
+    ]
+
+
 def check_teacher_prompts(
-    renderer: PromptRenderer, tokenizer: Any, records: list[Record], privileged: bool = True
+    renderer: PromptRenderer,
+    tokenizer: Any,
+    records: list[Record],
+    privileged: bool = True,
+    sources: tuple[str, ...] | list[str] = ("reference",),
 ) -> None:
-    """Every record's teacher prompt differs from the student's and holds the reference (unless
-    this is a `teacher.privileged: false` control); the first `ALIGNMENT_SAMPLE` records' prompts
-    also end like the student's and line up with the completion ids."""
+    """For every record and every context source, the teacher prompt differs from the student's
+    and shows the context (unless this is a `teacher.privileged: false` control); for the first
+    `ALIGNMENT_SAMPLE` records, every source's prompt also ends like the student's and lines up
+    with the completion ids."""
     if privileged:
         for index, record in enumerate(records):
-            check_privileged_text(renderer, record, index)
+            for context in source_contexts(record, sources):
+                check_privileged_text(renderer, record, index, context)
     header = generation_header(tokenizer)
     for record in records[:ALIGNMENT_SAMPLE]:
-        student, teacher = renderer.student_ids(record), renderer.teacher_ids(record)
-        for name, ids in (("prompt_template", student), ("teacher_template", teacher)):
+        prompts = [("prompt_template", renderer.student_ids(record))]
+        for context in source_contexts(record, sources if privileged else ("reference",)):
+            prompts.append(("teacher_template", renderer.teacher_ids(record, context)))
+        for name, ids in prompts:
             if header and ids[-len(header) :] != header:
                 raise ConfigError(
                     f"data.{name}: the rendered prompt does not end with the chat "
@@ -57,20 +79,27 @@ def check_teacher_prompts(
             check_scoring_positions(ids, tokenizer, name)
 
 
-def check_privileged_text(renderer: PromptRenderer, record: Record, index: int) -> None:
-    """One record's teacher message shows it something the student's does not: the reference."""
+def check_privileged_text(
+    renderer: PromptRenderer, record: Record, index: int, context: Context | None = None
+) -> None:
+    """One record's teacher message shows it something the student's does not: its context
+    (by default the reference)."""
+    context = context or Context("reference", record.solution or record.answer)
     where = f"data.teacher_template: record {index} ({record.prompt[:40]!r})"
-    teacher = renderer.teacher_text(record)
+    if context.kind != "reference":
+        where += f", teacher.context {context.kind}"
+    teacher = renderer.teacher_text(record, context)
     if teacher == renderer.student_text(record):
         raise ConfigError(
             f"{where}: renders the same prompt as the student's; the teacher "
             "would see no privileged context and the record would train as GRPO"
         )
-    reference = (record.solution or record.answer).strip()
-    if reference and reference not in teacher:
+    shown = context.text.strip()
+    if shown and shown not in teacher:
+        what = "reference" if context.kind == "reference" else f"{context.kind} completion"
         raise ConfigError(
-            f"{where}: the teacher's prompt does not contain the reference "
-            f"({reference[:40]!r}); use {{{{ solution or answer }}}} "
+            f"{where}: the teacher's prompt does not contain the {what} "
+            f"({shown[:40]!r}); use {{{{ context }}}} "
             "(or teacher.privileged: false for a control run)"
         )
 

@@ -26,6 +26,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config, ConfigError, ModelConfig, load_config, to_dict, to_yaml
+from .context import ContextMemory
 from .data import PromptRenderer, PromptStream, Record, check_lengths, load_records, split_heldout
 from .distributed import from_main
 from .logprobs import TokenScorer
@@ -74,6 +75,7 @@ class Run:
     eval_records: list[Record] | None = None  # train.eval_every items, chosen at first use
     evals: Any = field(default_factory=NullWriter)  # evals.jsonl: per-item held-out results
     mem_scope: str = "process"  # what perf/peak_mem_mb covers: "run" or the whole "process"
+    memory: ContextMemory | None = None  # earlier successes per prompt (teacher.context memory)
 
     @property
     def device(self) -> torch.device:
@@ -168,7 +170,9 @@ def build_teachers(
         if method.teacher == "plain":
             external = load_external_teacher(cfg, tokenizer, device)
         else:
-            check_teacher_prompts(renderer, tokenizer, records, cfg.teacher.privileged)
+            check_teacher_prompts(
+                renderer, tokenizer, records, cfg.teacher.privileged, cfg.teacher.context
+            )
         teacher = Teacher(
             cfg.teacher.mode, policy, cfg.model.lora, batch, cfg.teacher.sync_every, external
         )
@@ -225,9 +229,12 @@ def setup(cfg: Config, resume: bool = True) -> Run:
         cfg, method, policy, tokenizer, renderer, records, accelerator.device
     )
     stream = PromptStream(len(records), cfg.train.seed)
+    memory = None
+    if method.teacher == "privileged" and "memory" in cfg.teacher.context:
+        memory = ContextMemory(cfg.teacher.memory_size)
     start = 1
     if ckpt is not None:
-        start = restore(ckpt, policy.lm, optimizer, stream, teacher, cfg.model.lora)
+        start = restore(ckpt, policy.lm, optimizer, stream, teacher, cfg.model.lora, memory)
     main = accelerator.is_main_process
     if main:
         open_run_dir(cfg, run_dir, start)
@@ -255,7 +262,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
         run_dir,
         *logs,
     )
-    run.start_step, run.mem_scope = start, mem_scope
+    run.start_step, run.mem_scope, run.memory = start, mem_scope, memory
     if main and cfg.train.eval_every:
         run.evals = JsonlWriter(run_dir / "evals.jsonl")
     run.history = read_jsonl(run_dir / "metrics.jsonl") if main else []  # main's bar only
@@ -272,7 +279,13 @@ def open_run_dir(cfg: Config, run_dir: Path, start: int) -> None:
 
 
 def restore(
-    ckpt: Path, lm: Any, optimizer: Any, stream: PromptStream, teacher: Teacher | None, lora: bool
+    ckpt: Path,
+    lm: Any,
+    optimizer: Any,
+    stream: PromptStream,
+    teacher: Teacher | None,
+    lora: bool,
+    memory: ContextMemory | None = None,
 ) -> int:
     """Load a checkpoint into the freshly built run; returns the first step still to run.
     The frozen teacher was copied from the initial weights before this, so it stays the
@@ -283,6 +296,8 @@ def restore(
     stream.load_state_dict(state["data"])
     if teacher is not None:
         teacher.load_state(state.get("teacher_synced_at", 0), teacher_tensors)
+    if memory is not None:
+        memory.load_state_dict(state.get("context_memory", []))
     set_rng_state(rng)
     return state["step"] + 1
 
@@ -306,7 +321,11 @@ def save(run: Run, step: int) -> Path:
             step,
             run.lm,
             run.optimizer,
-            {"data": run.stream.state_dict(), "teacher_synced_at": synced_at},
+            {
+                "data": run.stream.state_dict(),
+                "teacher_synced_at": synced_at,
+                **({"context_memory": run.memory.state_dict()} if run.memory is not None else {}),
+            },
             tensors,
             run.cfg.output.keep_last,
         )

@@ -43,10 +43,13 @@ ARITHMETIC = {
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module
 ANSWER_LINE = "End your reply with a final line of the form 'Answer: <answer>'."
 STUDENT_TEMPLATE = "{{ prompt }}\n" + ANSWER_LINE
+# `context` is the teacher's privileged context and `context_kind` its source (teacher.context);
+# with the reference it renders exactly as it did before the other sources existed.
 TEACHER_TEMPLATE = (
-    "{{ prompt }}\n\nHere is a reference solution:\n{{ solution or answer }}\n\n"
-    "After understanding the reference solution, solve the problem in your own "
-    "way.\n" + ANSWER_LINE
+    "{{ prompt }}\n\nHere is {{ 'a reference solution' if context_kind == 'reference' else "
+    "'a correct solution written earlier' }}:\n{{ context }}\n\nAfter understanding the "
+    "{{ 'reference' if context_kind == 'reference' else 'correct' }} solution, solve the "
+    "problem in your own way.\n" + ANSWER_LINE
 )
 
 
@@ -120,8 +123,9 @@ class DataConfig:
     )
     teacher_template: str = opt(
         TEACHER_TEMPLATE,
-        "Jinja template of the teacher's user message: "
-        "the same question plus the privileged context.",
+        "Jinja template of the teacher's user message: the same question plus the "
+        "privileged context. Variables: those of prompt_template, and context (the chosen "
+        "context's text) with context_kind (reference, sibling or memory; teacher.context).",
     )
     max_prompt_tokens: int = opt(512, "Longest prompt allowed (tokens, student or teacher).", low=1)
     long_prompts: str = opt(
@@ -342,6 +346,20 @@ class TeacherConfig:
         "The self-teacher's prompt must contain the reference (checked "
         "before training). false = a control run whose teacher template "
         "holds no reference, to measure what the reference adds.",
+    )
+    context: list = opt(
+        ["reference"],
+        "Where the self-teacher's privileged context comes from, tried in order, the first "
+        "available winning per completion: reference (the record's solution, else its "
+        "answer), sibling (the shortest other correct completion of the same prompt in this "
+        "step's group), memory (the best earlier correct completion of the prompt). A "
+        "completion with none keeps uniform credit (see rlsd/context.py).",
+    )
+    memory_size: int = opt(
+        4096,
+        "Prompts the memory of earlier successes holds (teacher.context memory); the entry "
+        "stored longest ago is evicted first. Saved in checkpoints.",
+        low=1,
     )
 
 

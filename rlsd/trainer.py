@@ -26,9 +26,9 @@ from .config import Config
 from .data import Record
 from .diagnostics import completion_spans, credit_diagnostics
 from .distributed import anywhere, reduce_metrics, shard, world
-from .rollout import Batch, left_pad, sample_completions
+from .rollout import Batch, sample_completions
 from .run import Run, TrainingStopped, save, setup
-from .teacher import Teacher
+from .scoring import remember_step, step_contexts, teacher_pass
 from .tracking import peak_memory_mb, tracker_values
 from .update import Rows, optimise
 
@@ -75,29 +75,6 @@ def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
     return adv != 0
 
 
-def scored_by(
-    run: Run,
-    scorer: Teacher | None,
-    plain_prompt: bool,
-    recs: list[Record],
-    rows: torch.Tensor,
-    trained: Batch,
-    topk: int | None = None,
-):
-    """Log-probs (n, T) of the trained rows' completions under a teacher or the reference, after
-    the teacher prompt (privileged context) or the student's plain prompt; with `topk`, also
-    the teacher's distribution (see Teacher.logprobs). None without a scorer or rows."""
-    if scorer is None or not rows.any():
-        return None
-    group = run.cfg.rollout.num_generations
-    render = run.renderer.student_ids if plain_prompt else run.renderer.teacher_ids
-    prompts = [render(recs[i // group]) for i in rows.nonzero().flatten()]
-    t_ids, t_mask = left_pad(prompts, run.tokenizer.pad_token_id)
-    return scorer.logprobs(
-        t_ids, t_mask, trained.completion_ids, trained.completion_mask, run.device, topk
-    )
-
-
 def train_step(run: Run, step: int) -> dict[str, Any]:
     cfg, times = run.cfg, {"start": time.perf_counter()}
     recs = shard(
@@ -112,28 +89,6 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     return learn(run, step, recs, batch, texts, rewards, correct, metrics, times)
 
 
-def teacher_pass(
-    run: Run,
-    step: int,
-    recs: list[Record],
-    rows: torch.Tensor,
-    data: Rows,
-    metrics: dict[str, float],
-) -> None:
-    """Score the trained rows under the teacher (and the KL reference) into `data`."""
-    if run.teacher is not None:
-        run.teacher.maybe_sync(step)
-        if run.teacher.mode == "sync":
-            metrics["teacher/synced_at"] = float(run.teacher.synced_at)
-        plain = run.method.teacher == "plain"  # OPD's teacher sees the student's own prompt
-        scores = scored_by(run, run.teacher, plain, recs, rows, data.batch, run.method.support)
-        if scores is not None:
-            data.teacher_logps = scores.logps
-            data.support_vals, data.support_ids = scores.support_vals, scores.support_ids
-    reference = scored_by(run, run.reference, True, recs, rows, data.batch)
-    data.ref_logps = None if reference is None else reference.logps
-
-
 def learn(
     run: Run,
     step: int,
@@ -145,8 +100,8 @@ def learn(
     metrics: dict[str, float],
     times: dict[str, float],
 ) -> dict[str, Any]:
-    """Everything after the rewards: advantages, teacher, update, metrics, logged samples.
-    Returns the step's metrics, reduced over processes."""
+    """Everything after the rewards: advantages, teacher, update, metrics, logged samples, the
+    memory of successes. Returns the step's metrics, reduced over processes."""
     cfg = run.cfg
     adv, adv_metrics = group_advantages(
         rewards,
@@ -163,7 +118,8 @@ def learn(
     metrics.update(span_metrics)
     data.span = None if span is None else span[rows]
     run.phase = "teacher"
-    teacher_pass(run, step, recs, rows, data, metrics)
+    found = step_contexts(run, recs, texts, correct, batch)  # (contexts, keys) per completion
+    metrics.update(teacher_pass(run, step, recs, rows, data, found))
     times["teacher"] = time.perf_counter()
     run.phase = "update"
     update = anywhere(run.accelerator, rows.any())  # some process has rows: all take part
@@ -174,27 +130,51 @@ def learn(
     if update and rows.any():
         metrics["policy/entropy"] = -logps[mask].sum().item() / max(mask.sum().item(), 1)
         if data.teacher_logps is not None:
-            metrics.update(
-                credit_diagnostics(
-                    run.method,
-                    step,
-                    data.adv,
-                    logps,
-                    data.teacher_logps,
-                    data.token_adv,
-                    mask,
-                    torch.tensor(correct)[rows],
-                    data.span,
-                    None if answer is None else answer[rows],
-                )
-            )
+            answer_rows = None if answer is None else answer[rows]
+            metrics.update(teacher_metrics(run, step, data, logps, correct, rows, answer_rows))
     metrics["train/skipped_update"] = float(not update)
+    if found is not None:
+        metrics.update(remember_step(run, step, found[1], texts, rewards, correct, batch))
     times["train"] = time.perf_counter()
     metrics.update(step_metrics(run, step, batch, rewards, correct, times))
     if run.accelerator.is_main_process:  # the main process's completions stand for the step
         credit = data.token_adv if data.teacher_logps is not None else None
-        write_samples(run, step, recs, texts, rewards, correct, adv, batch, rows, credit)
+        contexts = None if found is None else found[0]
+        write_samples(run, step, recs, texts, rewards, correct, adv, batch, rows, credit, contexts)
     return reduce_metrics(run.accelerator, metrics, mask.sum().item())
+
+
+def teacher_metrics(
+    run: Run,
+    step: int,
+    data: Rows,
+    logps: torch.Tensor,
+    correct: list[bool],
+    rows: torch.Tensor,
+    answer: torch.Tensor | None,
+) -> dict[str, float]:
+    """The credit diagnostics over the trained rows whose teacher saw a context."""
+    keep = data.context_rows
+    if keep is None:
+        keep = torch.ones(data.adv.shape[0], dtype=torch.bool)
+    if not keep.any():
+        return {}
+
+    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[keep]
+
+    return credit_diagnostics(
+        run.method,
+        step,
+        data.adv[keep],
+        logps[keep],
+        data.teacher_logps[keep],
+        data.token_adv[keep],
+        data.batch.completion_mask[keep],
+        torch.tensor(correct)[rows][keep],
+        pick(data.span),
+        pick(answer),
+    )
 
 
 def step_metrics(
@@ -242,9 +222,11 @@ def write_samples(
     batch: Batch,
     active: torch.Tensor,
     credit: torch.Tensor | None,
+    contexts: list[Any] | None = None,
 ) -> None:
     """Log completions with their rewards; trained rows with a teacher also get per-token credit
-    (the token advantages, and for RLSD the multipliers m_t)."""
+    (the token advantages, and for RLSD the multipliers m_t) and, for a self-teacher, the
+    prompt it saw with its context's kind (`none`: no context, uniform credit)."""
     group = run.cfg.rollout.num_generations
     limit = run.cfg.output.log_samples or len(texts)
     credit_row = {int(row): k for k, row in enumerate(active.nonzero().flatten())}
@@ -265,8 +247,11 @@ def write_samples(
         if credit is not None and i in credit_row:
             token_adv = credit[credit_row[i]][: len(ids)]
             sample["token_advantage"] = [round(v, 5) for v in token_adv.tolist()]
-            if run.method.teacher == "privileged":
-                sample["teacher_prompt"] = run.renderer.teacher_text(record)
+            if contexts is not None:
+                context = contexts[i]
+                sample["teacher_context_kind"] = context.kind if context else "none"
+                if context is not None:
+                    sample["teacher_prompt"] = run.renderer.teacher_text(record, context)
             if run.method.reweights and adv[i] != 0:
                 sample["credit_multiplier"] = [round(v, 4) for v in (token_adv / adv[i]).tolist()]
         run.samples.write(sample)

@@ -39,6 +39,7 @@ class Rows:
     support_vals: torch.Tensor | None = None  # (n, T, k or V) teacher log-probs (full / topk)
     support_ids: torch.Tensor | None = None  # (n, T, k) their token ids (topk)
     token_adv: torch.Tensor | None = None  # (n, T) the step's credit, computed once
+    context_rows: torch.Tensor | None = None  # (n,) rows whose teacher saw a context (None: all)
 
     def select(self, idx: torch.Tensor) -> Rows:
         def pick(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -54,6 +55,7 @@ class Rows:
             pick(self.support_vals),
             pick(self.support_ids),
             pick(self.token_adv),
+            pick(self.context_rows),
         )
 
 
@@ -94,11 +96,14 @@ def credit(run: Any, step: int, data: Rows, logps: torch.Tensor) -> torch.Tensor
     def to_dev(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.to(device)
 
+    teacher = to_dev(data.teacher_logps)
+    if teacher is not None and data.context_rows is not None:  # no context: Delta = 0
+        teacher = torch.where(data.context_rows.to(device).unsqueeze(1), teacher, logps.detach())
     return run.method.token_advantages(
         step,
         data.adv.to(device),
         logps.detach(),
-        to_dev(data.teacher_logps),
+        teacher,
         data.batch.completion_mask.to(device),
         to_dev(data.span),
     )

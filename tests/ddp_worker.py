@@ -51,6 +51,9 @@ def train_mode(overrides: dict, out: Path) -> None:
             {
                 "step": step,
                 "digests": gather_object([digest(run)]),
+                "memories": gather_object(
+                    [json.dumps(run.memory.state_dict()) if run.memory is not None else ""]
+                ),
                 "rank": run.accelerator.process_index,
             }
         )

@@ -105,6 +105,25 @@ def test_two_processes_train_with_identical_weights(runs, method):
     assert all(r["perf/peak_mem_scope"] == "run" for r in rows)  # text passes the reduction
 
 
+def test_every_process_keeps_the_same_memory_of_successes(tiny_model_dir, tmp_path):
+    """Each process remembers the successes of every process (gathered in rank order), so the
+    store the main process checkpoints is the one every process uses."""
+    extra = {"teacher.context": "sibling,memory,reference", "data.size": "4"}
+    worker(
+        "train",
+        base(tiny_model_dir, tmp_path / "runs", "mem", **extra),
+        tmp_path,
+        tmp_path / "mem.json",
+    )
+    steps = json.loads((tmp_path / "mem.json").read_text())["steps"]
+    for step in steps:
+        assert len(step["memories"]) == 2 and step["memories"][0] == step["memories"][1]
+        assert step["digests"][0] == step["digests"][1]
+    # non-empty, so equal stores mean the successes were shared: without the gather, each
+    # process would hold only its own prompts' successes
+    assert json.loads(steps[-1]["memories"][0]), "some completion was correct and remembered"
+
+
 def test_two_halves_make_the_same_update_as_one_whole(tiny_model_dir, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     spec = base(tiny_model_dir, tmp_path / "runs", "x", **{"train.micro_batch_size": "3"})

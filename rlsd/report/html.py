@@ -47,17 +47,24 @@ def heatmap_html(
         )
     verdict = "correct" if sample.get("correct") else "incorrect"
     context = sample.get("teacher_prompt") or f"reference answer: {sample.get('answer', '')}"
+    kind = CONTEXT_KINDS.get(sample.get("teacher_context_kind", "reference"), "")
     return (
         f'<div class="sample {verdict}"><div class="meta">step {sample["step"]} · '
         f"reward {sample['reward']:.3f} · advantage {sample['advantage']:+.3f} · {verdict}"
         f'</div><div class="prompt"><b>student saw</b> {html.escape(sample["prompt"])}</div>'
-        f'<details class="ref"><summary><b>teacher also saw</b> (privileged context; '
+        f'<details class="ref"><summary><b>teacher also saw</b> ({kind}; '
         f"reference answer {html.escape(str(sample.get('answer', '')))})</summary>"
         f"{html.escape(str(context))}</details>"
         f'<div class="tokens">{"".join(spans)}</div></div>'
     )
 
 
+CONTEXT_KINDS = {  # what each teacher.context source showed the teacher
+    "reference": "privileged context: the reference",
+    "sibling": "privileged context: a correct sibling from the same group",
+    "memory": "privileged context: a remembered earlier success",
+    "none": "no context: no correct sibling or memory, credit left uniform",
+}
 LABELS = {"credit_multiplier": "teacher weight m_t", "token_advantage": "final advantage A_t"}
 ATTR = {"credit_multiplier": "m", "token_advantage": "a"}
 SCRIPT = """
