@@ -219,6 +219,11 @@ def validate(cfg: Config) -> None:
     unknown = sorted(set(cfg.data.mix_params) - set(cfg.data.mix))
     if unknown:
         raise ConfigError(f"data.mix_params: {unknown[0]!r} is not in data.mix")
+    if cfg.data.solutions == "worked" and cfg.data.source != "reasoning_gym":
+        raise ConfigError(
+            "data.solutions: worked solutions are generated for reasoning-gym "
+            f"tasks; with data.source {cfg.data.source} use a solution column"
+        )
     if cfg.data.source == "file" and not cfg.data.path:
         raise ConfigError("data.path: required when data.source is 'file'")
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.verifiers):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import jinja2
 
 from .config import ConfigError, DataConfig
 from .context import Context
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -140,6 +143,33 @@ def rows_to_records(
     return records
 
 
+def with_worked_solutions(records: list[Record]) -> list[Record]:
+    """Give every reasoning-gym record its generated worked solution (`rlsd/tasks/worked.py`).
+    Items the generator cannot handle (an inexact division, say) keep no solution, so their
+    teacher sees the answer: counted in a warning; none at all is an error."""
+    from .tasks.worked import Unsupported, worked_solution
+
+    missing: dict[str, int] = {}
+    for record in records:
+        entry = record.metadata["entry"]
+        task = entry["metadata"].get("source_dataset", record.metadata["task"])
+        try:
+            record.solution = worked_solution(task, entry)
+        except Unsupported as exc:
+            if "no worked solutions for" in str(exc):
+                raise ConfigError(f"data.solutions: worked: {exc}") from None
+            missing[task] = missing.get(task, 0) + 1
+    if sum(missing.values()) == len(records):
+        raise ConfigError("data.solutions: worked: no item could be solved step by step")
+    for task, count in missing.items():
+        log.warning(
+            "data.solutions: %d %s items have no worked solution (their teacher sees the answer)",
+            count,
+            task,
+        )
+    return records
+
+
 def reasoning_gym_mix(mix: dict, params: dict, size: int, seed: int) -> list[Record]:
     """A weighted mix of reasoning-gym families (its `composite` dataset)."""
     from reasoning_gym.composite import DatasetSpec
@@ -190,9 +220,11 @@ def split_heldout(records: list[Record], n: int, seed: int) -> tuple[list[Record
 
 def load_records(cfg: DataConfig) -> list[Record]:
     if cfg.source == "reasoning_gym" and cfg.mix:
-        return reasoning_gym_mix(cfg.mix, cfg.mix_params, cfg.size, cfg.seed)
+        records = reasoning_gym_mix(cfg.mix, cfg.mix_params, cfg.size, cfg.seed)
+        return with_worked_solutions(records) if cfg.solutions == "worked" else records
     if cfg.source == "reasoning_gym":
-        return reasoning_gym_records(cfg.task, cfg.task_params, cfg.size, cfg.seed)
+        records = reasoning_gym_records(cfg.task, cfg.task_params, cfg.size, cfg.seed)
+        return with_worked_solutions(records) if cfg.solutions == "worked" else records
     if cfg.source == "humaneval":
         return humaneval_records()
     return file_records(cfg.path, cfg.prompt_column, cfg.answer_column, cfg.solution_column)

@@ -106,6 +106,13 @@ class DataConfig:
         "Data file (source=file): .jsonl, .csv or .parquet, or a directory "
         "saved by HF datasets' save_to_disk.",
     )
+    solutions: str = opt(
+        "none",
+        "Worked solutions as each record's solution (the teacher's reference): none, or worked "
+        "(generated step by step for the reasoning-gym families chain_sum, basic_arithmetic, "
+        "leg_counting and letter_counting; see rlsd/tasks/worked.py).",
+        choices=("none", "worked"),
+    )
     heldout_size: int = opt(
         0, "Records held out of training for evaluation (a seeded split).", low=0
     )

@@ -1,0 +1,1 @@
+"""Built-in task helpers: worked solutions for reasoning-gym families (`worked.py`)."""
