@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # options every command takes
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     add_training_commands(sub, common)
+    add_probe_command(sub, common)
     add_result_commands(sub, common)
     return parser
 
@@ -123,6 +124,25 @@ def add_training_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--out", help="JSON result file (default: eval-<time>.json in the run directory or here)"
     )
+
+
+def add_probe_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    probe = sub.add_parser(
+        "probe",
+        parents=[common],
+        help="before training: does a teacher context separate correct from incorrect "
+        "completions? (Delta, AUC, clipping, a verdict per context)",
+        description="Sample completions of held-out prompts with the starting model and score "
+        "them under each candidate teacher context; writes probe.json and probe.md.",
+    )
+    probe.add_argument("config", nargs="?", help="YAML recipe (default: the quick start)")
+    probe.add_argument("--items", type=int, default=32, help="held-out prompts (32)")
+    probe.add_argument(
+        "--contexts",
+        default="answer,solution,worked,sibling,memory",
+        help="candidate contexts, comma-separated (answer, solution, worked, sibling, memory)",
+    )
+    probe.add_argument("--out", help="output directory (default: probe-<time> here)")
 
 
 def add_result_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -191,6 +211,27 @@ def add_result_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     tasks = sub.add_parser("tasks", parents=[common], help="list the task sources and verifiers")
     tasks.add_argument("--all", action="store_true", help="list every reasoning-gym family")
+
+
+def cmd_probe(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from datetime import datetime
+
+    from .probe import CANDIDATES, run_probe
+
+    cfg = load_config(args.config, overrides)
+    kinds = [k.strip() for k in args.contexts.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in CANDIDATES]
+    if unknown or not kinds or args.items < 1:
+        raise ConfigError(
+            f"command line: --contexts takes some of {', '.join(CANDIDATES)} (got "
+            f"{args.contexts!r}) and --items must be >= 1"
+        )
+    out = Path(args.out or f"probe-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    quiet_libraries(args.debug)
+    run_probe(cfg, args.items, kinds, out)
+    print((out / "probe.md").read_text(), end="")
+    print(f"written: {out / 'probe.json'}, {out / 'probe.md'}")
+    return 0
 
 
 def cmd_check_reward(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -433,10 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        if args.command in ("train", "eval", "check-reward"):  # these take config overrides
-            return {"train": cmd_train, "eval": cmd_eval, "check-reward": cmd_check_reward}[
-                args.command
-            ](args, overrides)
+        if args.command in ("train", "eval", "check-reward", "probe"):  # these take overrides
+            return {
+                "train": cmd_train,
+                "eval": cmd_eval,
+                "check-reward": cmd_check_reward,
+                "probe": cmd_probe,
+            }[args.command](args, overrides)
         if overrides:
             raise ConfigError(
                 f"command line: {args.command} takes no --section.field overrides "
