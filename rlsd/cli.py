@@ -2,6 +2,8 @@
 
     rlsd train [CONFIG.yaml] [--section.field VALUE ...] [--resume RUN_DIR] [--debug]
     rlsd check-reward [CONFIG.yaml] [--section.field VALUE ...]
+    rlsd probe [CONFIG.yaml] [--items K] [--contexts answer,worked,...] [--out DIR]
+    rlsd sft [CONFIG.yaml] [--section.field VALUE ...]
     rlsd eval RUN_DIR_OR_MODEL [CONFIG] [--n K] [--limit N]
     rlsd report RUN_DIR [--screenshot]
     rlsd compare RUN_DIR [RUN_DIR ...] [--out DIR] [--target ACC]
@@ -11,7 +13,7 @@
     rlsd --version
 
 User mistakes (bad config, missing file, unknown task, bad data) print one line and exit with
-code 2; `--debug` shows the traceback instead.
+code 2; `--debug` shows the traceback instead. The parser itself is in `parser.py`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,11 @@ import argparse
 import logging
 import os
 import sys
-import textwrap
 from pathlib import Path
-from typing import Any
 
-from . import __version__
-from .config import ConfigError, help_rows, load_config
+from .config import ConfigError, load_config
 from .data import DataError
+from .parser import build_parser
 from .tracking import quiet_libraries
 
 USER_ERRORS = (ConfigError, DataError, FileExistsError)
@@ -54,165 +54,6 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return rest, out
 
 
-def fields_help() -> str:
-    lines = ["config fields (set in YAML or override with --section.field VALUE):"]
-    for key, default, text in help_rows():
-        lines.append(f"  {key}  [default: {default}]")
-        lines.extend(textwrap.wrap(text, 90, initial_indent="      ", subsequent_indent="      "))
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlsd", description="Self-distilled RLVR training.")
-    parser.add_argument("--version", action="version", version=f"rlsd {__version__}")
-    sub = parser.add_subparsers(dest="command")
-    common = argparse.ArgumentParser(add_help=False)  # options every command takes
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    add_training_commands(sub, common)
-    add_probe_command(sub, common)
-    add_result_commands(sub, common)
-    return parser
-
-
-def add_training_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """train, check-reward, eval."""
-    train = sub.add_parser(
-        "train",
-        parents=[common],
-        help="train a model (RLSD by default)",
-        epilog=fields_help(),
-        formatter_class=argparse.RawTextHelpFormatter,
-        description="Train with the given YAML recipe (default: the CPU "
-        "quick start, configs/quickstart.yaml) and dotted overrides.",
-    )
-    train.add_argument("config", nargs="?", help="YAML recipe")
-    train.add_argument(
-        "--resume",
-        metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its latest checkpoint, with its "
-        "saved config (only steps, logging and checkpointing may change)",
-    )
-    train.add_argument(
-        "--no-resume",
-        action="store_true",
-        help="refuse to continue a run whose directory already holds one "
-        "(by default such a run is resumed)",
-    )
-    check = sub.add_parser(
-        "check-reward",
-        parents=[common],
-        help="score the data set's own reference answers "
-        "with the configured verifiers (should be ~100%%)",
-        description="Score every record's reference answer, written where "
-        "the configured extraction looks for it, with the configured "
-        "verifiers. Exit code 1 below --min (a misconfigured verifier).",
-    )
-    check.add_argument("config", nargs="?", help="YAML recipe (default: the quick start)")
-    check.add_argument("--limit", type=int, default=0, help="check only the first N records")
-    check.add_argument("--min", type=float, default=0.99, help="required fraction (0.99)")
-    ev = sub.add_parser(
-        "eval", parents=[common], help="accuracy on held-out items: pass@1, pass@k, maj@k"
-    )
-    ev.add_argument("target", help="a run directory (its latest checkpoint) or a model")
-    ev.add_argument(
-        "config",
-        nargs="?",
-        help="YAML recipe for a plain model (default: quick start); a run directory brings its own",
-    )
-    ev.add_argument("--n", type=int, default=1, help="samples per item (k); 1 = greedy")
-    ev.add_argument("--limit", type=int, default=128, help="items to evaluate")
-    ev.add_argument(
-        "--out", help="JSON result file (default: eval-<time>.json in the run directory or here)"
-    )
-
-
-def add_probe_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    probe = sub.add_parser(
-        "probe",
-        parents=[common],
-        help="before training: does a teacher context separate correct from incorrect "
-        "completions? (Delta, AUC, clipping, a verdict per context)",
-        description="Sample completions of held-out prompts with the starting model and score "
-        "them under each candidate teacher context; writes probe.json and probe.md.",
-    )
-    probe.add_argument("config", nargs="?", help="YAML recipe (default: the quick start)")
-    probe.add_argument("--items", type=int, default=32, help="held-out prompts (32)")
-    probe.add_argument(
-        "--contexts",
-        default="answer,solution,worked,sibling,memory",
-        help="candidate contexts, comma-separated (answer, solution, worked, sibling, memory)",
-    )
-    probe.add_argument("--out", help="output directory (default: probe-<time> here)")
-
-
-def add_result_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """report, compare, export, study, tasks."""
-    report = sub.add_parser(
-        "report",
-        parents=[common],
-        help="write RUN_DIR/report.html: curves and the per-token credit heat map",
-    )
-    report.add_argument("run_dir", help="a run directory")
-    report.add_argument(
-        "--screenshot",
-        action="store_true",
-        help="also write RUN_DIR/report.png with a headless Chromium",
-    )
-    compare = sub.add_parser(
-        "compare",
-        parents=[common],
-        help="several runs side by side: curves (mean and band over "
-        "seeds), final accuracy, time to a target, peak memory",
-    )
-    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    compare.add_argument("--out", default="compare", help="output directory (./compare)")
-    compare.add_argument(
-        "--target",
-        type=float,
-        default=None,
-        help="training accuracy to time (default: the lowest final accuracy "
-        "of any group, which every group reached)",
-    )
-    export = sub.add_parser(
-        "export",
-        parents=[common],
-        help="write a plain Hugging Face model directory (LoRA merged), tokenizer and model card",
-    )
-    export.add_argument("run_dir", help="a run directory")
-    export.add_argument("--to", required=True, metavar="DIR", help="new output directory")
-    export.add_argument(
-        "--step",
-        type=int,
-        default=None,
-        help="checkpoint step to export (default: the latest intact one)",
-    )
-    study = sub.add_parser(
-        "study",
-        parents=[common],
-        help="run a grid of runs (tasks x methods x seeds, ablations), "
-        "resumably, and summarise it with bootstrap intervals",
-    )
-    study.add_argument("study", help="study YAML (see configs/study-*.yaml)")
-    study.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the grid, what is done and the time left; train nothing",
-    )
-    study.add_argument(
-        "--summarize", action="store_true", help="only write the summary of the runs so far"
-    )
-    study.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="train N runs at once, each in its own process (default 1); "
-        "a small model leaves most of a GPU idle, so N runs share one",
-    )
-    tasks = sub.add_parser("tasks", parents=[common], help="list the task sources and verifiers")
-    tasks.add_argument("--all", action="store_true", help="list every reasoning-gym family")
-
-
 def cmd_probe(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from datetime import datetime
 
@@ -231,6 +72,24 @@ def cmd_probe(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     run_probe(cfg, args.items, kinds, out)
     print((out / "probe.md").read_text(), end="")
     print(f"written: {out / 'probe.json'}, {out / 'probe.md'}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import json
+
+    from .sft import sft
+
+    cfg = load_config(args.config, overrides)
+    quiet_libraries(args.debug)
+    run_dir = sft(cfg)
+    result = json.loads((run_dir / "eval.json").read_text())
+    print(
+        f"sft finished: {run_dir / 'model'}; held-out pass@1 {result['eval/pass@1']:.3f}, "
+        f"completions that show their work {100 * result['eval/steps_frac']:.0f} % "
+        f"({result['items']} items, {result['items_from']})"
+    )
+    print(f"next: rlsd train CONFIG --model.name {run_dir / 'model'}")
     return 0
 
 
@@ -414,6 +273,16 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         config = run_dir / "config.yaml"
         if not config.is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+        for key in ("output.dir", "output.run_name"):
+            if key in overrides:
+                raise ConfigError(
+                    f"command line: --{key}: --resume RUN_DIR names the run directory; to "
+                    "continue the run elsewhere, move or copy the directory and resume that"
+                )
+        if run_dir.name in ("", ".", ".."):  # `--resume .`: the directory needs its name
+            run_dir = run_dir.resolve()
+        # the directory is the run's identity: where it lies and what it is called now are
+        # what the run continues in (run.check_resumable does not compare them)
         overrides = {
             **overrides,
             "output.dir": str(run_dir.parent),
@@ -436,10 +305,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     metrics_file = run_dir / "metrics.jsonl"
     from .tracking import read_jsonl
 
-    rows = read_jsonl(metrics_file)
-    tail = rows[-5:]
-    acc = sum(r["reward/accuracy"] for r in tail) / len(tail)
-    print(f"finished {len(rows)} steps; accuracy over the last {len(tail)} steps: {acc:.3f}")
+    rows = read_jsonl(metrics_file) if metrics_file.is_file() else []
+    tail = [r["reward/accuracy"] for r in rows[-5:] if "reward/accuracy" in r]
+    acc = f"{sum(tail) / len(tail):.3f}" if tail else "-"
+    print(f"finished {len(rows)} steps; accuracy over the last {len(tail)} steps: {acc}")
     print(f"run directory: {run_dir}")
     if cfg.output.report:
         from .report import write_report
@@ -474,12 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        if args.command in ("train", "eval", "check-reward", "probe"):  # these take overrides
+        if args.command in ("train", "eval", "check-reward", "probe", "sft"):  # take overrides
             return {
                 "train": cmd_train,
                 "eval": cmd_eval,
                 "check-reward": cmd_check_reward,
                 "probe": cmd_probe,
+                "sft": cmd_sft,
             }[args.command](args, overrides)
         if overrides:
             raise ConfigError(
@@ -498,6 +368,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rlsd: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (start-up, a report, eval)
+        if debug:
+            raise
+        print(
+            f"rlsd: interrupted (Ctrl-C) during {args.command}; "
+            "checkpoints and logs already written are kept",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -58,6 +58,8 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 LEGACY_DEFAULTS = {
     "algorithm.std": "population",  # 2026-12: the unbiased std became the default
     "algorithm.dual_clip": 0.0,  # 2026-12: the dual clip (3.0) became the default
+    "train.max_idle_steps": 0,  # 2026-12: runs that cannot learn stop (resume-safe)
+    "reward.max_error_steps": 0,  # 2026-12: runs whose verifier always fails stop
     "rlsd.max_spanless_steps": 0,  # 2026-12: thought_only runs stop without spans (resume-safe)
 }
 
@@ -238,6 +240,12 @@ def validate(cfg: Config) -> None:
             f"reward.code_timeout: {cfg.reward.code_timeout} s must be below "
             f"reward.timeout ({cfg.reward.timeout} s)"
         )
+    if "code" in cfg.reward.verifiers:
+        from .rewards.sandbox import sandbox_problem
+
+        problem = sandbox_problem(cfg.reward.code_sandbox)  # probes once; warns for `none`
+        if problem:
+            raise ConfigError(f"reward.code_sandbox: {problem}")
     if "regex" in cfg.reward.verifiers:
         if not cfg.reward.pattern:
             raise ConfigError("reward.pattern: required by the regex verifier")

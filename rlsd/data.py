@@ -8,6 +8,7 @@ its scorer needs). Sources: a reasoning-gym task family, or a JSONL / CSV / Parq
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -80,37 +81,87 @@ def humaneval_records() -> list[Record]:
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs of a JSONL, CSV or Parquet file."""
+    """(line number, row) pairs of a JSONL, CSV or Parquet file (for Parquet, the row number).
+    Anything unreadable is a DataError naming the file and, for text, the 1-based line."""
     suffix = path.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".json"):
-            rows = []
-            with path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}:{lineno}: expected a JSON object")
-                    rows.append((lineno, row))
-            return rows
-        if suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as fh:
-                return [(i + 2, row) for i, row in enumerate(csv.DictReader(fh))]
-        if suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataError(
-                    f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
-                ) from None
-            return [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if suffix in (".jsonl", ".json"):
+        return _jsonl_rows(path, _utf8_text(path))
+    if suffix == ".csv":
+        return _csv_rows(path, _utf8_text(path))
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(
+                f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
+            ) from None
+        try:
+            table = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow's errors for a corrupt or foreign file vary
+            raise DataError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        return list(enumerate(table, 1))
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .csv or .parquet)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming their line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    return text.removeprefix("\ufeff")  # a byte-order mark (spreadsheet exports) is no text
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # JSON Lines end lines with \n only
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+        except (ValueError, RecursionError) as exc:  # a 5000-digit number, deep nesting
+            raise DataError(f"{path}:{lineno}: invalid JSON: {_first_line(exc)}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object")
+        rows.append((lineno, row))
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    """Rows keyed by the header; a row with more fields than the header is an error (fewer
+    leave the rest empty). Each row is numbered by the line it starts on."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, dict]] = []
+    header: list[str] | None = None
+    start = 1  # the line the next row starts on (a quoted field may span lines)
+    try:
+        for fields in reader:
+            line, start = start, reader.line_num + 1
+            if not fields:  # a blank line
+                continue
+            if header is None:
+                header = fields
+                continue
+            if len(fields) > len(header):
+                raise DataError(
+                    f"{path}:{line}: {len(fields)} fields, but the header has {len(header)} "
+                    "(quote a field that holds a comma)"
+                )
+            rows.append((line, dict(zip(header, fields + [None] * (len(header) - len(fields))))))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{start}: not valid CSV ({exc})") from None
+    return rows
 
 
 def file_records(path: str, prompt_col: str, answer_col: str, solution_col: str) -> list[Record]:
@@ -195,13 +246,20 @@ def hf_disk_records(
         raise DataError(
             f"{path}: reading a saved HF dataset needs the datasets package (pip install datasets)"
         ) from None
-    data = datasets.load_from_disk(str(path))
-    if isinstance(data, datasets.DatasetDict):
-        split = "train" if "train" in data else next(iter(data))
-        data = data[split]
-    return rows_to_records(
-        path, [(i + 1, row) for i, row in enumerate(data)], prompt_col, answer_col, solution_col
-    )
+    try:
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if not data:
+                raise DataError(f"{path}: a saved DatasetDict without splits")
+            data = data["train" if "train" in data else next(iter(data))]
+        rows = list(enumerate(data, 1))
+    except DataError:
+        raise
+    except Exception as exc:  # not a saved data set, or its files are damaged
+        raise DataError(
+            f"{path}: not a data set saved with HF datasets' save_to_disk ({_first_line(exc)})"
+        ) from None
+    return rows_to_records(path, rows, prompt_col, answer_col, solution_col)
 
 
 def split_heldout(records: list[Record], n: int, seed: int) -> tuple[list[Record], list[Record]]:

@@ -77,34 +77,37 @@ def evaluate(
     samples = 1 if greedy else k
     per_decode = max(EVAL_SEQUENCES, cfg.train.prompts_per_step * cfg.rollout.num_generations)
     batch_prompts = batch_prompts or max(per_decode // samples, 1)
-    items = []
-    for start in range(0, len(records), batch_prompts):
-        chunk = records[start : start + batch_prompts]
-        batch = sample_completions(
-            lm,
-            [renderer.student_ids(r) for r in chunk],
-            rollout,
-            tokenizer.pad_token_id,
-            stop_ids,
-            device,
-            greedy=greedy,
-        )
-        texts = tokenizer.batch_decode(
-            [i[m].tolist() for i, m in zip(batch.completion_ids, batch.completion_mask)],
-            skip_special_tokens=True,
-        )
-        rows = [r for r in chunk for _ in range(samples)]
-        columns = {
-            "answer": [r.answer for r in rows],
-            "solution": [r.solution for r in rows],
-            "metadata": [r.metadata for r in rows],
-        }
-        _, correct, _ = reward_fn([renderer.student_text(r) for r in rows], texts, columns)
-        for j, record in enumerate(chunk):
-            part = slice(j * samples, (j + 1) * samples)
-            items.append(item_result(cfg, record, texts[part], correct[part]))
-        if progress:
-            progress(len(chunk))
+    try:  # the verifier pool's workers stop with the evaluation
+        items = []
+        for start in range(0, len(records), batch_prompts):
+            chunk = records[start : start + batch_prompts]
+            batch = sample_completions(
+                lm,
+                [renderer.student_ids(r) for r in chunk],
+                rollout,
+                tokenizer.pad_token_id,
+                stop_ids,
+                device,
+                greedy=greedy,
+            )
+            texts = tokenizer.batch_decode(
+                [i[m].tolist() for i, m in zip(batch.completion_ids, batch.completion_mask)],
+                skip_special_tokens=True,
+            )
+            rows = [r for r in chunk for _ in range(samples)]
+            columns = {
+                "answer": [r.answer for r in rows],
+                "solution": [r.solution for r in rows],
+                "metadata": [r.metadata for r in rows],
+            }
+            _, correct, _ = reward_fn([renderer.student_text(r) for r in rows], texts, columns)
+            for j, record in enumerate(chunk):
+                part = slice(j * samples, (j + 1) * samples)
+                items.append(item_result(cfg, record, texts[part], correct[part]))
+            if progress:
+                progress(len(chunk))
+    finally:
+        reward_fn.close()
     return summarise(items, samples)
 
 

@@ -79,6 +79,28 @@ def cache_gguf_as_safetensors(gguf: Path, target: Path) -> Path:
     return target
 
 
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle weight files
+CONVERT = (
+    'python -c "import sys; from transformers import AutoModelForCausalLM as M, AutoTokenizer '
+    'as T; [c.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2]) for c in (M, T)]" '
+)
+
+
+def check_weights_format(path: Path) -> None:
+    """Weights are read only from safetensors (or GGUF), never unpickled: a model directory
+    whose weights are only pickles (`pytorch_model.bin`) is refused, with the command that
+    converts it once (which unpickles it: run it only on a file you trust)."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLES and p.is_file())
+    if pickles:
+        raise ConfigError(
+            f"model.name: {path} holds its weights only as {pickles[0]} (a pickle); rlsd reads "
+            "weights only from safetensors or GGUF. If you trust the file, convert it once: "
+            f"{CONVERT}{path} {path}-safetensors"
+        )
+
+
 def resolve_model_path(name: str) -> Path | str:
     """The local directory (or cached HF id) that holds a config's model.name."""
     if name in ALIASES:
@@ -93,6 +115,7 @@ def resolve_model_path(name: str) -> Path | str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.name: {path} is a directory without config.json")
+        check_weights_format(path)
         return path
     if path.exists() or name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name: {name!r} is not a model directory or .gguf file")
@@ -120,7 +143,9 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     where = resolve_model_path(cfg.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(  # safetensors only, never a pickle
+            where, dtype=dtype, local_files_only=True, use_safetensors=True
+        )
     except Exception as exc:  # missing, truncated or corrupt files: say which model, one line
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(

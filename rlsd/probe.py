@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,25 +187,30 @@ def logps_after(
     return torch.cat(out)
 
 
-def run_probe(cfg: Any, items: int, kinds: list[str], out_dir: Path) -> dict[str, Any]:
-    """Sample, score and judge every candidate context; writes probe.json and probe.md."""
-    from .data import PromptRenderer, with_worked_solutions
-    from .evaluate import eval_items
-    from .logprobs import TokenScorer
-    from .models import load_model, pick_device, pick_dtype, stop_token_ids
+@dataclass
+class Judged:
+    """The judged completions of a probe (G per prompt) and the other G of each prompt."""
+
+    batch: Batch  # (K * G, ...) the judged completions
+    texts: list[str]
+    correct: list[bool]
+    lengths: list[int]
+    adv: torch.Tensor  # (K * G,) group advantages
+    pool: dict[int, list[tuple[str, bool, int]]]  # prompt -> (text, correct, length) of the rest
+
+
+def sample_groups(
+    cfg: Any, lm: Any, tokenizer: Any, renderer: Any, recs: list[Any], device: Any
+) -> Judged:
+    """2G completions per prompt, scored; the first G of each prompt are the judged ones."""
+    from .models import stop_token_ids
     from .rewards import build_reward
 
-    device = pick_device(cfg.model)
-    lm, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, device))
-    lm = lm.to(device).eval()
-    recs, source = eval_items(cfg, items)
-    if "worked" in kinds and cfg.data.source == "reasoning_gym":
-        recs = attach_worked(recs, with_worked_solutions)
-    renderer, reward_fn = PromptRenderer(cfg.data, tokenizer), build_reward(cfg.reward)
     group = cfg.rollout.num_generations
+    prompts = [renderer.student_ids(r) for r in recs]
     batch = sample_completions(
         lm,
-        [renderer.student_ids(r) for r in recs],
+        prompts,
         replace(cfg.rollout, num_generations=2 * group),
         tokenizer.pad_token_id,
         stop_token_ids(lm, tokenizer),
@@ -215,28 +220,17 @@ def run_probe(cfg: Any, items: int, kinds: list[str], out_dir: Path) -> dict[str
         [i[m].tolist() for i, m in zip(batch.completion_ids, batch.completion_mask)],
         skip_special_tokens=True,
     )
-    rows2 = [r for r in recs for _ in range(2 * group)]
-    rewards, correct, _ = reward_fn(
-        [renderer.student_text(r) for r in rows2],
-        texts,
-        {
-            "answer": [r.answer for r in rows2],
-            "solution": [r.solution for r in rows2],
-            "metadata": [r.metadata for r in rows2],
-        },
-    )
+    rows = [r for r in recs for _ in range(2 * group)]
+    columns = {
+        "answer": [r.answer for r in rows],
+        "solution": [r.solution for r in rows],
+        "metadata": [r.metadata for r in rows],
+    }
+    with build_reward(cfg.reward) as reward_fn:  # its worker pool stops when it is done
+        rewards, correct, _ = reward_fn([renderer.student_text(r) for r in rows], texts, columns)
     lengths = batch.completion_mask.sum(1).tolist()
     judged = [i for i in range(len(texts)) if i % (2 * group) < group]
-    pool = {
-        p: [
-            (texts[i], correct[i], lengths[i])
-            for i in range(p * 2 * group + group, (p + 1) * 2 * group)
-        ]
-        for p in range(len(recs))
-    }
-    sub = batch.select(torch.tensor(judged))
-    j_texts, j_correct = [texts[i] for i in judged], [correct[i] for i in judged]
-    j_lengths = [lengths[i] for i in judged]
+    rest = {p: range(p * 2 * group + group, (p + 1) * 2 * group) for p in range(len(recs))}
     adv, _ = group_advantages(
         torch.tensor([rewards[i] for i in judged], dtype=torch.float32),
         group,
@@ -245,29 +239,50 @@ def run_probe(cfg: Any, items: int, kinds: list[str], out_dir: Path) -> dict[str
         cfg.algorithm.baseline,
         cfg.algorithm.std,
     )
-    scorer, rows = TokenScorer(lm, temperature=cfg.rollout.temperature), cfg.train.micro_batch_size
-    pad = tokenizer.pad_token_id
-    student = logps_after(
-        scorer,
-        [renderer.student_ids(recs[i // group]) for i in range(len(judged))],
-        sub,
-        pad,
-        device,
-        rows,
+    return Judged(
+        batch.select(torch.tensor(judged)),
+        [texts[i] for i in judged],
+        [correct[i] for i in judged],
+        [lengths[i] for i in judged],
+        adv,
+        {p: [(texts[i], correct[i], lengths[i]) for i in idx] for p, idx in rest.items()},
     )
+
+
+def run_probe(cfg: Any, items: int, kinds: list[str], out_dir: Path) -> dict[str, Any]:
+    """Sample, score and judge every candidate context; writes probe.json and probe.md."""
+    from .data import PromptRenderer, with_worked_solutions
+    from .evaluate import eval_items
+    from .logprobs import TokenScorer
+    from .models import load_model, pick_device, pick_dtype
+
+    device = pick_device(cfg.model)
+    lm, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, device))
+    lm = lm.to(device).eval()
+    recs, source = eval_items(cfg, items)
+    if "worked" in kinds and cfg.data.source == "reasoning_gym":
+        recs = attach_worked(recs, with_worked_solutions)
+    renderer, group = PromptRenderer(cfg.data, tokenizer), cfg.rollout.num_generations
+    judged = sample_groups(cfg, lm, tokenizer, renderer, recs, device)
+    sub, pad, rows = judged.batch, tokenizer.pad_token_id, cfg.train.micro_batch_size
+    scorer = TokenScorer(lm, temperature=cfg.rollout.temperature)
+    plain = [renderer.student_ids(recs[i // group]) for i in range(len(judged.texts))]
+    student = logps_after(scorer, plain, sub, pad, device, rows)
     pieces = token_pieces(tokenizer, sub.completion_ids, sub.completion_mask)
     result: dict[str, Any] = {
         "model": cfg.model.name,
         "items": len(recs),
         "items_from": source,
         "group": group,
-        "judged_completions": len(judged),
-        "accuracy": sum(j_correct) / max(len(judged), 1),
+        "judged_completions": len(judged.texts),
+        "accuracy": sum(judged.correct) / max(len(judged.texts), 1),
         "contexts": {},
     }
-    correct_t = torch.tensor(j_correct, dtype=torch.bool)
+    correct = torch.tensor(judged.correct, dtype=torch.bool)
     for kind in kinds:
-        contexts = candidate_contexts(kind, recs, j_texts, j_correct, j_lengths, group, pool)
+        contexts = candidate_contexts(
+            kind, recs, judged.texts, judged.correct, judged.lengths, group, judged.pool
+        )
         has = torch.tensor([c is not None for c in contexts], dtype=torch.bool)
         teacher = student.clone()
         if has.any():
@@ -276,7 +291,7 @@ def run_probe(cfg: Any, items: int, kinds: list[str], out_dir: Path) -> dict[str
             teacher[index] = logps_after(scorer, prompts, sub.select(index), pad, device, rows)
         delta = teacher_gap(teacher, student, sub.completion_mask)
         result["contexts"][kind] = context_stats(
-            delta, sub.completion_mask, correct_t, adv, has, cfg.rlsd.eps_w, pieces
+            delta, sub.completion_mask, correct, judged.adv, has, cfg.rlsd.eps_w, pieces
         )
     write_probe(result, out_dir)
     return result

@@ -50,24 +50,66 @@ class NullWriter:
         pass
 
 
+class _Unparsed(ValueError):
+    """A line that is not even JSON text (what a write cut short by a kill leaves)."""
+
+
+def _record(line: bytes) -> dict[str, Any]:
+    """The record of one log line; ValueError saying what is wrong with it."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _Unparsed(f"not UTF-8 text ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise _Unparsed(exc.msg) from None
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number, deep nesting
+        raise _Unparsed(type(exc).__name__) from None
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError("no step" if step is None else f"step {step!r} is not a step number")
+    for key, value in record.items():  # metrics (`section/name`) are numbers, as written
+        if "/" in key and not _is_metric_value(key, value):
+            raise ValueError(f"{key} is {json.dumps(value)[:40]}, not a number")
+    return record
+
+
+def _is_metric_value(key: str, value: Any) -> bool:
+    if isinstance(value, (int, float)):
+        return True
+    if isinstance(value, str):  # a non-finite number (see _clean), or what a scope names
+        return value in ("nan", "inf", "-inf") or key.endswith("_scope")
+    return False
+
+
+def _torn(lines: list[bytes], index: int, problem: ValueError) -> bool:
+    """A last line without its newline that does not parse was cut short by a kill."""
+    last = index == len(lines) - 1 and not lines[index].endswith((b"\n", b"\r"))
+    return last and isinstance(problem, _Unparsed)
+
+
 def jsonl_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Each record line of a JSONL file (with its newline) and its record. A last line cut
-    short (the process was killed while writing it) is left out; damage anywhere else is an
-    error naming the file and line."""
-    lines = [
-        x for x in Path(path).read_text(encoding="utf-8").splitlines(keepends=True) if x.strip()
-    ]
+    """Each record line of a run log (metrics, samples, evals; with its newline) and its
+    record: a JSON object with an integer `step`. A last line cut short (the process was
+    killed while writing it) is left out; damage anywhere else (bytes that are not UTF-8,
+    something that is not a JSON object, no integer step, a metric that is not a number) is an
+    error naming the file and 1-based line."""
+    lines = Path(path).read_bytes().splitlines(keepends=True)  # binary: \n, \r\n and \r only
     out = []
-    for number, line in enumerate(lines, 1):
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
-            out.append((line, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            if number == len(lines) and not line.endswith("\n"):
+            record = _record(line)  # checks the UTF-8 first
+            out.append((line.decode("utf-8"), record))
+        except ValueError as exc:
+            if _torn(lines, index, exc):
                 break  # a torn write: the step it belonged to is rerun on resume
             raise ConfigError(
-                f"{path}:{number}: not a JSON record ({exc.msg}); the log is "
-                "damaged, move the run away to start it afresh"
-            ) from exc
+                f"{path}:{index + 1}: not a JSON record ({exc}); the log is damaged: "
+                "remove that line, or move the run away to start it afresh"
+            ) from None
     return out
 
 

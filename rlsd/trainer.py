@@ -13,6 +13,7 @@ step, so gradient accumulation over micro-batches gives the same update as one b
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from .config import Config
 from .data import Record
 from .diagnostics import completion_spans, credit_diagnostics
 from .distributed import anywhere, reduce_metrics, shard, world
+from .progress import StepDisplay, Watch
 from .rollout import Batch, sample_completions
 from .run import Run, TrainingStopped, save, setup
 from .scoring import remember_step, step_contexts, teacher_pass
@@ -60,6 +62,8 @@ def score(
     }
     prompts = [run.renderer.student_text(r) for r in rows]
     rewards, correct, metrics = run.reward_fn(prompts, texts, columns)
+    # 1.0 when verifiers failed as often as there are completions (one failing on every one)
+    metrics["reward/error_frac"] = min(metrics.get("reward/errors", 0.0) / max(len(texts), 1), 1.0)
     return texts, torch.tensor(rewards, dtype=torch.float32), correct, metrics
 
 
@@ -257,28 +261,6 @@ def write_samples(
         run.samples.write(sample)
 
 
-def progress_bar(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]step"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn(
-            "reward {task.fields[reward]:.3f}  accuracy {task.fields[acc]:.3f} "
-            "(last 5 steps)  {task.fields[sps]:.1f} s/step"
-        ),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def evaluate_now(run: Run, step: int) -> dict[str, float]:
     """Greedy accuracy on the held-out items (chosen once, as `rlsd eval` chooses them)."""
     from .evaluate import eval_items, evaluate
@@ -352,59 +334,15 @@ def guarded_step(run: Run, step: int) -> dict[str, Any]:
         raise TrainingStopped(oom_message(run, step), 1) from None
 
 
-class Watch:
-    """Counts consecutive steps that went wrong, and says when training must stop: steps with a
-    NaN or infinite gradient (each skipped), and, under rlsd.thought_only, steps in which no
-    completion opened a reasoning span (each trained as plain GRPO; warned at the first)."""
-
-    def __init__(self, cfg: Config, method: Any):
-        self.cfg, self.nonfinite, self.spanless, self.warned = cfg, 0, 0, False
-        self.spans = method.reweights and cfg.rlsd.thought_only
-
-    def stop_reason(self, step: int, metrics: dict[str, Any]) -> tuple[str, str] | None:
-        cfg = self.cfg
-        self.nonfinite = self.nonfinite + 1 if metrics.get("train/nonfinite") else 0
-        if self.nonfinite >= cfg.train.max_nonfinite_steps:
-            return (
-                f"stopped after {self.nonfinite} consecutive steps with a NaN or infinite "
-                f"gradient (step {step}, skipped)",
-                "Lower train.lr or check the reward and data",
-            )
-        if not self.spans:
-            return None
-        r = cfg.rlsd
-        self.spanless = self.spanless + 1 if metrics.get("rlsd/span_frac") == 0 else 0
-        if self.spanless and not self.warned:
-            self.warned = True
-            log.warning(
-                "step %d: no completion opens a reasoning span (%r ... %r): under "
-                "rlsd.thought_only such a step is plain GRPO%s",
-                step,
-                r.thought_open,
-                r.thought_close,
-                f"; training stops after {r.max_spanless_steps} such steps in a row"
-                if r.max_spanless_steps
-                else "",
-            )
-        if r.max_spanless_steps and self.spanless >= r.max_spanless_steps:
-            return (
-                f"stopped after {self.spanless} consecutive steps in which no completion "
-                f"opened a reasoning span {r.thought_open!r} (step {step}); under "
-                "rlsd.thought_only they train as plain GRPO",
-                "Check the prompt asks for the "
-                "tags, set rlsd.thought_open/thought_close to what the model writes, or "
-                "drop rlsd.thought_only",
-            )
-        return None
-
-
 def train(cfg: Config, resume: bool = True) -> Path:
     """Run (or resume) the whole training job; returns the run directory.
 
     SIGINT / SIGTERM finish the current step, write a checkpoint and raise TrainingStopped; so
-    do the conditions `Watch` counts (`train.max_nonfinite_steps` consecutive steps with a NaN
-    or infinite gradient, `rlsd.max_spanless_steps` steps without a reasoning span).
+    do the conditions `progress.Watch` counts (NaN gradients, steps that cannot learn, a
+    verifier that always fails, thought_only steps without a reasoning span).
     """
+    if cfg.output.progress and int(os.environ.get("RANK", "0")) == 0:
+        print(f"rlsd: loading {cfg.model.name} and the data ...", flush=True)
     run = setup(cfg, resume)
     steps, every = cfg.train.steps, cfg.output.save_every
     caught: list[int] = []
@@ -412,25 +350,16 @@ def train(cfg: Config, resume: bool = True) -> Path:
         sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
         for sig in (signal.SIGINT, signal.SIGTERM)
     }
-    watch = Watch(cfg, run.method)
+    watch = Watch(cfg, run.method, run.reward_fn)
     try:
-        with progress_bar(cfg.output.progress and run.accelerator.is_main_process) as bar:
-            task = bar.add_task(
-                "train", total=steps, completed=run.start_step - 1, reward=0.0, acc=0.0, sps=0.0
-            )
+        shown = cfg.output.progress and run.accelerator.is_main_process
+        with StepDisplay(shown, steps, run.start_step - 1) as display:
             for step in range(run.start_step, steps + 1):
                 metrics = guarded_step(run, step)
                 run.metrics.write(metrics)
                 run.accelerator.log(tracker_values(metrics), step=step)
                 run.history.append(metrics)
-                recent = run.history[-5:]  # single steps are noisy: show a moving average
-                bar.update(
-                    task,
-                    advance=1,
-                    reward=sum(m["reward/mean"] for m in recent) / len(recent),
-                    acc=sum(m["reward/accuracy"] for m in recent) / len(recent),
-                    sps=metrics["perf/step_seconds"],
-                )
+                display.update(step, run.history)
                 signalled = anywhere(run.accelerator, bool(caught))  # on any process
                 reason = watch.stop_reason(step, metrics)
                 if step == steps or (every and step % every == 0) or signalled or reason:
@@ -451,6 +380,7 @@ def train(cfg: Config, resume: bool = True) -> Path:
         run.metrics.close()
         run.samples.close()
         run.evals.close()
+        run.reward_fn.close()  # the verifier pool's worker processes
         for tracker in run.accelerator.trackers:  # not end_training: it ends the process group
             tracker.finish()
     return run.run_dir

@@ -35,3 +35,8 @@ def sleepy_reward(prompts, completions, **columns):
 
 def garbage_reward(prompts, completions, **columns):
     return ["yes" if "1" in c else float("nan") for c in completions]
+
+
+def always_one(prompts, completions, **columns):
+    """Every completion is right: no group ever carries a gradient."""
+    return [1.0 for _ in completions]

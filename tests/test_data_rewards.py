@@ -44,6 +44,15 @@ def test_jsonl_and_csv_files(tmp_path):
         ("bin.jsonl", b'{"prompt": "\xff", "answer": "1"}\n', "not UTF-8"),
         ("d.txt", b"x", "unsupported file type"),
         ("empty.jsonl", b"\n", "no records"),
+        ("extra.csv", b"prompt,answer\nx,1\ny,2,3\n", "extra.csv:3: 3 fields, but the header"),
+        ("span.csv", b'prompt,answer\n"two\nlines",1\n,2\n', "span.csv:4: field 'prompt'"),
+        ("huge.csv", b"prompt,answer\nx,1\n" + b"y" * 200_000 + b",2\n", "huge.csv:3: not valid"),
+        ("bin3.jsonl", b'{"prompt": "x", "answer": "1"}\n\n{"prompt": "\xc3"}\n', "bin3.jsonl:3:"),
+        ("big.jsonl", b'{"prompt": "x", "answer": ' + b"1" * 5000 + b"}\n", "big.jsonl:1:"),
+        ("deep.jsonl", b"[" * 100_000 + b"\n", "deep.jsonl:1: invalid JSON: RecursionError"),
+        ("cr.jsonl", b'{"prompt": "x\\ry", "answer": "1"}\r\n{"q": 1}\r\n', "cr.jsonl:2:"),
+        ("bom.csv", b"\xef\xbb\xbfprompt,answer\nx,\n", "bom.csv:2: field 'answer'"),
+        ("bad.parquet", b"PAR1 not really PAR1", "bad.parquet: not a readable Parquet file"),
     ],
 )
 def test_bad_files_name_file_and_line(tmp_path, name, content, message):
@@ -51,6 +60,63 @@ def test_bad_files_name_file_and_line(tmp_path, name, content, message):
     path.write_bytes(content)
     with pytest.raises(DataError, match=message):
         file_records(str(path), "prompt", "answer", "solution")
+
+
+def _cli_error(overrides: dict, capsys) -> str:
+    """Train through the command line, expecting one error line and exit code 2."""
+    from rlsd.cli import main
+
+    from .test_cli import argv
+
+    code = main(["train", *argv(overrides)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("rlsd: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("d.csv", b"prompt,answer\n1+1,2\n2+2,4,x\n", "d.csv:3: 3 fields, but the header has 2"),
+        ("d.parquet", b"PAR1\x00\x01garbagePAR1", "d.parquet: not a readable Parquet file (Arrow"),
+        ("d.jsonl", b'{"prompt": "1", "answer": "2"}\n{"q": "\xff"}\n', "d.jsonl:2: not UTF-8"),
+    ],
+)
+def test_bad_data_files_through_the_cli(tiny_overrides, tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    err = _cli_error({**tiny_overrides, "data.source": "file", "data.path": str(path)}, capsys)
+    assert f"{tmp_path / message}" in err
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_a_directory_that_is_not_a_saved_dataset_through_the_cli(tiny_overrides, tmp_path, capsys):
+    folder = tmp_path / "not-a-dataset"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    err = _cli_error({**tiny_overrides, "data.source": "file", "data.path": str(folder)}, capsys)
+    assert f"{folder}: not a data set saved with HF datasets' save_to_disk (" in err
+
+
+def test_a_verifier_file_with_a_syntax_error_through_the_cli(tiny_overrides, tmp_path, capsys):
+    verifier = tmp_path / "my_verifier.py"
+    verifier.write_text("def score(prompts, completions, **columns):\n    return [1.0 for c in\n")
+    err = _cli_error({**tiny_overrides, "reward.verifiers": f"{verifier}:score"}, capsys)
+    assert f"reward.verifiers: {verifier}:2: syntax error: " in err
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.seed", "-1", "train.seed: must be >= 0, got -1"),
+        ("train.seed", str(2**70), f"train.seed: must be <= {2**32 - 1}, got {2**70}"),
+        ("data.seed", "-3", "data.seed: must be >= 0, got -3"),
+        ("data.seed", str(2**32), f"data.seed: must be <= {2**32 - 1}, got {2**32}"),
+    ],
+)
+def test_an_out_of_range_seed_through_the_cli(tiny_overrides, capsys, key, value, message):
+    assert message in _cli_error({**tiny_overrides, key: value}, capsys)
 
 
 def test_renderer_and_preflight():

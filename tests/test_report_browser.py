@@ -1,7 +1,7 @@
-"""The report as a browser shows it (headless Chromium): a screenshot, no console messages, one
-element per completion token, colours that follow the multipliers and, after the switch, the
-advantages. CI installs Debian's chromium and sets RLSD_REQUIRE_BROWSER=1, so there these tests
-fail rather than skip when the browser is missing."""
+"""The report as a browser shows it (headless Chromium): a full-page screenshot, no console
+messages, one element per completion token, colours that follow the multipliers and, after the
+switch, the advantages. CI installs Debian's chromium and sets RLSD_REQUIRE_BROWSER=1, so there
+these tests fail rather than skip when the browser is missing."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlsd.cli import main
-from rlsd.report.browser import find_browser, rendered_dom
+from rlsd.report.browser import find_browser, rendered_dom, run_headless
 
 from .test_cli import argv
 
@@ -115,11 +115,30 @@ def test_switch_recolours_by_advantage(report):
     assert '<span id="scale">final advantage A_t: full colour at 0 ±' in dom  # legend follows
 
 
-def test_screenshot_is_a_real_picture(report, tmp_path):
+def scroll_height(page: Path, tmp_path: Path, width: int = 1280) -> int:
+    """The page's scrollHeight once loaded, read from the DOM (not through browser.page_height):
+    a copy of the page writes it into an attribute."""
+    text = page.read_text()
+    probe = tmp_path / "probe.html"
+    script = (
+        "<script>addEventListener('load', function () { document.body.setAttribute("
+        "'data-height', document.documentElement.scrollHeight); });</script>"
+    )
+    probe.write_text(text.replace("</body>", script + "</body>"))
+    dom, _ = run_headless(probe, "--dump-dom", f"--window-size={width},200")
+    return int(re.search(r'data-height="(\d+)"', dom).group(1))
+
+
+def test_screenshot_is_the_whole_page(report, tmp_path):
     import matplotlib.image
 
     page, _ = report
     assert main(["report", str(page.parent), "--screenshot"]) == 0
     pixels = matplotlib.image.imread(page.parent / "report.png")
-    assert pixels.shape[:2] == (2400, 1280)
+    height = scroll_height(page, tmp_path)
+    assert height > 1000  # a real page, taller than the window it was measured in
+    assert pixels.shape[1] == 1280 and height <= pixels.shape[0] <= height + 2  # the page, whole
     assert pixels[..., :3].std() > 0.05  # not a blank page
+    # the page's end is in the picture: the config block (background #f6f6f6) near the bottom
+    grey = (abs(pixels[-200:, :, :3] - 246 / 255) < 2 / 255).all(axis=-1)
+    assert grey.any(axis=1).sum() > 50

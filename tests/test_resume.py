@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,3 +313,245 @@ def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         write_atomic(target, '{"k": 8}')
     assert target.read_text() == '{"k": 4}'
+
+
+def _rehash(ckpt: Path) -> None:
+    """Rewrite checksums.json to match the files as they are: damage checksums cannot see."""
+    from rlsd.checkpoint import file_sha256
+
+    files = [p for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != "checksums.json"]
+    (ckpt / "checksums.json").write_text(json.dumps({p.name: file_sha256(p) for p in files}))
+
+
+def _sums(ckpt: Path) -> dict:
+    return json.loads((ckpt / "checksums.json").read_text())
+
+
+def _write_sums(ckpt: Path, sums: dict) -> None:
+    (ckpt / "checksums.json").write_text(json.dumps(sums))
+
+
+CHECKSUM_DAMAGE = {
+    "no checksums.json": lambda c: (c / "checksums.json").unlink(),
+    "checksums.json is corrupt": lambda c: (c / "checksums.json").write_bytes(b"\xff{"),
+    "checksums.json is malformed": lambda c: (c / "checksums.json").write_text("[1, 2]"),
+    "checksums.json does not list optimizer.pt": lambda c: _write_sums(
+        c, {k: v for k, v in _sums(c).items() if k != "optimizer.pt"}
+    ),
+    "extra.bin is not in checksums.json": lambda c: (c / "extra.bin").write_bytes(b"x"),
+    "rng.pt does not match its checksum": lambda c: _write_sums(
+        c, {**_sums(c), "rng.pt": "0" * 64}
+    ),
+    "checksums.json is malformed (a path)": lambda c: _write_sums(
+        c, {**_sums(c), "../latest": "0" * 64}
+    ),
+}
+
+
+def test_a_checkpoint_with_a_missing_or_mismatched_checksum_file_is_skipped(tiny_overrides, caplog):
+    """Each way checksums.json can be missing or disagree with the files makes the checkpoint
+    damaged (skipped with a warning); resuming redoes its steps exactly."""
+    from rlsd.checkpoint import latest_checkpoint, verify
+
+    run_dir = train(
+        load_config(None, {**tiny_overrides, "train.steps": "3", "output.save_every": "1"})
+    )
+    want = metrics(run_dir)
+    newest = run_dir / "checkpoint-3"
+    assert verify(newest) is None
+    pristine = run_dir / "pristine"
+    shutil.copytree(newest, pristine)
+    for problem, damage in CHECKSUM_DAMAGE.items():
+        shutil.rmtree(newest)
+        shutil.copytree(pristine, newest)
+        damage(newest)
+        assert verify(newest) == problem.split(" (")[0], problem
+        caplog.clear()
+        assert latest_checkpoint(run_dir).name == "checkpoint-2", problem
+        assert f"checkpoint-3 is damaged ({problem.split(' (')[0]})" in caplog.text
+    shutil.rmtree(pristine)
+    (newest / "checksums.json").unlink()
+    assert main(["train", "--resume", str(run_dir), "--train.steps", "3"]) == 0
+    assert metrics(run_dir) == want  # step 3 redone from checkpoint-2, exactly
+    assert verify(newest) is None  # and checkpoint-3 written again, whole
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_is_refused_not_restarted(tiny_overrides, capsys):
+    run_dir = train(load_config(None, {**tiny_overrides, "output.save_every": "1"}))
+    log_before = (run_dir / "metrics.jsonl").read_bytes()
+    for ckpt in ("checkpoint-1", "checkpoint-2"):
+        target = run_dir / ckpt / "adapter_model.safetensors"
+        target.write_bytes(target.read_bytes()[:-8] + b"\x00" * 8)
+    for command in (
+        ["train", "--resume", str(run_dir), "--train.steps", "3"],
+        ["train", *argv(tiny_overrides), "--train.steps", "3"],  # the same command again
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"rlsd: error: {run_dir}: no intact checkpoint to resume from (")
+        assert "checkpoint-2: adapter_model.safetensors does not match its checksum" in err
+        assert "refusing to start over at step 1" in err and "\n" not in err
+    assert (run_dir / "metrics.jsonl").read_bytes() == log_before  # its history untouched
+    for ckpt in ("checkpoint-1", "checkpoint-2"):  # gone, while `latest` still names one
+        shutil.rmtree(run_dir / ckpt)
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    assert "no intact checkpoint to resume from" in capsys.readouterr().err
+    (run_dir / "latest").unlink()  # no checkpoint was ever written: starting at 1 is right
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+
+
+def test_temporary_checkpoints_left_by_a_kill_are_removed_on_the_next_start(tiny_overrides):
+    run_dir = train(load_config(None, tiny_overrides))
+    stale = run_dir / ".checkpoint-3.x8k2_q"  # as tempfile.mkdtemp names them
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"\x00" * 1024)
+    (run_dir / "latest.tmp").write_text("checkpoint-3\n")
+    assert main(["train", "--resume", str(run_dir), "--train.steps", "3"]) == 0
+    assert not stale.exists() and not (run_dir / "latest.tmp").exists()
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+
+class _Payload:
+    """A pickle that runs a command when unpickled (what weights_only=True must refuse)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("optimizer.pt", "malicious"),
+        ("rng.pt", "malicious"),
+        ("optimizer.pt", "not an optimizer state"),
+        ("rng.pt", "not an RNG state"),
+        ("rng.pt", "garbage"),
+    ],
+)
+def test_an_unreadable_or_malicious_optimizer_or_rng_file_falls_back(
+    tiny_overrides, tmp_path, caplog, name, kind
+):
+    """The file passes its checksum (rewritten to match) yet cannot be loaded safely: the
+    checkpoint is skipped with a warning and the run continues, exactly, from the previous."""
+    import pickle
+
+    run_dir = train(
+        load_config(None, {**tiny_overrides, "train.steps": "3", "output.save_every": "1"})
+    )
+    want = metrics(run_dir)
+    target = run_dir / "checkpoint-3" / name
+    marker = tmp_path / "pwned"
+    if kind == "malicious":
+        target.write_bytes(pickle.dumps(_Payload(marker)))
+    elif kind == "not an optimizer state":
+        torch.save({"state": {}, "param_groups": []}, target)
+    elif kind == "not an RNG state":
+        torch.save({"python": [3, [1, 2], None], "numpy": [], "torch": torch.zeros(3)}, target)
+    else:
+        target.write_bytes(os.urandom(512))
+    _rehash(run_dir / "checkpoint-3")
+    assert main(["train", "--resume", str(run_dir), "--train.steps", "3"]) == 0
+    assert not marker.exists()  # nothing was unpickled
+    assert metrics(run_dir) == want  # step 3 redone from checkpoint-2, exactly
+    assert "checkpoint-3" in caplog.text
+    assert "falling back to the previous checkpoint" in caplog.text
+
+
+def test_when_no_checkpoint_can_be_read_back_the_run_stops(tiny_overrides, tmp_path, capsys):
+    import pickle
+
+    run_dir = train(load_config(None, tiny_overrides))  # one checkpoint: checkpoint-2
+    log_before = (run_dir / "metrics.jsonl").read_bytes()
+    (run_dir / "checkpoint-2" / "optimizer.pt").write_bytes(
+        pickle.dumps(_Payload(tmp_path / "pwned"))
+    )
+    _rehash(run_dir / "checkpoint-2")
+    assert main(["train", "--resume", str(run_dir), "--train.steps", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlsd: error: {run_dir}: no checkpoint can be read back (newest: ")
+    assert "optimizer.pt cannot be read (UnpicklingError" in err and "\n" not in err
+    assert (run_dir / "metrics.jsonl").read_bytes() == log_before
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(tiny_overrides, tmp_path):
+    """A real SIGINT while the model loads (held there by a patched loader)."""
+    marker = tmp_path / "loading"
+    script = (
+        "import sys, time\n"
+        "import rlsd.run\n"
+        "def slow(*a, **k):\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "    time.sleep(120)\n"
+        "rlsd.run.load_model = slow\n"
+        "from rlsd.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "train", *argv(tiny_overrides)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == (
+        "rlsd: interrupted (Ctrl-C) during train; checkpoints and logs already written are kept"
+    )
+
+
+def test_a_model_directory_with_only_pickled_weights_is_refused(
+    tiny_model_dir, tiny_overrides, tmp_path, capsys
+):
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    code = main(["train", *argv({**tiny_overrides, "model.name": str(pickled)})])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith(
+        f"rlsd: error: model.name: {pickled} holds its weights only as pytorch_model.bin "
+        "(a pickle); rlsd reads weights only from safetensors or GGUF. If you trust the "
+        "file, convert it once: python -c"
+    )
+    assert err.endswith(f"{pickled} {pickled}-safetensors")
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        (b"\xff\xfe binary \x00\n", "not UTF-8 text"),
+        (b"[1, 2]\n", "a JSON list, not an object"),
+        (b'{"reward/mean": 0.5}\n', "no step"),
+        (b'{"step": "2", "reward/mean": 0.5}\n', "step '2' is not a step number"),
+        (b'{"step": 2, "reward/accuracy": "high"}\n', 'reward/accuracy is "high", not a number'),
+        (b'{"step": 2, "reward/mean": null}\n', "reward/mean is null, not a number"),
+    ],
+)
+def test_a_malformed_metrics_line_is_one_line_when_resuming_and_reporting(
+    tiny_overrides, capsys, line, problem
+):
+    run_dir = train(load_config(None, tiny_overrides))
+    first = (run_dir / "metrics.jsonl").read_bytes().splitlines(keepends=True)[0]
+    (run_dir / "metrics.jsonl").write_bytes(first + line)
+    for command in (
+        ["train", "--resume", str(run_dir), "--train.steps", "3"],
+        ["report", str(run_dir)],
+        ["compare", str(run_dir), "--out", str(run_dir.parent / "compare")],
+    ):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"rlsd: error: {run_dir / 'metrics.jsonl'}:2: not a JSON record")
+        assert f"({problem}" in err and "\n" not in err, command

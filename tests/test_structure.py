@@ -44,7 +44,7 @@ def test_preflight_checks_every_record_not_only_the_first_ones():
 def test_watch_warns_once_and_stops_after_the_configured_spanless_steps(caplog):
     cfg = load_config(None, {"rlsd.thought_only": "true", "rlsd.max_spanless_steps": "3"})
     watch = Watch(cfg, method_for(cfg))
-    with caplog.at_level(logging.WARNING, logger="rlsd.trainer"):
+    with caplog.at_level(logging.WARNING, logger="rlsd.progress"):
         assert watch.stop_reason(1, {"rlsd/span_frac": 0.0}) is None
         assert watch.stop_reason(2, {"rlsd/span_frac": 0.5}) is None  # a span resets the count
         assert watch.stop_reason(3, {"rlsd/span_frac": 0.0}) is None

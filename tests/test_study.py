@@ -119,13 +119,14 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     diff, low, high = arms["rlsd"]["vs_reference"]
     assert diff == pytest.approx(arms["rlsd"]["final"][0] - arms["grpo"]["final"][0])
     assert low <= diff <= high
-    # a killed study: drop one run's last step and checkpoint; the rerun redoes only that
+    # a killed study: one run died after logging step 1, before its first (and only, final)
+    # checkpoint: no checkpoint and no `latest`; the rerun redoes only that run
     victim = tmp_path / "study" / "arith" / "rlsd-seed1"
     metrics = victim / "metrics.jsonl"
     metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
-    for ckpt in victim.glob("checkpoint-2"):
+    for ckpt in victim.glob("checkpoint-*"):
         shutil.rmtree(ckpt)
-    (victim / "latest").write_text("checkpoint-1\n")
+    (victim / "latest").unlink()
     (victim / "passk.json").unlink()  # written only once a run has finished
     untouched = (tmp_path / "study" / "arith" / "grpo-seed0" / "metrics.jsonl").stat().st_mtime_ns
     assert main(["study", str(path), "--dry-run"]) == 0

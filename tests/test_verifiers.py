@@ -173,14 +173,14 @@ def test_training_survives_a_flaky_and_a_hung_verifier(tiny_overrides):
     verifiers = ",".join(
         f"{TESTS_DIR / 'rewards_for_tests.py'}:{v}" for v in ("flaky_reward", "sleepy_reward")
     )
-    run_dir = train(
-        load_config(
-            None, {**tiny_overrides, "reward.verifiers": verifiers, "reward.timeout": "0.2"}
-        )
-    )
+    overrides = {"reward.verifiers": verifiers, "reward.timeout": "0.2", "reward.workers": "1"}
+    run_dir = train(load_config(None, {**tiny_overrides, **overrides}))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert sum(r["reward/errors"] for r in rows) >= 5  # every third of 16 calls raised
+    # every third call raised: the 3rd and 6th of each step's 8, counted in the one worker
+    # process (a user verifier's module state lives in its worker; the hung verifier's
+    # time-outs replace that worker, so each step starts counting afresh)
+    assert [r["reward/errors"] for r in rows] == [2, 2]
     assert all(r["reward/timeouts"] == 8 for r in rows)  # the hung verifier, every completion
 
 

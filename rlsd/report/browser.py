@@ -1,6 +1,7 @@
 """Render a report with a headless Chromium: a PNG screenshot, or the DOM after its script ran.
 
-Used by `rlsd report RUN_DIR --screenshot` and by the rendering tests. Chromium is not a Python
+Used by `rlsd report RUN_DIR --screenshot` (the whole page: its height is measured first, in the
+browser) and by the rendering tests. Chromium is not a Python
 dependency: Debian's `chromium` package (or Google Chrome) on the PATH is found; without one,
 a clear error says what to install.
 """
@@ -63,10 +64,39 @@ def run_headless(
     return done.stdout, console
 
 
+MAX_HEIGHT = 16384  # pixels: a taller page is cut there (Chromium's limit for one image)
+HEIGHT = re.compile(r"rlsd-page-height (\d+)")
+MEASURE = (
+    "<script>addEventListener('load', function () {"
+    " console.log('rlsd-page-height ' + document.documentElement.scrollHeight); });</script>"
+)
+
+
+def page_height(page: Path, width: int = 1280, fragment: str = "") -> int:
+    """The page's whole height in pixels at `width` (its scrollHeight once loaded, measured in a
+    copy of the page with one more script, in a window shorter than any page)."""
+    text = page.read_text(encoding="utf-8")
+    at = text.rfind("</body>")
+    text = text[:at] + MEASURE + text[at:] if at >= 0 else text + MEASURE
+    with tempfile.TemporaryDirectory(prefix="rlsd-measure-") as tmp:
+        probe = Path(tmp) / page.name
+        probe.write_text(text, encoding="utf-8")
+        _, console = run_headless(
+            probe, "--dump-dom", f"--window-size={width},200", fragment=fragment
+        )
+    heights = [int(m.group(1)) for line in console if (m := HEIGHT.search(line))]
+    if not heights:
+        raise RuntimeError(f"the browser did not report the height of {page}")
+    return heights[-1]
+
+
 def screenshot(
-    page: Path, png: Path, width: int = 1280, height: int = 2400, fragment: str = ""
+    page: Path, png: Path, width: int = 1280, height: int | None = None, fragment: str = ""
 ) -> Path:
-    """Write a PNG of the page's first `height` pixels at `width`."""
+    """Write a PNG of the page at `width`: the whole page (height None, up to MAX_HEIGHT
+    pixels) or its first `height` pixels."""
+    if height is None:
+        height = min(page_height(page, width, fragment), MAX_HEIGHT)
     run_headless(
         page, f"--screenshot={png.resolve()}", f"--window-size={width},{height}", fragment=fragment
     )

@@ -7,6 +7,10 @@ share) or the final token advantage A_t (green: pushed up, red: pushed down; the
 the distillation methods). A switch recolours the page (or open it as report.html#advantage);
 hovering a token shows its values. The reward, the prompt and the teacher's privileged context
 stand beside each completion. One short inline script, no network.
+
+The header sums the run up (steps, method, final reward and accuracy, held-out pass@1, run time,
+peak memory); the held-out section lists every `rlsd eval RUN_DIR` result in the run directory
+(eval-*.json) and training's own evaluations (evals.jsonl).
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from typing import Any
 from ..algorithms.method import method_for
 from ..config import load_config, to_yaml
 from ..tracking import read_jsonl
+from .compare import FINAL_WINDOW
+from .evals import (
+    checkpoint_evals,
+    describe_checkpoint_eval,
+    describe_training_eval,
+    training_evals,
+)
 from .plots import curves_png
 
 
@@ -143,6 +154,8 @@ h1{font-size:20px}h2{font-size:16px;margin-top:28px}
 .legend span{padding:1px 6px;margin-right:6px;border-radius:2px}
 .legend label{margin-right:10px}details.ref summary{cursor:pointer}
 pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:2px 8px}
+th{text-align:left;background:#f6f6f6}img{max-width:100%}
 """
 
 
@@ -169,8 +182,109 @@ def scale_text(key: str, centre: float, span: float) -> str:
     return f"{LABELS[key]}: full colour at {centre:g} ± {span:.4g}"
 
 
-def write_report(run_dir: Path, tokenizer: Any = None) -> Path:
-    """Write run_dir/report.html and return its path."""
+def duration(seconds: float) -> str:
+    """4 h 2 min, 13 min 20 s, 42 s."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def final_figures(rows: list[dict], metric: str) -> str | None:
+    """ "0.250 at step 30 (0.213 over the last 5 steps)" for a metric, or None."""
+    points = [(r["step"], r[metric]) for r in rows if isinstance(r.get(metric), (int, float))]
+    if not points:
+        return None
+    tail = [v for _, v in points[-FINAL_WINDOW:]]
+    return (
+        f"{points[-1][1]:.3f} at step {points[-1][0]} "
+        f"({sum(tail) / len(tail):.3f} over the last {len(tail)} steps)"
+    )
+
+
+def summary_rows(
+    cfg: Any, rows: list[dict], checkpoint: list[dict], trained: list[dict]
+) -> list[tuple[str, str]]:
+    """The report's header as (name, value) pairs: steps, method, final reward and accuracy,
+    held-out pass@1, run time and peak memory; figures the run lacks are left out."""
+    last = rows[-1] if rows else {}
+    out = [
+        ("steps", f"{last.get('step', 0)} of {cfg.train.steps} ({len(rows)} logged)"),
+        ("method", f"{cfg.algorithm.name} on {cfg.model.name}"),
+    ]
+    for name, metric in (("final reward", "reward/mean"), ("final accuracy", "reward/accuracy")):
+        if text := final_figures(rows, metric):
+            out.append((name, text))
+    held = [f"{e['pass@1']:.3f} ({describe_checkpoint_eval(e)})" for e in checkpoint[-1:]]
+    held += [f"{e['pass@1']:.3f} ({describe_training_eval(e)})" for e in trained[-1:]]
+    if held:
+        out.append(("held-out pass@1", "; ".join(held)))
+    steps = sum(r.get("perf/step_seconds", 0.0) for r in rows)
+    evals = sum(r.get("eval/seconds", 0.0) for r in rows)
+    if steps:
+        out.append(
+            (
+                "run time",
+                duration(steps) + (f" of steps + {duration(evals)} of evaluation" if evals else ""),
+            )
+        )
+    mems = [
+        r["perf/peak_mem_mb"] for r in rows if isinstance(r.get("perf/peak_mem_mb"), (int, float))
+    ]
+    if mems:
+        scope = " (whole process)" if last.get("perf/peak_mem_scope") == "process" else ""
+        out.append(("peak memory", f"{max(mems):.0f} MB{scope}"))
+    return out
+
+
+def evals_html(checkpoint: list[dict], trained: list[dict]) -> str:
+    """The held-out results: each `rlsd eval` result and training's evaluations."""
+    if not checkpoint and not trained:
+        return (
+            "<p>No held-out evaluation yet: <code>rlsd eval RUN_DIR</code> evaluates the "
+            "latest checkpoint, <code>train.eval_every</code> evaluates during training.</p>"
+        )
+    parts = []
+    if checkpoint:
+        cells = []
+        for e in checkpoint:
+            k = e["k"]
+            extra = f"pass@{k} {e[f'pass@{k}']:.3f}, maj@{k} {e[f'maj@{k}']:.3f}" if k > 1 else ""
+            cells.append(
+                [
+                    e["file"],
+                    "?" if e["step"] is None else str(e["step"]),
+                    f"{e.get('n_items', '?')} ({e.get('items_from', '?')})",
+                    "greedy" if k == 1 else str(k),
+                    f"{e['pass@1']:.3f}",
+                    extra or "-",
+                    f"{e['lenient@1']:.3f}" if "lenient@1" in e else "-",
+                ]
+            )
+        head = ["file", "checkpoint step", "items", "samples", "pass@1", "pass@k, maj@k"]
+        parts.append(
+            "<p><code>rlsd eval RUN_DIR</code>:</p>" + table_html([*head, "lenient@1"], cells)
+        )
+    if trained:
+        cells = [[str(e["step"]), f"{e['pass@1']:.3f}", str(e["n_items"] or "?")] for e in trained]
+        parts.append(
+            "<p>During training (<code>train.eval_every</code>, greedy):</p>"
+            + table_html(["step", "pass@1", "items"], cells)
+        )
+    return "".join(parts)
+
+
+def table_html(head: list[str], rows: list[list[str]]) -> str:
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table>{''.join(f'<th>{html.escape(c)}</th>' for c in head)}{cells}</table>"
+
+
+def write_report(run_dir: Path, tokenizer: Any = None, out: Path | None = None) -> Path:
+    """Write the report (run_dir/report.html unless `out`) and return its path."""
     cfg = load_config(run_dir / "config.yaml", saved=True)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     samples_file = run_dir / "samples.jsonl"
@@ -193,22 +307,24 @@ def write_report(run_dir: Path, tokenizer: Any = None) -> Path:
         or "<p>No logged completion carries per-token credit.</p>"
     )
     for_js = {ATTR[k]: [c, w, scale_text(k, c, w)] for k, (c, w) in scales.items()}
-    last = rows[-1] if rows else {}
-    summary = json.dumps(
-        {k: last[k] for k in ("step", "reward/mean", "reward/accuracy") if k in last}
+    checkpoint, trained = checkpoint_evals(run_dir), training_evals(run_dir, rows)
+    header = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{html.escape(value)}</td></tr>"
+        for name, value in summary_rows(cfg, rows, checkpoint, trained)
     )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>rlsd report: "
         f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>"
         f"<h1>{html.escape(run_dir.name)} · {cfg.algorithm.name}</h1>"
-        f"<p>{len(rows)} steps; last: {html.escape(summary)}</p>"
+        f'<table class="summary">{header}</table>'
         f"<h2>Learning curves</h2>"
-        + (f'<img alt="learning curves" src="{curves_png(rows)}">' if rows else "")
+        + (f'<img alt="learning curves" src="{curves_png(rows, checkpoint)}">' if rows else "")
+        + f'<h2 id="evals">Held-out evaluation</h2>{evals_html(checkpoint, trained)}'
         + '<h2 id="heatmap">What the teacher did to each token</h2>'
         + f"{legend_html(scales, key)}{maps}"
         f"<h2>Config</h2><pre>{html.escape(to_yaml(cfg))}</pre>"
         f"<script>var SCALES = {json.dumps(for_js)};{SCRIPT}</script></body></html>"
     )
-    out = run_dir / "report.html"
+    out = out or run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out

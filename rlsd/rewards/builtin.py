@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
+from .sandbox import CodeTests, Limits, run_tests
+
 _NUMBER = re.compile(r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?|[-+−]?\.\d+%?")
-_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
+_CLOSE_TAG = re.compile(r"</answer>", re.IGNORECASE)
 MAX_CHARS = 20_000  # only the tail of a runaway completion is read
 
 
@@ -47,6 +49,22 @@ def extract_boxed(text: str) -> str | None:
     return None  # unbalanced
 
 
+def extract_tag(text: str) -> str | None:
+    """The content of the last closed <answer>...</answer> (any case); None if there is none.
+
+    Linear time: the last closing tag, the last opening tag before it, and the first closing tag
+    after that (a lazy `<answer>(.*?)</answer>` search is quadratic on a reply full of openers).
+    """
+    closes = [m.start() for m in _CLOSE_TAG.finditer(text)]
+    if not closes:
+        return None
+    opens = [m.end() for m in _OPEN_TAG.finditer(text, 0, closes[-1])]
+    if not opens:
+        return None
+    end = _CLOSE_TAG.search(text, opens[-1])
+    return text[opens[-1] : end.start()].strip()
+
+
 def answer_anchor(mode: str, marker: str = "Answer:") -> str | None:
     """The text that opens the final answer under an extraction mode (the marker, "\\boxed{",
     "<answer>"); None for the modes without one (last_number, none)."""
@@ -61,8 +79,7 @@ def extract_answer(text: str, mode: str = "marker", marker: str = "Answer:") -> 
     if mode == "boxed":
         return extract_boxed(text)
     if mode == "answer_tag":
-        found = _TAG.findall(text)
-        return found[-1].strip() if found else None
+        return extract_tag(text)
     if mode == "last_number":
         found = _NUMBER.findall(text)
         return found[-1] if found else None
@@ -289,31 +306,22 @@ def completion_code(completion: str) -> str:
     return blocks[-1] if blocks else completion
 
 
-def code_program(completion: str, meta: dict) -> str | None:
-    """The program that tests a completion: HumanEval-style (the prompt's code, the completion
-    as a whole function or as the body that continues it, the `test` code, `check(entry)`), or
-    the completion followed by the record's `tests` (assert statements); None without tests."""
+def code_program(completion: str, meta: dict) -> CodeTests | None:
+    """What to judge for a completion: HumanEval-style (the candidate is the prompt's code plus
+    the completion, as a whole function or as the body that continues it; the judge runs the
+    `test` code's `check` on `entry_point`) or the record's `tests` (assert statements run one by
+    one with the candidate's top-level names); None without tests."""
     code = completion_code(completion)
     if meta.get("test") and meta.get("entry_point"):
         entry = meta["entry_point"]
         head = meta.get("prompt_code", "")
         body = f"{head}\n{code}" if f"def {entry}" in code else head + code
-        return f"{body}\n\n{meta['test']}\n\ncheck({entry})\n"
+        return CodeTests(body, check=meta["test"], entry_point=entry, prompt_code=head)
     tests = meta.get("tests")
     if tests:
-        tests = "\n".join(tests) if isinstance(tests, list) else str(tests)
-        return f"{code}\n\n{tests}\n"
+        tests = [str(t) for t in tests] if isinstance(tests, list) else [str(tests)]
+        return CodeTests(code, tests=tests)
     return None
-
-
-def _fraction_program(code: str, tests: list[str], token: str) -> str:
-    """Run each assert on its own and print the token with how many passed."""
-    return (
-        f"{code}\n\n_rlsd_passed = 0\nfor _rlsd_test in {tests!r}:\n    try:\n"
-        f"        exec(_rlsd_test, globals())\n        _rlsd_passed += 1\n"
-        f"    except BaseException:\n        pass\n"
-        f"print({token!r}, _rlsd_passed, {len(tests)})\n"
-    )
 
 
 def code(
@@ -323,40 +331,35 @@ def code(
     code_timeout: float = 5.0,
     code_memory_mb: int = 1024,
     code_score: str = "all_pass",
+    code_sandbox: str = "bubblewrap",
+    code_disk_mb: int = 64,
+    code_processes: int = 32,
     **_: Any,
 ) -> list[float | None]:
-    """1.0 when the completion's code passes the record's tests in the sandbox (own temp dir, no
-    network, CPU / wall-time / memory / output limits, process group killed on time-out), 0.0
-    when it fails or exceeds a limit, None for records without tests. With
+    """1.0 when the completion's code passes the record's tests, judged in the sandbox (see
+    sandbox.py: bubblewrap, resource limits, tests run in a judge process the code cannot
+    reach), 0.0 when it fails or exceeds a limit, None for records without tests. With
     code_score=pass_fraction and a list of assert statements, the fraction that pass."""
-    from .sandbox import run_python
-
+    limits = Limits(
+        timeout=code_timeout,
+        memory_mb=code_memory_mb,
+        disk_mb=code_disk_mb,
+        processes=code_processes,
+        sandbox=code_sandbox,
+    )
     out: list[float | None] = []
     for completion, meta in zip(completions, metadata):
-        meta = meta or {}
-        program = code_program(completion, meta)
-        if program is None:
+        job = code_program(completion, meta or {})
+        if job is None:
             out.append(None)
             continue
-        # Exiting with status 0 before the tests run (sys.exit, os._exit) must not pass: the
-        # program must also print a fresh random token that only its last line knows.
-        token = secrets.token_hex(16)
-        tests = meta.get("tests")
-        fraction = (
-            code_score == "pass_fraction"
-            and isinstance(tests, list)
-            and not meta.get("entry_point")
-        )
-        if fraction:
-            program = _fraction_program(completion_code(completion), tests, token)
-        else:
-            program = f"{program}\nprint({token!r})\n"
-        result = run_python(program, timeout=code_timeout, memory_mb=code_memory_mb)
-        last = (result.output.strip().splitlines()[-1:] or [""])[0].split()
-        if result.status != "passed" or not last or last[0] != token:
+        verdict = run_tests(job, limits)
+        if verdict.status != "judged":
             out.append(0.0)
+        elif code_score == "pass_fraction" and job.tests:
+            out.append(verdict.passed / verdict.total)
         else:
-            out.append(int(last[1]) / int(last[2]) if fraction else 1.0)
+            out.append(float(verdict.passed == verdict.total))
     return out
 
 

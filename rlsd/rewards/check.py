@@ -44,25 +44,28 @@ def check_references(cfg: Config, limit: int = 0, batch: int = 256) -> CheckResu
     if limit:
         records = records[:limit]
     reward_fn = build_reward(cfg.reward)
-    accepted, rejected, sums = 0, [], {}
-    for start in range(0, len(records), batch):
-        chunk = records[start : start + batch]
-        texts = [
-            reference_completion(
-                r.answer, cfg.reward.extract, cfg.reward.answer_marker, cfg.reward.verifiers[0]
-            )
-            for r in chunk
-        ]
-        columns = {
-            "answer": [r.answer for r in chunk],
-            "solution": [r.solution for r in chunk],
-            "metadata": [r.metadata for r in chunk],
-        }
-        _, correct, metrics = reward_fn([r.prompt for r in chunk], texts, columns)
-        for key, value in metrics.items():
-            weight = len(chunk) if key.endswith("/mean") else 1
-            sums[key] = sums.get(key, 0.0) + value * weight
-        accepted += sum(correct)
-        rejected += [(r, t) for r, t, ok in zip(chunk, texts, correct) if not ok]
-    means = {k: v / len(records) if k.endswith("/mean") else v for k, v in sums.items()}
+    try:  # the verifier pool's workers stop when the check ends
+        accepted, rejected, sums = 0, [], {}
+        for start in range(0, len(records), batch):
+            chunk = records[start : start + batch]
+            texts = [
+                reference_completion(
+                    r.answer, cfg.reward.extract, cfg.reward.answer_marker, cfg.reward.verifiers[0]
+                )
+                for r in chunk
+            ]
+            columns = {
+                "answer": [r.answer for r in chunk],
+                "solution": [r.solution for r in chunk],
+                "metadata": [r.metadata for r in chunk],
+            }
+            _, correct, metrics = reward_fn([r.prompt for r in chunk], texts, columns)
+            for key, value in metrics.items():
+                weight = len(chunk) if key.endswith("/mean") else 1
+                sums[key] = sums.get(key, 0.0) + value * weight
+            accepted += sum(correct)
+            rejected += [(r, t) for r, t, ok in zip(chunk, texts, correct) if not ok]
+        means = {k: v / len(records) if k.endswith("/mean") else v for k, v in sums.items()}
+    finally:
+        reward_fn.close()
     return CheckResult(len(records), accepted, means, rejected)

@@ -1,38 +1,69 @@
-"""Turn the `reward` config into one batch scorer: weighted verifiers run safely, with metrics.
+"""Turn the `reward` config section into one batch scorer: weighted verifiers, run safely, with
+metrics.
 
-Every verifier is called once per completion (a batch of one), in a daemon thread, up to
-`reward.workers` at a time, each wave waited for at most `reward.timeout` seconds. A call
-that raises, returns something that is not one finite number, or runs out of time gives that
-completion None (counted in `reward/errors` or `reward/timeouts`), never a crash; the run goes
-on. A call that never returns is abandoned (its thread cannot be killed; code that must be
-stopped for real belongs in the sandboxed `code` verifier, which runs in a subprocess).
+Where each verifier runs:
+
+- `math`, `regex`, `reasoning_gym` (they parse or evaluate model output, or can run for a long
+  time on it) run in worker processes (`isolation.VerifierPool`) that are confined by the kernel
+  and killed when an item exceeds `reward.timeout`;
+- user verifiers (`module:function`, `file.py:function`) run in worker processes too, killed on
+  time and limited in memory and CPU, but not confined (they are the user's own code); with
+  `reward.custom_in_process: true` they run in the trainer's threads instead (no time limit can be
+  enforced there);
+- `exact`, `numeric`, `choice`, `format` stay in the trainer (threads): they only slice, strip and
+  compare strings of at most `builtin.MAX_CHARS` characters with linear-time operations and never
+  evaluate model output; `code` also stays (each item already runs in its own sandboxed process).
+
+Every verifier is called once per completion (a batch of one). A call that raises, returns
+something that is not one finite number, or runs out of time gives that completion None (counted
+in `reward/errors` or `reward/timeouts`), never a crash; the run goes on. `RewardFn.close()`
+stops the worker processes (they are also stopped when the RewardFn is garbage-collected or the
+interpreter exits).
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import importlib.util
-import inspect
 import logging
-import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import ConfigError, RewardConfig
 from .builtin import BUILTIN
+from .isolation import VerifierPool, WorkerError, call_verifier
+
+if TYPE_CHECKING:  # the config imports torch; worker processes import this module without it
+    from ..config import RewardConfig
 
 log = logging.getLogger(__name__)
 TIMEOUT = object()  # marks a call that ran out of time
+ISOLATED = ("math", "regex", "reasoning_gym")  # built-ins that run in confined worker processes
+IN_PROCESS = ("exact", "numeric", "choice", "format", "code")  # built-ins run in threads
+
+
+def _config_error(message: str) -> Exception:
+    from ..config import ConfigError
+
+    return ConfigError(message)
+
+
+DEFAULT_THREADS = 32  # `reward.workers: 0`: threads at a time for the in-process verifiers
+
+
+def default_workers() -> int:
+    """`reward.workers: 0`: one worker process per core, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def load_callable(spec: str) -> Callable:
     """A function from 'package.module:name' or 'path/to/file.py:name'."""
     if ":" not in spec:
-        raise ConfigError(
+        raise _config_error(
             f"reward.verifiers: {spec!r} is neither a built-in verifier "
             f"({', '.join(BUILTIN)}) nor 'module:function'"
         )
@@ -41,30 +72,29 @@ def load_callable(spec: str) -> Callable:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise ConfigError(f"reward.verifiers: file not found: {path}")
+                raise _config_error(f"reward.verifiers: file not found: {path}")
             mod_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
     except ImportError as exc:
-        raise ConfigError(f"reward.verifiers: cannot import {target!r}: {exc}") from None
+        raise _config_error(f"reward.verifiers: cannot import {target!r}: {exc}") from None
+    except SyntaxError as exc:  # in the verifier's file or in a module it imports
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else target
+        raise _config_error(
+            f"reward.verifiers: {where}: syntax error: {exc.msg} (loading {target!r})"
+        ) from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ConfigError(f"reward.verifiers: {target!r} has no function {name!r}")
+        raise _config_error(f"reward.verifiers: {target!r} has no function {name!r}")
     return fn
 
 
 def _call_one(fn: Callable, args: tuple, kwargs: dict) -> Any:
-    """One completion's score, or the exception it raised."""
+    """One completion's score (a float or None), or the exception it raised."""
     try:
-        result = fn(*args, **kwargs)
-        if inspect.isawaitable(result):
-            result = asyncio.run(result)
-        scores = list(result)
-        if len(scores) != 1:
-            raise ValueError(f"returned {len(scores)} scores for 1 completion")
-        return scores[0]
+        return call_verifier(fn, args, kwargs)
     except Exception as exc:
         return exc
 
@@ -78,10 +108,12 @@ def run_verifier(
     timeout: float,
     workers: int,
 ) -> list[Any]:
-    """Per completion: a float, an exception, or TIMEOUT.
+    """Per completion, in the trainer's threads: a float, None, an exception, or TIMEOUT.
 
     Completions are scored in waves of `workers` concurrent threads; each wave waits at most
-    `timeout` seconds, so a hung call costs one timeout and never blocks the next wave.
+    `timeout` seconds. A call that holds the GIL (C code in sympy, the regex engine) blocks the
+    whole process past the timeout, and a hung thread is abandoned, never stopped: only the
+    verifiers that never evaluate model output and run in linear time are called here.
     """
     n = len(completions)
     results: list[Any] = [TIMEOUT] * n
@@ -110,10 +142,17 @@ class RewardFn:
     whether the first verifier gave full marks (>= 1), which is what `reward/accuracy` reports.
     """
 
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, cfg: RewardConfig, in_process: bool = False):
+        """`in_process=True` runs every verifier in the trainer's threads (the runner before
+        worker processes; kept for `benchmarks/verifier_bench.py`'s side-by-side figures)."""
         self.names = list(cfg.verifiers)
         self.weights = [float(w) for w in cfg.weights] or [1.0] * len(self.names)
-        self.none_value, self.timeout, self.workers = cfg.none_value, cfg.timeout, cfg.workers
+        self.none_value, self.timeout = cfg.none_value, cfg.timeout
+        # processes per pool, and threads for the in-process verifiers (`code`'s sandboxed runs
+        # wait on their subprocesses: more of them at once pays even on few cores)
+        self.workers = cfg.workers or default_workers()
+        self.threads = cfg.workers or DEFAULT_THREADS
+        memory_mb, custom_in_process = cfg.memory_mb, in_process or cfg.custom_in_process
         options = {
             "extract": cfg.extract,
             "marker": cfg.answer_marker,
@@ -123,25 +162,66 @@ class RewardFn:
             "code_timeout": cfg.code_timeout,
             "code_memory_mb": cfg.code_memory_mb,
             "code_score": cfg.code_score,
+            "code_sandbox": cfg.code_sandbox,
+            "code_disk_mb": cfg.code_disk_mb,
+            "code_processes": cfg.code_processes,
             "format_think": cfg.format_think,
             "format_partial": cfg.format_partial,
         }
-        self.fns = []
+        # (function, options, pool): pool None = the trainer's threads
+        self.fns: list[tuple[Callable, dict, VerifierPool | None]] = []
+        confined = [n for n in self.names if n in ISOLATED and not in_process]
+        custom = [n for n in self.names if n not in BUILTIN and not custom_in_process]
+        self.pools = {
+            kind: VerifierPool(names, self.timeout, memory_mb, self.workers, confine=kind == "b")
+            for kind, names in (("b", confined), ("c", custom))
+            if names
+        }
         for name in self.names:
             if name in BUILTIN:
-                self.fns.append((BUILTIN[name], options))
-            else:
-                self.fns.append((load_callable(name), {}))
+                pool = self.pools.get("b") if name in confined else None
+                self.fns.append((BUILTIN[name], options, pool))
+            else:  # loaded here too: a bad spec is a config error before training starts
+                self.fns.append((load_callable(name), {}, self.pools.get("c")))
+        self._finalizer = weakref.finalize(self, _close_pools, list(self.pools.values()))
+
+    def close(self) -> None:
+        """Stop the verifier worker processes. Call it when training (or evaluation) ends; the
+        RewardFn can still be called afterwards (its pools start again on demand)."""
+        _close_pools(list(self.pools.values()))
+
+    def __enter__(self) -> RewardFn:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def where(self) -> dict[str, str]:
+        """Where each verifier runs: 'confined workers', 'workers' or 'trainer threads'."""
+        kinds = {id(p): "confined workers" if p.confine else "workers" for p in self.pools.values()}
+        return {
+            name: kinds[id(pool)] if pool is not None else "trainer threads"
+            for name, (_, _, pool) in zip(self.names, self.fns)
+        }
 
     def _scores(
         self,
         fn: Callable,
         extra: dict,
+        pool: VerifierPool | None,
+        name: str,
         prompts: list[str],
         completions: list[str],
         columns: dict[str, list[Any]],
     ) -> tuple[list[float | None], int, int]:
-        raw = run_verifier(fn, prompts, completions, columns, extra, self.timeout, self.workers)
+        if pool is None:
+            raw = run_verifier(fn, prompts, completions, columns, extra, self.timeout, self.threads)
+        else:
+            items = [
+                (p, c, {k: [v[i]] for k, v in columns.items()})
+                for i, (p, c) in enumerate(zip(prompts, completions))
+            ]
+            raw = pool.run(name, items, extra)
         scores: list[float | None] = []
         errors = timeouts = 0
         for value in raw:
@@ -150,24 +230,14 @@ class RewardFn:
                 scores.append(None)
             elif isinstance(value, Exception):
                 errors += 1
-                log.warning(
-                    "verifier %s raised %s: %s",
-                    getattr(fn, "__name__", fn),
-                    type(value).__name__,
-                    value,
-                )
+                if isinstance(value, WorkerError):
+                    reason = str(value)
+                else:
+                    reason = f"{type(value).__name__}: {value}"
+                log.warning("verifier %s failed: %s", getattr(fn, "__name__", fn), reason)
                 scores.append(None)
-            elif value is None:
-                scores.append(None)  # the verifier cannot judge this one
-            elif (
-                isinstance(value, (int, float))
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-            ) or isinstance(value, bool):
-                scores.append(float(value))
-            else:
-                errors += 1
-                scores.append(None)
+            else:  # a float, or None: the verifier cannot judge this one
+                scores.append(value)
         return scores, errors, timeouts
 
     def __call__(
@@ -181,8 +251,12 @@ class RewardFn:
             "reward/unjudged": 0.0,
         }
         correct: list[bool] = []
-        for i, ((fn, extra), name, weight) in enumerate(zip(self.fns, self.names, self.weights)):
-            scores, errors, timeouts = self._scores(fn, extra, prompts, completions, columns)
+        for i, ((fn, extra, pool), name, weight) in enumerate(
+            zip(self.fns, self.names, self.weights)
+        ):
+            scores, errors, timeouts = self._scores(
+                fn, extra, pool, name, prompts, completions, columns
+            )
             metrics["reward/errors"] += errors
             metrics["reward/timeouts"] += timeouts
             metrics["reward/unjudged"] += sum(s is None for s in scores)
@@ -194,5 +268,11 @@ class RewardFn:
         return total, correct, metrics
 
 
+def _close_pools(pools: list[VerifierPool]) -> None:
+    for pool in pools:
+        pool.close()
+
+
 def build_reward(cfg: RewardConfig) -> RewardFn:
+    """The batch scorer of a `reward` section. Call its `close()` when done with it."""
     return RewardFn(cfg)

@@ -1,0 +1,398 @@
+"""Worker processes for the verifiers that read model output: killed on time, limited, confined.
+
+`VerifierPool` wraps a pebble `ProcessPool` that is started once (lazily, on the first batch),
+reused for every step, and closed with `close()`. Each completion is one task with a wall-clock
+limit (`reward.timeout`): past it the worker is killed (SIGTERM with its default action, so it
+dies at once even inside C code; pebble follows with SIGKILL 3 s later should code in the worker
+have changed that) and the pool starts a new worker. A worker:
+
+- is forked from the multiprocessing fork server (a fresh interpreter, not a copy of the
+  trainer: it holds none of its memory), with the verifier libraries preloaded there so that a
+  replacement starts in milliseconds, and without re-running the trainer's main script;
+- for the built-ins, runs in its own temporary directory (its HOME and TMPDIR too) with a
+  scrubbed environment (a user's verifier keeps the trainer's directory and environment);
+- has an address-space limit of `reward.memory_mb` above what it holds after start-up, a CPU-time
+  limit of `reward.timeout` seconds reset before each item, a 64 MiB file-size limit, no core
+  dumps, and dies with its parent;
+- for the built-in verifiers (`confine=True`), is confined by the kernel (`confine.py`): no
+  writes outside its directory, no programs, processes, sockets or signals to others, and its
+  standard streams go to /dev/null. User verifiers are not confined: they are the user's code
+  and may need the network, files or subprocesses.
+
+Only plain values cross back: `("ok", float | None)` or `("error", message)`. The trainer reads
+the pool's result channel with an unpickler that builds nothing but pebble's own message types,
+so a compromised worker cannot send the trainer an object that runs code; such a message is
+dropped (its item then times out) with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import inspect
+import io
+import logging
+import math
+import multiprocessing
+import os
+import pickle
+import resource
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+FILE_LIMIT = 64 * 2**20
+STARTUP_ALLOWANCE = 60.0  # seconds a wave of items may wait for workers to start
+KEPT_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "PYTHONPATH")  # the rest is not a verifier's business
+LIBRARIES = {"math": ["math_verify", "sympy"], "reasoning_gym": ["reasoning_gym", "sympy"]}
+
+
+class ScoreError(ValueError):
+    """A verifier returned something that is not one finite number (or None)."""
+
+
+class WorkerError(RuntimeError):
+    """What went wrong with an item in a worker process, as the worker (or the pool) reported it:
+    already "Type: message"."""
+
+
+def as_score(value: Any) -> float | None:
+    """A verifier's return value as a float, None (cannot judge), or ScoreError.
+
+    bool, int (when a float can hold it), Fraction, Decimal and numpy scalars convert; NaN,
+    infinities, strings and objects without a float value are errors.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, bytearray, complex)) or not hasattr(value, "__float__"):
+        raise ScoreError(f"returned {type(value).__name__}, not a number")
+    try:
+        score = float(value)
+    except (ArithmeticError, ValueError, TypeError) as exc:
+        raise ScoreError(f"returned {type(value).__name__} that is not a float: {exc}") from None
+    if not math.isfinite(score):
+        raise ScoreError(f"returned {score}, not a finite number")
+    return score
+
+
+def call_verifier(fn: Callable, args: tuple, kwargs: dict) -> float | None:
+    """One completion's score (raises what the verifier raised, or ScoreError)."""
+    result = fn(*args, **kwargs)
+    if inspect.isawaitable(result):
+        result = asyncio.run(result)
+    scores = list(result)
+    if len(scores) != 1:
+        raise ScoreError(f"returned {len(scores)} scores for 1 completion")
+    return as_score(scores[0])
+
+
+# ----------------------------------------------------------------------------- the worker side
+
+_WORKER: dict[str, Any] = {"fns": {}}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker of a pool loads and how it is limited (sent to each new worker)."""
+
+    verifiers: tuple[str, ...]  # built-in names or 'module:function' / 'file.py:function'
+    timeout: float
+    memory_mb: int
+    confine: bool
+    root: str  # the pool's directory; each worker makes its own inside
+
+
+def _load(name: str) -> Callable:
+    from .builtin import BUILTIN
+
+    if name in BUILTIN:
+        return BUILTIN[name]
+    from .combine import load_callable
+
+    return load_callable(name)
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _address_space() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[0]) * resource.getpagesize()
+
+
+def init_worker(spec: WorkerSpec) -> None:
+    """pebble's initializer: runs once in every new worker, before its first task."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # killed at once, even inside C code
+    _die_with_parent()
+    workdir = tempfile.mkdtemp(prefix="worker-", dir=spec.root)
+    if spec.confine:  # a user's verifier keeps the trainer's directory and environment
+        os.chdir(workdir)
+        keep = {k: v for k, v in os.environ.items() if k in KEPT_ENVIRONMENT}
+        os.environ.clear()
+        os.environ.update(keep, HOME=workdir, TMPDIR=workdir, OMP_NUM_THREADS="1")
+        tempfile.tempdir = workdir
+    for name in spec.verifiers:
+        with contextlib.suppress(Exception):  # a load error is reported per item instead
+            _WORKER["fns"][name] = _load(name)
+    _WORKER["cpu"] = max(1, math.ceil(spec.timeout))
+    _reset_cpu_limit()  # from here on; reset again before each item
+    if os.path.exists("/proc/self/statm"):
+        limit = _address_space() + spec.memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if spec.confine:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        from .confine import confine
+
+        _WORKER["confined"] = confine(workdir)
+
+
+def _reset_cpu_limit() -> None:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime) + _WORKER["cpu"] + 1
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+def score_item(name: str, prompt: str, completion: str, row: dict, extra: dict) -> tuple:
+    """One completion scored by one verifier, in a worker: ('ok', float | None) or ('error', msg).
+
+    Never raises: whatever the verifier does, only a short tuple of plain values goes back.
+    """
+    try:
+        _reset_cpu_limit()
+        fn = _WORKER["fns"].get(name)
+        if fn is None:
+            fn = _WORKER["fns"][name] = _load(name)
+        return ("ok", call_verifier(fn, ([prompt], [completion]), {**row, **extra}))
+    except BaseException as exc:  # (SystemExit and MemoryError too)
+        try:
+            return ("error", f"{type(exc).__name__}: {str(exc)[:500]}")
+        except BaseException:  # (a str() that raises)
+            return ("error", type(exc).__name__)
+
+
+def worker_report() -> dict:
+    """What the initializer set up in this worker (for tests and `rlsd` diagnostics)."""
+    return {
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+        "confined": list(_WORKER.get("confined", [])),
+        "address_space_limit": resource.getrlimit(resource.RLIMIT_AS)[0],
+        "cpu_limit": resource.getrlimit(resource.RLIMIT_CPU)[0],
+        "environ": sorted(os.environ),
+    }
+
+
+# ----------------------------------------------------------------------------- the trainer side
+
+_MESSAGES = {
+    ("pebble.pool.process", "Acknowledgement"),
+    ("pebble.pool.process", "TaskResult"),
+    ("pebble.common.types", "Result"),
+    ("pebble.common.types", "ResultStatus"),
+}
+
+
+class _MessageUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _MESSAGES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"a verifier worker sent {module}.{name}")
+
+
+def _safe_recv(channel: Any) -> Any:
+    """The next message from the workers, built by the restricted unpickler (else dropped)."""
+    from pebble.pool.process import NoMessage
+
+    data = channel.reader.recv_bytes()
+    try:
+        return _MessageUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # (anything a hostile worker can make the parser do)
+        log.warning("dropped a message from a verifier worker that is not a result: %s", exc)
+        return NoMessage()
+
+
+WORKER_NAME = "rlsd-verifier-worker"
+ROOT_PREFIX = "rlsd-verifiers-"
+
+
+def _make_root() -> str:
+    """A pool's directory, named after the trainer's PID; the directories of trainers that are
+    gone (killed before they could remove theirs) are removed first."""
+    base = Path(tempfile.gettempdir())
+    stale = base.glob(f"{ROOT_PREFIX}*-*") if Path("/proc/self").exists() else []
+    for old in stale:
+        pid = old.name[len(ROOT_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-", dir=base)
+
+
+class _WorkerContext:
+    """The fork-server context, with every process it starts named WORKER_NAME (see below)."""
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("forkserver")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["name"] = WORKER_NAME
+        return self._context.Process(*args, **kwargs)
+
+
+def _without_main(original: Callable) -> Callable:
+    def get_preparation_data(name: str) -> dict:
+        data = original(name)
+        if name == WORKER_NAME:
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data.rlsd_workers = True  # type: ignore[attr-defined]
+    return get_preparation_data
+
+
+def _context() -> Any:
+    """multiprocessing re-runs the parent's main script in every process it starts by fork server
+    or spawn; a verifier worker needs nothing from it (its code is all importable), and running
+    it would cost the trainer's imports in each worker, or start the training again in a script
+    without an `if __name__ == "__main__":` guard. Only processes named WORKER_NAME skip it."""
+    from multiprocessing import spawn
+
+    if not getattr(spawn.get_preparation_data, "rlsd_workers", False):
+        spawn.get_preparation_data = _without_main(spawn.get_preparation_data)
+    return _WorkerContext()
+
+
+def _absolute(spec: str) -> str:
+    target, _, name = spec.rpartition(":")
+    return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec
+
+
+class VerifierPool:
+    """Worker processes for some verifiers; `run(name, items, extra)` scores a batch."""
+
+    def __init__(
+        self, verifiers: list[str], timeout: float, memory_mb: int, workers: int, confine: bool
+    ):
+        # a file.py path is resolved here, against the trainer's working directory
+        self.specs = {name: _absolute(name) for name in verifiers}
+        self.verifiers, self.timeout, self.workers = tuple(self.specs.values()), timeout, workers
+        self.memory_mb, self.confine = memory_mb, confine
+        self._pool: Any = None
+        self._root: str | None = None
+        self._lock = threading.Lock()
+
+    def _start(self) -> Any:
+        from pebble import ProcessPool
+
+        preload = ["rlsd.rewards.isolation", "rlsd.rewards.confine", "pebble"]
+        for name in self.verifiers:
+            preload += LIBRARIES.get(name, [])
+        context = _context()
+        context.set_forkserver_preload(preload)  # takes effect if the server is not running yet
+        self._root = self._root or _make_root()
+        spec = WorkerSpec(self.verifiers, self.timeout, self.memory_mb, self.confine, self._root)
+        pool = ProcessPool(self.workers, initializer=init_worker, initargs=(spec,), context=context)
+        manager = pool._pool_manager.worker_manager  # read results with the restricted unpickler
+        create_channels = manager.create_channels
+
+        def create_restricted_channels() -> None:
+            create_channels()
+            channel = manager.pool_channel
+            channel.recv = lambda: _safe_recv(channel)
+
+        manager.create_channels = create_restricted_channels
+        return pool
+
+    def _get(self) -> Any:
+        with self._lock:
+            if self._pool is not None and not self._pool.active:
+                self._stop(self._pool)  # broken (it happens after a worker died mid-write)
+                self._pool = None
+            if self._pool is None:
+                self._pool = self._start()
+            return self._pool
+
+    def schedule(self, fn: Callable, args: tuple, timeout: float | None = None) -> Any:
+        return self._get().schedule(fn, args=args, timeout=timeout)
+
+    def run(self, name: str, items: list[tuple], extra: dict) -> list[Any]:
+        """Per item (prompt, completion, row): a float, None, an Exception, or TIMEOUT."""
+        from pebble import ProcessExpired
+
+        from .combine import TIMEOUT
+
+        spec = self.specs.get(name, name)
+        futures = [self.schedule(score_item, (spec, *item, extra), self.timeout) for item in items]
+        # a backstop: pebble times an item from when a worker takes it, so a pool that could
+        # not start a worker at all would otherwise leave the batch waiting for ever
+        waves = -(-len(items) // self.workers) + 1
+        deadline = time.monotonic() + waves * (self.timeout + STARTUP_ALLOWANCE)
+        out: list[Any] = []
+        for future in futures:
+            try:
+                status, value = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                future.cancel()  # a running item's worker is killed
+                out.append(TIMEOUT)
+                continue
+            except ProcessExpired as exc:
+                out.append(WorkerError(f"the worker process died (exit code {exc.exitcode})"))
+                continue
+            except Exception as exc:  # (a broken pool: this item fails, not the run)
+                out.append(WorkerError(f"verifier pool: {type(exc).__name__}: {exc}"))
+                continue
+            out.append(value if status == "ok" else WorkerError(value))
+        return out
+
+    def worker_pids(self) -> list[int]:
+        if self._pool is None:
+            return []
+        return list(self._pool._pool_manager.worker_manager.workers)
+
+    @staticmethod
+    def _stop(pool: Any) -> None:
+        pool.stop()
+        with contextlib.suppress(Exception):
+            pool.join(timeout=10)
+
+    def close(self) -> None:
+        """Stop every worker (killing those still busy) and remove their directories."""
+        with self._lock:
+            if self._pool is not None:
+                self._stop(self._pool)
+                self._pool = None
+            if self._root is not None:
+                shutil.rmtree(self._root, ignore_errors=True)
+                self._root = None
+
+
+def wait_gone(pids: list[int], seconds: float = 5.0) -> bool:
+    """Whether every process in `pids` has exited (and been reaped) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(f"/proc/{pid}") for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
