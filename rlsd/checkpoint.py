@@ -334,6 +334,7 @@ RESUME_SAFE = {
     "train.max_idle_steps",
     "reward.max_error_steps",
     "reward.memory_mb",
+    "reward.worker_items",
     "train.max_nonfinite_steps",
     "rlsd.max_spanless_steps",
     "train.eval_every",

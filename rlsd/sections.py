@@ -146,7 +146,7 @@ class RewardConfig:
     verifiers: list = opt(
         ["exact"],
         "Reward functions, summed with `weights`: built-in names "
-        "(exact, numeric, math, choice, regex, format, reasoning_gym) or "
+        "(exact, numeric, math, choice, regex, format, reasoning_gym, code) or "
         "'module:function' / 'file.py:function'. The first defines accuracy.",
     )
     weights: list = opt([], "One weight per verifier; empty = all 1.")
@@ -226,6 +226,14 @@ class RewardConfig:
         "Completions scored concurrently: the size of each verifier worker-process pool and the "
         "threads of the in-process verifiers; 0 = processes: one per CPU core, at most 4; "
         "threads: 32.",
+        low=0,
+    )
+    worker_items: int = opt(
+        1,
+        "Completions a confined verifier worker (math, regex, reasoning_gym) scores before it "
+        "is replaced: 1 = a fresh worker per completion, so a completion that patches a scorer "
+        "which evals it cannot forge another completion's score (about 70 ms a completion on "
+        "2 loaded cores); higher is faster and lets a patch last that many; 0 = never replaced.",
         low=0,
     )
     memory_mb: int = opt(

@@ -214,8 +214,10 @@ def describe(study: Study) -> str:
     cells = grid(study)
     todo = [c for c in cells if not finished(study, c)]
     lines = [
+        f"base recipe: {Path(study.base).resolve()} (paths in the study file are read from the "
+        "current directory)",
         f"{len(cells)} runs ({len(cells) - len(todo)} finished), {study.steps} steps each, "
-        f"held-out eval of {study.eval_items} items every {study.eval_every} steps"
+        f"held-out eval of {study.eval_items} items every {study.eval_every} steps",
     ]
     lines += [f"  {'done' if c not in todo else 'todo'}  {c.task}/{c.name}" for c in cells]
     train, pass_k, per_eval = seconds_left(study, cells)

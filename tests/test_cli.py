@@ -125,3 +125,13 @@ def test_two_steps_of_every_method_through_the_cli(method, tiny_overrides, tiny_
     run_dir = tiny_overrides["output.dir"] + f"/{method}"
     rows = [json.loads(x) for x in Path(f"{run_dir}/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["train/skipped_update"] == 0 for r in rows)
+
+
+def test_tasks_and_help_name_every_source_and_verifier(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {source} " in out for source in ("reasoning_gym", "humaneval", "file"))
+    from rlsd.config import help_rows
+
+    verifiers = next(text for key, _, text in help_rows() if key == "reward.verifiers")
+    assert "code" in verifiers and "reasoning_gym" in verifiers

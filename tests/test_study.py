@@ -68,7 +68,9 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
         ("rlsd", 1),
     ]
     assert main(["study", str(path), "--dry-run"]) == 0
-    assert "4 runs (0 finished)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 runs (0 finished)" in out
+    assert "base recipe: " in out and "read from the current directory" in out
     assert main(["study", str(path)]) == 0
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     arms = summary["tasks"]["arith"]["arms"]

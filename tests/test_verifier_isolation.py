@@ -374,3 +374,27 @@ def test_the_kernel_refuses_a_confined_worker_what_a_payload_would_try(regex_fn,
     assert out.pop("write own dir") == "done"
     assert all(v != "done" for v in out.values()), out
     assert list(tmp_path.iterdir()) == [] and not (Path.home() / ".rlsd-probe").exists()
+
+
+@pytest.mark.parametrize("worker_items,fresh", [(1, True), (0, False)])
+def test_each_completion_gets_a_fresh_confined_worker(worker_items, fresh):
+    """A completion that patches a scorer which evals it changes only its own worker's memory:
+    with reward.worker_items 1 no later completion is scored by that process."""
+    from rlsd.config import load_config
+
+    cfg = load_config(
+        None,
+        {
+            "reward.verifiers": "reasoning_gym",
+            "reward.workers": "1",
+            "reward.worker_items": str(worker_items),
+        },
+    )
+    reward_fn = build_reward(cfg.reward)
+    try:
+        pool = reward_fn.pools["b"]
+        pids = [pool.schedule(os.getpid, ()).result(timeout=60) for _ in range(4)]
+    finally:
+        reward_fn.close()
+    assert os.getpid() not in pids
+    assert (len(set(pids)) == 4) if fresh else (len(set(pids)) == 1)

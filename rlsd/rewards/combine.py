@@ -173,7 +173,14 @@ class RewardFn:
         confined = [n for n in self.names if n in ISOLATED and not in_process]
         custom = [n for n in self.names if n not in BUILTIN and not custom_in_process]
         self.pools = {
-            kind: VerifierPool(names, self.timeout, memory_mb, self.workers, confine=kind == "b")
+            kind: VerifierPool(
+                names,
+                self.timeout,
+                memory_mb,
+                self.workers,
+                confine=kind == "b",
+                worker_items=cfg.worker_items if kind == "b" else 0,
+            )
             for kind, names in (("b", confined), ("c", custom))
             if names
         }

@@ -293,12 +293,18 @@ class VerifierPool:
     """Worker processes for some verifiers; `run(name, items, extra)` scores a batch."""
 
     def __init__(
-        self, verifiers: list[str], timeout: float, memory_mb: int, workers: int, confine: bool
+        self,
+        verifiers: list[str],
+        timeout: float,
+        memory_mb: int,
+        workers: int,
+        confine: bool,
+        worker_items: int = 0,
     ):
         # a file.py path is resolved here, against the trainer's working directory
         self.specs = {name: _absolute(name) for name in verifiers}
         self.verifiers, self.timeout, self.workers = tuple(self.specs.values()), timeout, workers
-        self.memory_mb, self.confine = memory_mb, confine
+        self.memory_mb, self.confine, self.worker_items = memory_mb, confine, worker_items
         self._pool: Any = None
         self._root: str | None = None
         self._lock = threading.Lock()
@@ -313,7 +319,16 @@ class VerifierPool:
         context.set_forkserver_preload(preload)  # takes effect if the server is not running yet
         self._root = self._root or _make_root()
         spec = WorkerSpec(self.verifiers, self.timeout, self.memory_mb, self.confine, self._root)
-        pool = ProcessPool(self.workers, initializer=init_worker, initargs=(spec,), context=context)
+        # confined workers score model output that scorers may eval: replaced after
+        # `worker_items` items (1: each completion gets a fresh worker, so one that patches the
+        # scorer cannot forge another's score; 0: never replaced)
+        pool = ProcessPool(
+            self.workers,
+            max_tasks=self.worker_items,
+            initializer=init_worker,
+            initargs=(spec,),
+            context=context,
+        )
         manager = pool._pool_manager.worker_manager  # read results with the restricted unpickler
         create_channels = manager.create_channels
 
