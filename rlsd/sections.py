@@ -229,11 +229,12 @@ class RewardConfig:
         low=0,
     )
     worker_items: int = opt(
-        1,
+        0,
         "Completions a confined verifier worker (math, regex, reasoning_gym) scores before it "
-        "is replaced: 1 = a fresh worker per completion, so a completion that patches a scorer "
-        "which evals it cannot forge another completion's score (about 70 ms a completion on "
-        "2 loaded cores); higher is faster and lets a patch last that many; 0 = never replaced.",
+        "is replaced; 0 = never replaced (the default: a completion that patches a scorer which "
+        "evals it can forge later scores of that worker); 1 = a fresh worker per completion, "
+        "which closes that, at about 70 ms a completion on 2 loaded cores (too slow for "
+        "check-reward over thousands of references).",
         low=0,
     )
     memory_mb: int = opt(
