@@ -43,10 +43,17 @@ def load() -> str:
 def side_by_side(cfg, prompts, texts, columns, repeats: int) -> dict:
     """Per runner: (start-up seconds, best seconds of `repeats` full passes, metrics, rewards).
 
-    The two runners' passes alternate, so a change in the machine's load hits both alike.
+    The runners' passes alternate, so a change in the machine's load hits them alike. "new" is
+    the default (confined verifiers score each completion in its own forked process), "reused"
+    the same workers with reward.isolate_completions false.
     """
     old = dataclasses.replace(cfg, workers=OLD_WORKERS)
-    fns = {"threads": RewardFn(old, in_process=True), "new": RewardFn(cfg)}
+    reused = dataclasses.replace(cfg, isolate_completions=False)  # no process per completion
+    fns = {
+        "threads": RewardFn(old, in_process=True),
+        "new": RewardFn(cfg),
+        "reused": RewardFn(reused),
+    }
     figures = {}
     try:
         for runner, fn in fns.items():
@@ -101,11 +108,13 @@ def main() -> None:
         cfg = RewardConfig(verifiers=[name], **extra)
         figures = side_by_side(cfg, prompts, texts, columns, args.repeats)
         (_, old_s, _, old_r), (startup, new_s, metrics, new_r) = figures["threads"], figures["new"]
-        assert old_r == new_r, f"{name}: the two runners disagree"
+        reused_s, reused_r = figures["reused"][1], figures["reused"][3]
+        assert old_r == new_r == reused_r, f"{name}: the runners disagree"
         where = RewardFn(cfg).where()[name]
         rows.append(
             f"| {name} | {where} | {len(texts) / old_s:,.0f} | {len(texts) / new_s:,.0f} | "
-            f"{old_s / new_s:.2f} | {startup:.2f} | {sum(new_r) / len(new_r):.3f} | "
+            f"{old_s / new_s:.2f} | {len(texts) / reused_s:,.0f} | {reused_s / new_s:.2f} | "
+            f"{startup:.2f} | {sum(new_r) / len(new_r):.3f} | "
             f"{metrics['reward/errors']:.0f} | {metrics['reward/timeouts']:.0f} |"
         )
     problems = humaneval_records()  # code: HumanEval's canonical solutions and a broken copy
@@ -120,15 +129,16 @@ def main() -> None:
     rows.append(
         f"| code (HumanEval) | trainer threads, one sandbox process each "
         f"| {len(completions) / old_s:,.0f} | {len(completions) / new_s:,.0f} "
-        f"| {old_s / new_s:.2f} | 0.00 | {sum(rewards) / len(rewards):.3f} "
+        f"| {old_s / new_s:.2f} | - | - | 0.00 | {sum(rewards) / len(rewards):.3f} "
         f"| {metrics['reward/errors']:.0f} | {metrics['reward/timeouts']:.0f} |"
     )
     table = "\n".join(
         [
             f"| verifier | runs in (new) | old: threads, {OLD_WORKERS} at a time (completions/s) "
             f"| new: {workers} workers (completions/s) "
-            "| new / old | new: pool start-up (s) | mean reward | errors | time-outs |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| new / old | reused workers, no process per completion (completions/s) "
+            "| new / reused | new: pool start-up (s) | mean reward | errors | time-outs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )

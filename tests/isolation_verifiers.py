@@ -113,3 +113,24 @@ def probe_confinement(outside, trainer_pid, home):
         except Exception as exc:
             out[name] = type(exc).__name__
     return out
+
+
+CALLS = [0]
+
+
+def count_calls(prompts, completions, **kwargs):
+    """How many times this module has been called in this process (1.0, 2.0, ...)."""
+    CALLS[0] += 1
+    return [float(CALLS[0])]
+
+
+def exits_early(prompts, completions, **kwargs):
+    """What a payload that ends its scoring process does (`os._exit(0)` before any score)."""
+    os._exit(0)
+
+
+def kills_itself(prompts, completions, **kwargs):
+    """A scoring process killed by a signal (as a crash in C code would be)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -13,7 +13,7 @@ import pytest
 
 from rlsd.config import RewardConfig
 from rlsd.rewards import build_reward
-from rlsd.rewards.isolation import as_score, wait_gone, worker_report
+from rlsd.rewards.isolation import VerifierPool, as_score, isolated, wait_gone, worker_report
 
 from .conftest import TESTS_DIR
 
@@ -367,13 +367,81 @@ def test_the_kernel_refuses_a_confined_worker_what_a_payload_would_try(regex_fn,
     from .isolation_verifiers import probe_confinement
 
     pool = regex_fn.pools["b"]
-    if not pool.schedule(worker_report, ()).result()["confined"]:
+    report = pool.schedule(isolated, (worker_report,)).result()  # a scoring process's view
+    if not report["confined"] and not report["sealed"]:
         pytest.skip("this kernel offers neither Landlock nor seccomp")
-    out = pool.schedule(probe_confinement, (str(tmp_path), os.getpid(), str(Path.home())))
-    out = out.result()
+    probe = (probe_confinement, str(tmp_path), os.getpid(), str(Path.home()))
+    out = pool.schedule(isolated, probe).result()
     assert out.pop("write own dir") == "done"
     assert all(v != "done" for v in out.values()), out
     assert list(tmp_path.iterdir()) == [] and not (Path.home() / ".rlsd-probe").exists()
+
+
+def test_a_completion_that_patches_the_scorer_cannot_forge_the_next_score():
+    """spiral_matrix's scorer evals the answer: this one replaces the scorer by one that gives
+    1.0 to anything. Scored in its own process, the patch dies with it: the next (wrong)
+    completion, on the same and only worker, still scores 0."""
+    cfg = RewardConfig(verifiers=["reasoning_gym"], timeout=10, workers=1)
+    reward_fn = build_reward(cfg)
+    patch = (
+        "Answer: setattr(__import__('reasoning_gym.algorithmic.spiral_matrix', fromlist=['x'])"
+        ".SpiralMatrixDataset, 'score_answer', lambda s, a, e: 1.0) or [1]"
+    )
+    meta = [{"entry": entry("spiral_matrix")}] * 3
+    try:
+        pool = reward_fn.pools["b"]
+        first = pool.schedule(os.getpid, ()).result(timeout=60)
+        rewards, _, _ = score(reward_fn, [patch, "Answer: 1 2", "Answer: 3"], metadata=meta)
+        assert pool.schedule(os.getpid, ()).result(timeout=60) == first  # one worker throughout
+    finally:
+        reward_fn.close()
+    assert rewards == [0.0, 0.0, 0.0]
+
+
+def test_module_state_of_a_confined_scorer_does_not_outlive_a_completion():
+    """A verifier that counts its calls in a module global sees 1 every time: each completion
+    is scored in a process forked from the worker for it (the worker itself stays the same)."""
+    name = f"{TESTS_DIR / 'isolation_verifiers.py'}:count_calls"
+    pool = VerifierPool([name], timeout=10, memory_mb=1024, workers=1, confine=True)
+    try:
+        counts = pool.run(name, [("p", "c", {"answer": "1"})] * 3, {})
+        pids = {pool.schedule(os.getpid, ()).result(timeout=60) for _ in range(2)}
+    finally:
+        pool.close()
+    assert counts == [1.0, 1.0, 1.0] and len(pids) == 1  # a reused process gives 1, 2, 3
+
+
+@pytest.mark.parametrize(
+    "verifier,error",
+    [
+        ("exits_early", "the scoring process exited (0) with no result"),
+        ("kills_itself", "the scoring process was killed by SIGKILL"),
+    ],
+)
+def test_a_scoring_process_that_ends_without_a_score_is_an_error_and_the_worker_goes_on(
+    verifier, error
+):
+    name = f"{TESTS_DIR / 'isolation_verifiers.py'}:{verifier}"
+    good = f"{TESTS_DIR / 'isolation_verifiers.py'}:count_calls"
+    pool = VerifierPool([name, good], timeout=10, memory_mb=1024, workers=1, confine=True)
+    try:
+        out = pool.run(name, [("p", "c", {"answer": "1"})] * 2, {})
+        after = pool.run(good, [("p", "c", {"answer": "1"})], {})
+    finally:
+        pool.close()
+    assert [str(e) for e in out] == [f"WorkerError: {error}"] * 2
+    assert after == [1.0]  # the worker still scores
+
+
+def test_without_isolate_completions_the_worker_scores_them_itself():
+    """reward.isolate_completions false: the same worker process scores every completion."""
+    name = f"{TESTS_DIR / 'isolation_verifiers.py'}:count_calls"
+    pool = VerifierPool([name], timeout=10, memory_mb=1024, workers=1, confine=True, isolate=False)
+    try:
+        counts = pool.run(name, [("p", "c", {"answer": "1"})] * 3, {})
+    finally:
+        pool.close()
+    assert counts == [1.0, 2.0, 3.0]
 
 
 @pytest.mark.parametrize("worker_items,fresh", [(1, True), (0, False)])

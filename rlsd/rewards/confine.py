@@ -1,7 +1,9 @@
 """Kernel-enforced confinement of a verifier worker process (Linux; best effort elsewhere).
 
 A worker that scores model output with a built-in verifier calls `confine(workdir)` once, after it
-has imported everything it needs. From then on the kernel (not Python) refuses it, and everything
+has imported everything it needs (or `confine(workdir, sealed=False)`, Landlock only, when it
+forks a process per completion: each of those calls `seal()`, the seccomp part, first). From
+then on the kernel (not Python) refuses it, and everything
 it could start:
 
 - Landlock (Linux >= 5.13): creating, writing, truncating, renaming or removing files anywhere but
@@ -142,13 +144,23 @@ def _seccomp() -> bool:
     return _syscall(table["seccomp"], 1, 1, fprog) == 0
 
 
-def confine(workdir: str) -> list[str]:
-    """Confine this process (and all it may start) as the module docstring says."""
+def _no_new_privs() -> bool:
+    return sys.platform.startswith("linux") and _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+
+
+def confine(workdir: str, sealed: bool = True) -> list[str]:
+    """Confine this process (and all it may start) as the module docstring says; with
+    `sealed=False` Landlock only, for a worker that must still fork its scoring processes (each
+    then calls `seal()`)."""
     applied: list[str] = []
-    if not sys.platform.startswith("linux") or _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if not _no_new_privs():
         return applied
     if _landlock(workdir):
         applied.append(f"landlock-abi{landlock_abi()}")
-    if _seccomp():
-        applied.append("seccomp")
-    return applied
+    return applied + (seal() if sealed else [])
+
+
+def seal() -> list[str]:
+    """The seccomp part alone (no processes, sockets, programs, tracing, signals to others):
+    for a scoring process forked from a Landlock-confined worker."""
+    return ["seccomp"] if _no_new_privs() and _seccomp() else []

@@ -15,9 +15,14 @@ have changed that) and the pool starts a new worker. A worker:
   limit of `reward.timeout` seconds reset before each item, a 64 MiB file-size limit, no core
   dumps, and dies with its parent;
 - for the built-in verifiers (`confine=True`), is confined by the kernel (`confine.py`): no
-  writes outside its directory, no programs, processes, sockets or signals to others, and its
-  standard streams go to /dev/null. User verifiers are not confined: they are the user's code
-  and may need the network, files or subprocesses.
+  writes outside its directory, no programs, and its standard streams go to /dev/null. It
+  scores one harmless item with each built-in (so their caches exist before any fork), then
+  scores each completion in a child forked for it (`isolated`, `reward.isolate_completions`):
+  the child closes every descriptor but its result pipe, seals itself with seccomp (no
+  processes, sockets, programs, tracing, signals to others), scores, writes one line of JSON
+  and is killed. Whatever a completion does to the scorer's modules dies with its child.
+  User verifiers are not confined: they are the user's code and may need the network, files or
+  subprocesses.
 
 Only plain values cross back: `("ok", float | None)` or `("error", message)`. The trainer reads
 the pool's result channel with an unpickler that builds nothing but pebble's own message types,
@@ -27,178 +32,36 @@ dropped (its item then times out) with a warning.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
-import inspect
 import io
 import logging
-import math
 import multiprocessing
 import os
 import pickle
-import resource
 import shutil
-import signal
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .worker import (  # noqa: F401  (re-exported: the pool's public names)
+    ScoreError,
+    WorkerError,
+    WorkerSpec,
+    as_score,
+    call_verifier,
+    init_worker,
+    isolated,
+    score_item,
+    worker_report,
+)
+
 log = logging.getLogger(__name__)
-FILE_LIMIT = 64 * 2**20
 STARTUP_ALLOWANCE = 60.0  # seconds a wave of items may wait for workers to start
-KEPT_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "PYTHONPATH")  # the rest is not a verifier's business
 LIBRARIES = {"math": ["math_verify", "sympy"], "reasoning_gym": ["reasoning_gym", "sympy"]}
-
-
-class ScoreError(ValueError):
-    """A verifier returned something that is not one finite number (or None)."""
-
-
-class WorkerError(RuntimeError):
-    """What went wrong with an item in a worker process, as the worker (or the pool) reported it:
-    already "Type: message"."""
-
-
-def as_score(value: Any) -> float | None:
-    """A verifier's return value as a float, None (cannot judge), or ScoreError.
-
-    bool, int (when a float can hold it), Fraction, Decimal and numpy scalars convert; NaN,
-    infinities, strings and objects without a float value are errors.
-    """
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes, bytearray, complex)) or not hasattr(value, "__float__"):
-        raise ScoreError(f"returned {type(value).__name__}, not a number")
-    try:
-        score = float(value)
-    except (ArithmeticError, ValueError, TypeError) as exc:
-        raise ScoreError(f"returned {type(value).__name__} that is not a float: {exc}") from None
-    if not math.isfinite(score):
-        raise ScoreError(f"returned {score}, not a finite number")
-    return score
-
-
-def call_verifier(fn: Callable, args: tuple, kwargs: dict) -> float | None:
-    """One completion's score (raises what the verifier raised, or ScoreError)."""
-    result = fn(*args, **kwargs)
-    if inspect.isawaitable(result):
-        result = asyncio.run(result)
-    scores = list(result)
-    if len(scores) != 1:
-        raise ScoreError(f"returned {len(scores)} scores for 1 completion")
-    return as_score(scores[0])
-
-
-# ----------------------------------------------------------------------------- the worker side
-
-_WORKER: dict[str, Any] = {"fns": {}}
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What every worker of a pool loads and how it is limited (sent to each new worker)."""
-
-    verifiers: tuple[str, ...]  # built-in names or 'module:function' / 'file.py:function'
-    timeout: float
-    memory_mb: int
-    confine: bool
-    root: str  # the pool's directory; each worker makes its own inside
-
-
-def _load(name: str) -> Callable:
-    from .builtin import BUILTIN
-
-    if name in BUILTIN:
-        return BUILTIN[name]
-    from .combine import load_callable
-
-    return load_callable(name)
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def _address_space() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[0]) * resource.getpagesize()
-
-
-def init_worker(spec: WorkerSpec) -> None:
-    """pebble's initializer: runs once in every new worker, before its first task."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # killed at once, even inside C code
-    _die_with_parent()
-    workdir = tempfile.mkdtemp(prefix="worker-", dir=spec.root)
-    if spec.confine:  # a user's verifier keeps the trainer's directory and environment
-        os.chdir(workdir)
-        keep = {k: v for k, v in os.environ.items() if k in KEPT_ENVIRONMENT}
-        os.environ.clear()
-        os.environ.update(keep, HOME=workdir, TMPDIR=workdir, OMP_NUM_THREADS="1")
-        tempfile.tempdir = workdir
-    for name in spec.verifiers:
-        with contextlib.suppress(Exception):  # a load error is reported per item instead
-            _WORKER["fns"][name] = _load(name)
-    _WORKER["cpu"] = max(1, math.ceil(spec.timeout))
-    _reset_cpu_limit()  # from here on; reset again before each item
-    if os.path.exists("/proc/self/statm"):
-        limit = _address_space() + spec.memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if spec.confine:
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
-        from .confine import confine
-
-        _WORKER["confined"] = confine(workdir)
-
-
-def _reset_cpu_limit() -> None:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = math.ceil(usage.ru_utime + usage.ru_stime) + _WORKER["cpu"] + 1
-    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-    if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard)
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
-
-
-def score_item(name: str, prompt: str, completion: str, row: dict, extra: dict) -> tuple:
-    """One completion scored by one verifier, in a worker: ('ok', float | None) or ('error', msg).
-
-    Never raises: whatever the verifier does, only a short tuple of plain values goes back.
-    """
-    try:
-        _reset_cpu_limit()
-        fn = _WORKER["fns"].get(name)
-        if fn is None:
-            fn = _WORKER["fns"][name] = _load(name)
-        return ("ok", call_verifier(fn, ([prompt], [completion]), {**row, **extra}))
-    except BaseException as exc:  # (SystemExit and MemoryError too)
-        try:
-            return ("error", f"{type(exc).__name__}: {str(exc)[:500]}")
-        except BaseException:  # (a str() that raises)
-            return ("error", type(exc).__name__)
-
-
-def worker_report() -> dict:
-    """What the initializer set up in this worker (for tests and `rlsd` diagnostics)."""
-    return {
-        "pid": os.getpid(),
-        "cwd": os.getcwd(),
-        "confined": list(_WORKER.get("confined", [])),
-        "address_space_limit": resource.getrlimit(resource.RLIMIT_AS)[0],
-        "cpu_limit": resource.getrlimit(resource.RLIMIT_CPU)[0],
-        "environ": sorted(os.environ),
-    }
 
 
 # ----------------------------------------------------------------------------- the trainer side
@@ -300,11 +163,13 @@ class VerifierPool:
         workers: int,
         confine: bool,
         worker_items: int = 0,
+        isolate: bool = True,
     ):
         # a file.py path is resolved here, against the trainer's working directory
         self.specs = {name: _absolute(name) for name in verifiers}
         self.verifiers, self.timeout, self.workers = tuple(self.specs.values()), timeout, workers
         self.memory_mb, self.confine, self.worker_items = memory_mb, confine, worker_items
+        self.isolate = isolate and confine
         self._pool: Any = None
         self._root: str | None = None
         self._lock = threading.Lock()
@@ -312,13 +177,20 @@ class VerifierPool:
     def _start(self) -> Any:
         from pebble import ProcessPool
 
-        preload = ["rlsd.rewards.isolation", "rlsd.rewards.confine", "pebble"]
+        preload = [
+            "rlsd.rewards.isolation",
+            "rlsd.rewards.worker",
+            "rlsd.rewards.confine",
+            "pebble",
+        ]
         for name in self.verifiers:
             preload += LIBRARIES.get(name, [])
         context = _context()
         context.set_forkserver_preload(preload)  # takes effect if the server is not running yet
         self._root = self._root or _make_root()
-        spec = WorkerSpec(self.verifiers, self.timeout, self.memory_mb, self.confine, self._root)
+        spec = WorkerSpec(
+            self.verifiers, self.timeout, self.memory_mb, self.confine, self._root, self.isolate
+        )
         # confined workers score model output that scorers may eval: replaced after
         # `worker_items` items (1: each completion gets a fresh worker, so one that patches the
         # scorer cannot forge another's score; 0: never replaced)
