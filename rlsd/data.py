@@ -298,6 +298,44 @@ def chat_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) 
     return list(ids)
 
 
+def plain_prompt_notice(tokenizer: Any, cfg: DataConfig) -> str:
+    """The one line that says a model without a chat template gets plain-text prompts."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    dropped = "; data.system_prompt is not used" if cfg.system_prompt else ""
+    return (
+        f"{name} has no chat template: each prompt is the plain text of data.prompt_template "
+        f"(data.teacher_template for the teacher), tokenized with the tokenizer's own special "
+        f"tokens and no role markers{dropped}"
+    )
+
+
+def compile_templates(cfg: DataConfig) -> tuple[jinja2.Template, jinja2.Template]:
+    """data.prompt_template and data.teacher_template, compiled (a syntax error names them)."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    try:
+        return env.from_string(cfg.prompt_template), env.from_string(cfg.teacher_template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"data.prompt_template/teacher_template: {exc}") from None
+
+
+def render_user_text(
+    template: jinja2.Template, record: Record, which: str, extra: dict | None = None
+) -> str:
+    """A record's user message from a template (the prompt a verifier receives is the student's:
+    this text, without the chat template)."""
+    values = {
+        **record.metadata,
+        "prompt": record.prompt,
+        "answer": record.answer,
+        "solution": record.solution,
+        **(extra or {}),
+    }
+    try:
+        return template.render(**values)
+    except jinja2.UndefinedError as exc:
+        raise ConfigError(f"data.{which}: {exc.message}") from None
+
+
 class PromptRenderer:
     """Renders the student's and the teacher's prompt of a record to token ids.
 
@@ -307,29 +345,16 @@ class PromptRenderer:
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Any):
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-        try:
-            self.student = env.from_string(cfg.prompt_template)
-            self.teacher = env.from_string(cfg.teacher_template)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ConfigError(f"data.prompt_template/teacher_template: {exc}") from None
+        self.student, self.teacher = compile_templates(cfg)
         self.cfg = cfg
         self.tokenizer = tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            log.warning(plain_prompt_notice(tokenizer, cfg))
 
     def _user_text(
         self, template: jinja2.Template, record: Record, which: str, extra: dict | None = None
     ) -> str:
-        values = {
-            **record.metadata,
-            "prompt": record.prompt,
-            "answer": record.answer,
-            "solution": record.solution,
-            **(extra or {}),
-        }
-        try:
-            return template.render(**values)
-        except jinja2.UndefinedError as exc:
-            raise ConfigError(f"data.{which}: {exc.message}") from None
+        return render_user_text(template, record, which, extra)
 
     def _ids(self, text: str) -> list[int]:
         tok = self.tokenizer

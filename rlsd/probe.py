@@ -228,6 +228,7 @@ def sample_groups(
     }
     with build_reward(cfg.reward) as reward_fn:  # its worker pool stops when it is done
         rewards, correct, _ = reward_fn([renderer.student_text(r) for r in rows], texts, columns)
+        reward_fn.warn_failures()  # one line per verifier that failed
     lengths = batch.completion_mask.sum(1).tolist()
     judged = [i for i in range(len(texts)) if i % (2 * group) < group]
     rest = {p: range(p * 2 * group + group, (p + 1) * 2 * group) for p in range(len(recs))}

@@ -228,13 +228,21 @@ class RewardConfig:
         "threads: 32.",
         low=0,
     )
+    isolate_completions: bool = opt(
+        True,
+        "Score each completion of a confined verifier (math, regex, reasoning_gym) in its own "
+        "process, forked from the worker for that completion and sealed (seccomp), so that a "
+        "completion that runs code through a scorer which evals it cannot change how any other "
+        "completion is scored; about 15-30 ms a completion per worker on 2 cores. false: the "
+        "worker scores completions itself (10-40x the throughput; a completion can then forge "
+        "the later scores of that worker). rlsd check-reward scores the data's own references, "
+        "not model output, and always runs without it.",
+    )
     worker_items: int = opt(
         0,
-        "Completions a confined verifier worker (math, regex, reasoning_gym) scores before it "
-        "is replaced; 0 = never replaced (the default: a completion that patches a scorer which "
-        "evals it can forge later scores of that worker); 1 = a fresh worker per completion, "
-        "which closes that, at about 70 ms a completion on 2 loaded cores (too slow for "
-        "check-reward over thousands of references).",
+        "Completions a confined verifier worker scores before it is replaced by a fresh one; "
+        "0 = never. Rarely needed: with reward.isolate_completions each completion is already "
+        "scored in its own short-lived process.",
         low=0,
     )
     memory_mb: int = opt(

@@ -89,6 +89,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     batch = rollout(run, step, recs)
     times["generate"] = time.perf_counter()
     texts, rewards, correct, metrics = score(run, recs, batch)
+    run.reward_fn.warn_failures(f"step {step}: ", " this step")  # one line per verifier
     times["reward"] = time.perf_counter()
     return learn(run, step, recs, batch, texts, rewards, correct, metrics, times)
 

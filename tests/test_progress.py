@@ -61,6 +61,10 @@ def test_a_verifier_that_always_fails_stops_the_run(tiny_overrides):
     with pytest.raises(TrainingStopped, match="verifier failed on every completion") as stop:
         train(cfg)
     assert stop.value.exit_code == 1 and "rlsd check-reward" in str(stop.value)
+    assert (  # the message names the error and the record it came from
+        "its last error: verifier crashing_reward raised on 8 of 8 completions: "
+        "RuntimeError: verifier bug (first: completion 1, record '" in str(stop.value)
+    )
     run_dir = Path(cfg.output.dir) / cfg.output.run_name
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["reward/error_frac"] == 1.0

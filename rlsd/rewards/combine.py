@@ -16,7 +16,10 @@ Where each verifier runs:
 
 Every verifier is called once per completion (a batch of one). A call that raises, returns
 something that is not one finite number, or runs out of time gives that completion None (counted
-in `reward/errors` or `reward/timeouts`), never a crash; the run goes on. `RewardFn.close()`
+in `reward/errors` or `reward/timeouts`), never a crash; the run goes on. Nothing is logged per
+completion: each call keeps its `Failures` per verifier (`RewardFn.failures`), and
+`RewardFn.warn_failures` logs one line per verifier and kind (how many, the first error, the
+record it came from). `RewardFn.close()`
 stops the worker processes (they are also stopped when the RewardFn is garbage-collected or the
 interpreter exits).
 """
@@ -31,6 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +95,55 @@ def load_callable(spec: str) -> Callable:
     return fn
 
 
+def excerpt(text: str, width: int = 60) -> str:
+    """`text` on one line, cut to `width` characters (with "...")."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def reason_of(exc: Exception) -> str:
+    """'Type: message' of an item's exception (a worker's is already), on one short line."""
+    text = str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
+    return excerpt(text, 200)
+
+
+@dataclass
+class Failures:
+    """One verifier's failed items in one call (item indices, 0-based): those that raised or
+    returned no valid score, each with 'Type: message', and those that ran out of time."""
+
+    verifier: str
+    total: int
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    timeouts: list[int] = field(default_factory=list)
+
+
+def failure_lines(
+    failures: list[Failures],
+    item: Callable[[int], str],
+    noun: str = "completions",
+    when: str = "",
+    timeout: float | None = None,
+) -> list[str]:
+    """One line per verifier and kind: how many items raised (the first one's error and
+    `item(index)`), and how many ran out of time."""
+    lines = []
+    for f in failures:
+        if f.errors:
+            index, reason = f.errors[0]
+            lines.append(
+                f"verifier {f.verifier} raised on {len(f.errors)} of {f.total} {noun}{when}: "
+                f"{reason} (first: {item(index)})"
+            )
+        if f.timeouts:
+            limit = f" ({timeout:g} s, reward.timeout)" if timeout else ""
+            lines.append(
+                f"verifier {f.verifier} ran out of time{limit} on {len(f.timeouts)} of "
+                f"{f.total} {noun}{when} (first: {item(f.timeouts[0])})"
+            )
+    return lines
+
+
 def _call_one(fn: Callable, args: tuple, kwargs: dict) -> Any:
     """One completion's score (a float or None), or the exception it raised."""
     try:
@@ -140,7 +193,12 @@ class RewardFn:
 
     `rewards` is the weighted sum (a verifier's None counts as `none_value`); `correct` says
     whether the first verifier gave full marks (>= 1), which is what `reward/accuracy` reports.
+    After each call, `failures` holds the verifiers that failed on some items and `last_error`
+    the latest error line (with its record), which the health stop quotes.
     """
+
+    failures: list[Failures]
+    last_error: str | None = None
 
     def __init__(self, cfg: RewardConfig, in_process: bool = False):
         """`in_process=True` runs every verifier in the trainer's threads (the runner before
@@ -180,6 +238,7 @@ class RewardFn:
                 self.workers,
                 confine=kind == "b",
                 worker_items=cfg.worker_items if kind == "b" else 0,
+                isolate=cfg.isolate_completions and kind == "b",
             )
             for kind, names in (("b", confined), ("c", custom))
             if names
@@ -191,6 +250,7 @@ class RewardFn:
             else:  # loaded here too: a bad spec is a config error before training starts
                 self.fns.append((load_callable(name), {}, self.pools.get("c")))
         self._finalizer = weakref.finalize(self, _close_pools, list(self.pools.values()))
+        self.failures, self._last_rows = [], ([], [])
 
     def close(self) -> None:
         """Stop the verifier worker processes. Call it when training (or evaluation) ends; the
@@ -220,7 +280,7 @@ class RewardFn:
         prompts: list[str],
         completions: list[str],
         columns: dict[str, list[Any]],
-    ) -> tuple[list[float | None], int, int]:
+    ) -> tuple[list[float | None], Failures]:
         if pool is None:
             raw = run_verifier(fn, prompts, completions, columns, extra, self.timeout, self.threads)
         else:
@@ -230,22 +290,28 @@ class RewardFn:
             ]
             raw = pool.run(name, items, extra)
         scores: list[float | None] = []
-        errors = timeouts = 0
-        for value in raw:
+        failed = Failures(name.rsplit(":", 1)[-1], len(raw))
+        for i, value in enumerate(raw):
             if value is TIMEOUT:
-                timeouts += 1
+                failed.timeouts.append(i)
                 scores.append(None)
             elif isinstance(value, Exception):
-                errors += 1
-                if isinstance(value, WorkerError):
-                    reason = str(value)
-                else:
-                    reason = f"{type(value).__name__}: {value}"
-                log.warning("verifier %s failed: %s", getattr(fn, "__name__", fn), reason)
+                failed.errors.append((i, reason_of(value)))
                 scores.append(None)
             else:  # a float, or None: the verifier cannot judge this one
                 scores.append(value)
-        return scores, errors, timeouts
+        return scores, failed
+
+    def _item(self, i: int) -> str:
+        """Completion i of the last call and the record it answers."""
+        prompts, answers = self._last_rows
+        answer = f" (answer {excerpt(answers[i], 40)!r})" if i < len(answers) else ""
+        return f"completion {i + 1}, record {excerpt(prompts[i])!r}{answer}"
+
+    def warn_failures(self, prefix: str = "", when: str = "") -> None:
+        """Log the last call's failures: one line per verifier and kind, never one per item."""
+        for line in failure_lines(self.failures, self._item, when=when, timeout=self.timeout):
+            log.warning("%s%s", prefix, line)
 
     def __call__(
         self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]
@@ -258,20 +324,24 @@ class RewardFn:
             "reward/unjudged": 0.0,
         }
         correct: list[bool] = []
+        self.failures, self._last_rows = [], (prompts, columns.get("answer", []))
         for i, ((fn, extra, pool), name, weight) in enumerate(
             zip(self.fns, self.names, self.weights)
         ):
-            scores, errors, timeouts = self._scores(
-                fn, extra, pool, name, prompts, completions, columns
-            )
-            metrics["reward/errors"] += errors
-            metrics["reward/timeouts"] += timeouts
+            scores, failed = self._scores(fn, extra, pool, name, prompts, completions, columns)
+            if failed.errors or failed.timeouts:
+                self.failures.append(failed)
+            metrics["reward/errors"] += len(failed.errors)
+            metrics["reward/timeouts"] += len(failed.timeouts)
             metrics["reward/unjudged"] += sum(s is None for s in scores)
             filled = [self.none_value if s is None else s for s in scores]
             total = [t + weight * s for t, s in zip(total, filled)]
             metrics[f"reward/{name.rsplit(':', 1)[-1]}/mean"] = sum(filled) / max(n, 1)
             if i == 0:
                 correct = [s is not None and s >= 1.0 for s in scores]
+        raised = [f for f in self.failures if f.errors]
+        if raised:  # the latest error, with its record: what a health stop quotes
+            self.last_error = failure_lines(raised[:1], self._item)[0]
         return total, correct, metrics
 
 
