@@ -322,10 +322,19 @@ def test_in_process_verifiers_are_linear_on_pathological_replies(extract):
     assert time.perf_counter() - start < 1.0  # 44 calls; about 0.05 s on a free core
 
 
-def test_a_killed_trainer_leaves_no_worker_and_its_directory_is_removed_later(tmp_path):
+def test_a_killed_trainer_leaves_no_worker_and_its_directory_is_removed_later(
+    tmp_path, monkeypatch
+):
     import signal
     import subprocess
     import sys
+    import tempfile
+
+    # pools in a directory of this test's own: another rlsd process starting a pool meanwhile
+    # (a study on the same machine) would otherwise remove the killed trainer's directory first
+    base = tmp_path / "tmp"
+    base.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(base))
 
     script = tmp_path / "trainer.py"
     script.write_text(
@@ -337,9 +346,13 @@ def test_a_killed_trainer_leaves_no_worker_and_its_directory_is_removed_later(tm
         "print(fn.pools['c']._root, *fn.pools['c'].worker_pids(), flush=True)\n"
         "time.sleep(3600)\n"
     )
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "TMPDIR": str(base)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         root, *pids = proc.stdout.readline().split()
+        assert Path(root).parent == base
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
