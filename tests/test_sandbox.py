@@ -290,7 +290,7 @@ def test_the_opt_out_runs_without_a_sandbox_and_says_so(caplog):
 
 @needs_bubblewrap
 def test_a_sandboxed_run_costs_well_under_a_few_seconds():
-    """The cost per completion (README, Verifiers): bubblewrap, the launcher, the judge."""
+    """The cost per completion (docs/verifiers.md): bubblewrap, the launcher, the judge."""
     run_python("pass")  # the probe and the first start
     start = time.perf_counter()
     for _ in range(5):
