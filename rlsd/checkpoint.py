@@ -74,18 +74,23 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     model: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     state: dict[str, Any],
     extra_tensors: dict[str, torch.Tensor] | None = None,
     keep_last: int = 0,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write run_dir/checkpoint-<step> atomically, point run_dir/latest at it, and delete all
-    but the newest `keep_last` checkpoints (0 keeps all)."""
+    but the newest `keep_last` checkpoints (0 keeps all). `weights` (the model's state dict)
+    and an optimizer state dict, when given, are written instead of the model's and the
+    optimizer's own: a sharded model's, gathered whole (sharding.full_state)."""
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=run_dir))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        given = {} if weights is None else {"state_dict": weights}
+        model.save_pretrained(tmp, safe_serialization=True, **given)
+        optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         if extra_tensors:
             save_file(
@@ -252,14 +257,17 @@ def load_trainable(model: Any, ckpt: Path, lora: bool) -> None:
 
 
 def apply_weights(model: Any, state: dict[str, torch.Tensor], lora: bool, ckpt: Path) -> None:
-    """Copy weights read by `read_weights` into the policy; keys that do not fit are an error."""
-    if lora:
+    """Copy weights read by `read_weights` into the policy (sharded or not); keys that do not
+    fit are an error."""
+    if lora:  # peft lays whole tensors out like sharded parameters itself
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)
         return
+    from .sharding import like_params
+
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(like_params(model, state), strict=False)
     except RuntimeError as exc:  # shapes that differ: another model than the run's
         raise ConfigError(f"{ckpt}: weights do not match the model ({_first_line(exc)})") from None
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
@@ -341,6 +349,7 @@ RESUME_SAFE = {
     "train.eval_every",
     "train.eval_items",
     "model.threads",
+    "train.share_prefix",  # the same values, summed in another order (as threads, batch sizes)
     "teacher.batch_size",
     "rollout.batch_size",
     "reward.workers",

@@ -1,5 +1,6 @@
 """What changes when several processes train together (accelerate DDP; `accelerate launch` or
-`torchrun`). With one process every function here is the identity.
+`torchrun`). With one process every function here is the identity. The same holds with the
+policy sharded by FSDP2 (`train.sharding: fsdp`); what changes then is in `sharding.py`.
 
 - Each process takes a contiguous shard of the step's prompts (all G samples of a prompt stay on
   one process, so group advantages need no communication).

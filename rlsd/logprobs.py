@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .algorithms.distill import token_divergence
 from .models import base_model
+from .prefix import shared_prefix_hidden
 
 
 def _logits(
@@ -142,10 +143,19 @@ class TokenScorer(nn.Module):
         return base.get_decoder(), base.get_output_embeddings(), softcap
 
     def _completion_hidden(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        share_prefix: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (M, H) that predict the valid completion tokens, and those ids (M,)."""
+        """Hidden states (M, H) that predict the valid completion tokens, and those ids (M,).
+        With `share_prefix`, rows with the same prompt run it once (`rlsd/prefix.py`)."""
         decoder = self._parts()[0]
+        if share_prefix:
+            shared = shared_prefix_hidden(decoder, input_ids, attention_mask, completion_mask)
+            if shared is not None:
+                return shared
         prompt_width = input_ids.shape[1] - completion_mask.shape[1]
         order, undo = pads_to_the_right(attention_mask)
         mask = attention_mask.gather(1, order)
@@ -167,15 +177,19 @@ class TokenScorer(nn.Module):
         completion_mask: torch.Tensor,
         teacher: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         reverse: bool = True,
+        share_prefix: bool = False,
     ):
         """input_ids (N, P + T): left-padded prompt, then completion ids whose validity is
         completion_mask (N, T). Returns log-probs (N, T) of the completion ids, 0 where masked.
 
         With `teacher` = (values (N, T, k), ids (N, T, k) or None) from `support`, also returns
-        the per-token KL (N, T) between this model and that teacher distribution.
+        the per-token KL (N, T) between this model and that teacher distribution. With
+        `share_prefix`, the rows that share a prompt run it once (same values).
         """
         _, head, softcap = self._parts()
-        hidden, targets = self._completion_hidden(input_ids, attention_mask, completion_mask)
+        hidden, targets = self._completion_hidden(
+            input_ids, attention_mask, completion_mask, share_prefix
+        )
         valid = completion_mask.bool()
         flat = None
         if teacher is not None:
@@ -206,11 +220,14 @@ class TokenScorer(nn.Module):
         attention_mask: torch.Tensor,
         completion_mask: torch.Tensor,
         topk: int,
+        share_prefix: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per completion position, log-probs over the vocabulary (topk = 0: (N, T, V)) or the
         top-k (values and ids, (N, T, k) each); zeros at masked positions."""
         _, head, softcap = self._parts()
-        hidden, _ = self._completion_hidden(input_ids, attention_mask, completion_mask)
+        hidden, _ = self._completion_hidden(
+            input_ids, attention_mask, completion_mask, share_prefix
+        )
         vals, ids = support_logprobs(
             hidden, head.weight, topk, self.chunk_rows, 1.0 / self.temperature, softcap
         )

@@ -1,8 +1,9 @@
 """A training run's state, built once: model, optimizer, teacher, data, run directory, logs.
 
 `setup` loads everything, opens (or resumes) the run directory and returns a `Run`; `save` writes
-a checkpoint. With several processes (accelerate DDP) the main process decides the run directory
-and alone writes files; every process builds the same model and restores the same checkpoint.
+a checkpoint. With several processes (accelerate DDP, or FSDP2 with `train.sharding: fsdp`, see
+`sharding.py`) the main process decides the run directory and alone writes files; every process
+builds the same model and restores the same checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .logprobs import TokenScorer
 from .models import base_model, load_model, pick_device, pick_dtype, stop_token_ids
 from .preflight import check_teacher_prompts
 from .rewards import build_reward
+from .sharding import full_state, is_sharded, shard_optimizer_state, shard_policy
 from .teacher import Teacher
 from .tracking import (
     JsonlWriter,
@@ -214,20 +216,39 @@ def make_accelerator(cfg: Config, device: torch.device, run_dir: Path) -> Accele
     if accelerator.distributed_type.value in SHARDED:
         raise ConfigError(
             f"accelerate config: {accelerator.distributed_type.value} is not "
-            "supported yet (rlsd generates with whole weights on each process); "
-            "use DDP: configs/accelerate/ddp-8gpu.yaml"
+            "supported (rlsd gathers the weights itself for generation); for sharded "
+            "weights use a DDP or plain launch with --train.sharding fsdp (FSDP2), "
+            "e.g. configs/accelerate/ddp-8gpu.yaml"
         )
     return accelerator
 
 
 def load_policy(cfg: Config, device: torch.device) -> tuple[Any, Any]:
-    """The policy model (LoRA-wrapped per config) and its tokenizer."""
-    model, tokenizer = load_model(cfg.model, pick_dtype(cfg.model, device))
+    """The policy model (LoRA-wrapped per config) and its tokenizer. FSDP2 on CUDA keeps fp32
+    shards and computes in bf16 (sharding.py), so model.dtype auto loads fp32 there."""
+    dtype = pick_dtype(cfg.model, device)
+    if cfg.train.sharding == "fsdp" and device.type == "cuda" and cfg.model.dtype == "auto":
+        dtype = torch.float32
+    model, tokenizer = load_model(cfg.model, dtype)
     if cfg.train.gradient_checkpointing:  # the decoder layers recompute in the backward pass
         base_model(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     return model, tokenizer
+
+
+def build_policy(cfg: Config, accelerator: Accelerator, model: Any) -> tuple[Any, Any]:
+    """The policy's scorer and its AdamW over the trainable parameters: prepared by accelerate
+    (DDP), or sharded with FSDP2 first (train.sharding fsdp; neither is then prepared)."""
+    if cfg.train.sharding == "fsdp":
+        scorer = shard_policy(model, cfg.rollout.temperature, accelerator.device)
+    else:
+        scorer = TokenScorer(model, temperature=cfg.rollout.temperature)
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.train.sharding == "fsdp":
+        return scorer, optimizer
+    return accelerator.prepare(scorer, optimizer)
 
 
 def setup(cfg: Config, resume: bool = True) -> Run:
@@ -254,10 +275,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     method = method_for(cfg)
     records = trainable_records(cfg, renderer, records, method)
     reward_fn = build_reward(cfg.reward)
-    scorer = TokenScorer(model, temperature=cfg.rollout.temperature)
-    params = [p for p in scorer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    scorer, optimizer = build_policy(cfg, accelerator, model)
     policy = accelerator.unwrap_model(scorer)
     teacher, reference = build_teachers(
         cfg, method, policy, tokenizer, renderer, records, accelerator.device
@@ -361,7 +379,8 @@ def restore(
         try:
             saved = load_state(candidate, lora)
             check_optimizer_state(optimizer, saved.optimizer)
-            optimizer.load_state_dict(saved.optimizer)  # replaced whole by a fallback's
+            # replaced whole by a fallback's; laid out like the parameters (sharding.py)
+            optimizer.load_state_dict(shard_optimizer_state(optimizer, saved.optimizer))
             if teacher is not None:  # the sync snapshot, replaced whole by a fallback's
                 teacher.load_state(saved.state.get("teacher_synced_at", 0), saved.teacher)
             if memory is not None:
@@ -415,15 +434,17 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def save(run: Run, step: int) -> Path:
-    """Write checkpoint-<step> (main process; the others wait until it is complete)."""
+    """Write checkpoint-<step> (main process; the others wait until it is complete). Sharded
+    weights and optimizer state are gathered whole on the main process first."""
     ckpt = run.run_dir / f"checkpoint-{step}"
+    weights, optimizer = full_state(run) if is_sharded(run.scorer) else (None, run.optimizer)
     if run.accelerator.is_main_process:
         synced_at, tensors = run.teacher.state() if run.teacher is not None else (0, None)
         ckpt = save_checkpoint(
             run.run_dir,
             step,
             run.lm,
-            run.optimizer,
+            optimizer,
             {
                 "data": run.stream.state_dict(),
                 "teacher_synced_at": synced_at,
@@ -431,6 +452,7 @@ def save(run: Run, step: int) -> Path:
             },
             tensors,
             run.cfg.output.keep_last,
+            weights,
         )
     run.accelerator.wait_for_everyone()
     return ckpt

@@ -46,10 +46,18 @@ def scored_by(
     run: Any, scorer: Teacher, prompts: list[list[int]], trained: Batch, topk: int | None = None
 ) -> TeacherScores:
     """Log-probs (n, T) of `trained`'s completions after the given prompts; with `topk`, also
-    the teacher's distribution (see Teacher.logprobs)."""
+    the teacher's distribution (see Teacher.logprobs). Rows with identical prompts share
+    their prefix (`train.share_prefix`): all G rows of a group with the reference context,
+    only those given the same sibling or memory context otherwise."""
     t_ids, t_mask = left_pad(prompts, run.tokenizer.pad_token_id)
     return scorer.logprobs(
-        t_ids, t_mask, trained.completion_ids, trained.completion_mask, run.device, topk
+        t_ids,
+        t_mask,
+        trained.completion_ids,
+        trained.completion_mask,
+        run.device,
+        topk,
+        run.cfg.train.share_prefix,
     )
 
 

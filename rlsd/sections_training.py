@@ -190,11 +190,30 @@ class TrainConfig:
         "Sequences per forward/backward pass (gradient accumulation covers the rest of the step).",
         low=1,
     )
+    sharding: str = opt(
+        "none",
+        "How a multi-process launch (torchrun, accelerate launch) holds the policy: none = "
+        "every process holds the whole model, gradients and optimizer state (DDP); fsdp = "
+        "FSDP2: every transformer block and the rest of the model sharded over the processes, "
+        "each keeping 1/N of the weights, gradients and AdamW state and gathering the whole "
+        "weights once a step for the rollout, the teacher and the update (README: Scaling "
+        "out; not yet with teacher.mode sync or external, or a frozen teacher or KL "
+        "reference without LoRA).",
+        choices=("none", "fsdp"),
+    )
     gradient_checkpointing: bool = opt(
         False,
         "Recompute the decoder layers' activations in "
         "the backward pass: much less memory for about one "
         "more forward pass of time.",
+    )
+    share_prefix: bool = opt(
+        True,
+        "Score the rows that share a prompt (a group's G samples; the self-teacher's rows "
+        "with the same context) with the prompt processed once: its keys and values are "
+        "computed once and the completions run against them, in the teacher pass and in the "
+        "policy's forward and backward (same values and gradients; see rlsd/prefix.py). "
+        "false = every row runs its whole [prompt ; completion].",
     )
     ppo_epochs: int = opt(
         1,

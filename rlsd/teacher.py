@@ -129,11 +129,14 @@ class Teacher:
         completion_mask: torch.Tensor,
         device: torch.device,
         topk: int | None = None,
+        share_prefix: bool = False,
     ) -> TeacherScores:
         """Teacher log-probs (N, T) of the completion ids after the teacher's own prompts.
 
         With `topk` (0 = the whole vocabulary) also the teacher's distribution at every
-        completion position: values (N, T, k or V) and ids (N, T, k) or None.
+        completion position: values (N, T, k or V) and ids (N, T, k) or None. With
+        `share_prefix`, the rows of a pass whose teacher prompts are identical run that
+        prompt once (`rlsd/prefix.py`).
         """
         outs = []
         with self._weights() as scorer:
@@ -144,9 +147,10 @@ class Teacher:
                 p_ids, p_mask = trim_left(prompt_ids[rows], prompt_mask[rows])
                 ids, mask = join(p_ids, p_mask, completion_ids[rows], completion_mask[rows])
                 args = (ids.to(device), mask.to(device), completion_mask[rows].to(device))
-                part = [scorer(*args).cpu()]
+                part = [scorer(*args, share_prefix=share_prefix).cpu()]
                 if topk is not None:
-                    part += [None if x is None else x.cpu() for x in scorer.support(*args, topk)]
+                    dist = scorer.support(*args, topk, share_prefix=share_prefix)
+                    part += [None if x is None else x.cpu() for x in dist]
                 outs.append(part)
             scorer.train(was_training)
         logps = torch.cat([o[0] for o in outs])

@@ -31,6 +31,7 @@ from .progress import StepDisplay, Watch
 from .rollout import Batch, sample_completions
 from .run import Run, TrainingStopped, save, setup
 from .scoring import remember_step, step_contexts, teacher_pass
+from .sharding import gathered, take_gather_seconds
 from .tracking import peak_memory_mb, tracker_values
 from .update import Rows, optimise
 
@@ -41,9 +42,10 @@ def rollout(run: Run, step: int, recs: list[Record]) -> Batch:
     rank, size = world(run.accelerator)  # resumable sampling stream, one per process
     torch.manual_seed((run.cfg.train.seed * 1_000_003 + step) * size + rank)
     prompts = [run.renderer.student_ids(r) for r in recs]
-    return sample_completions(
-        run.lm, prompts, run.cfg.rollout, run.tokenizer.pad_token_id, run.stop_ids, run.device
-    )
+    with gathered(run):  # FSDP2: whole weights to decode with (train_step gathered them)
+        return sample_completions(
+            run.lm, prompts, run.cfg.rollout, run.tokenizer.pad_token_id, run.stop_ids, run.device
+        )
 
 
 def score(
@@ -85,13 +87,14 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         [run.records[i] for i in run.stream.next(cfg.train.prompts_per_step)],
         *world(run.accelerator),
     )  # this process's prompts (all of them with one)
-    run.phase = "generation"
-    batch = rollout(run, step, recs)
-    times["generate"] = time.perf_counter()
-    texts, rewards, correct, metrics = score(run, recs, batch)
-    run.reward_fn.warn_failures(f"step {step}: ", " this step")  # one line per verifier
-    times["reward"] = time.perf_counter()
-    return learn(run, step, recs, batch, texts, rewards, correct, metrics, times)
+    with gathered(run):  # FSDP2: whole weights once a step (rollout, teacher, update)
+        run.phase = "generation"
+        batch = rollout(run, step, recs)
+        times["generate"] = time.perf_counter()
+        texts, rewards, correct, metrics = score(run, recs, batch)
+        run.reward_fn.warn_failures(f"step {step}: ", " this step")  # one line per verifier
+        times["reward"] = time.perf_counter()
+        return learn(run, step, recs, batch, texts, rewards, correct, metrics, times)
 
 
 def learn(
@@ -124,13 +127,15 @@ def learn(
     data.span = None if span is None else span[rows]
     run.phase = "teacher"
     found = step_contexts(run, recs, texts, correct, batch)  # (contexts, keys) per completion
-    metrics.update(teacher_pass(run, step, recs, rows, data, found))
+    with gathered(run):  # FSDP2: each process scores its own rows, however many
+        metrics.update(teacher_pass(run, step, recs, rows, data, found))
     times["teacher"] = time.perf_counter()
     run.phase = "update"
     update = anywhere(run.accelerator, rows.any())  # some process has rows: all take part
     mask = data.batch.completion_mask
     if update:
-        logps, upd = optimise(run, step, batch, rows, data)
+        with gathered(run):  # FSDP2: each process trains its own micro-batches, however many
+            logps, upd = optimise(run, step, batch, rows, data)
         metrics.update(upd)
     if update and rows.any():
         metrics["policy/entropy"] = -logps[mask].sum().item() / max(mask.sum().item(), 1)
@@ -208,6 +213,7 @@ def step_metrics(
         "perf/completion_tokens_per_second": lengths.sum().item() / max(gen_seconds, 1e-9),
         "perf/peak_mem_mb": peak_memory_mb(run.device),
         "perf/peak_mem_scope": run.mem_scope,  # "process": may include an earlier run's peak
+        **take_gather_seconds(run),  # FSDP2: gathering whole weights since the last step
     }
 
 
@@ -325,9 +331,11 @@ def guarded_step(run: Run, step: int) -> dict[str, Any]:
     try:
         metrics = train_step(run, step)
         every = run.cfg.train.eval_every
-        if every and step % every == 0 and run.accelerator.is_main_process:
+        if every and step % every == 0:
             run.phase = "evaluation"
-            metrics.update(evaluate_now(run, step))
+            with gathered(run):  # FSDP2: every process gathers, the main one evaluates
+                if run.accelerator.is_main_process:
+                    metrics.update(evaluate_now(run, step))
         return metrics
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_oom(exc):

@@ -74,9 +74,10 @@ def _scoring_inputs(batch: Batch, rows: slice, device: torch.device):
 @torch.no_grad()
 def current_logps(run: Any, batch: Batch) -> torch.Tensor:
     """Log-probs (n, T) under the current policy, without gradient (the PPO "old" log-probs)."""
-    out, mb = [], run.cfg.train.micro_batch_size
+    out, mb, share = [], run.cfg.train.micro_batch_size, run.cfg.train.share_prefix
     for s in range(0, batch.completion_ids.shape[0], mb):
-        out.append(run.scorer(*_scoring_inputs(batch, slice(s, s + mb), run.device)).cpu())
+        args = _scoring_inputs(batch, slice(s, s + mb), run.device)
+        out.append(run.scorer(*args, share_prefix=share).cpu())
     return torch.cat(out) if out else torch.zeros(0, batch.completion_ids.shape[1])
 
 
@@ -117,15 +118,16 @@ def micro_batch_loss(
     adds its KL terms and clip counts to `sums`."""
     cfg, device, alg, method = run.cfg, run.device, run.cfg.algorithm, run.method
     ids, attn, c_mask = _scoring_inputs(part.batch, slice(None), device)
-    exact_kl = None
+    exact_kl, share = None, cfg.train.share_prefix
     if part.support_vals is None:
-        logps = run.scorer(ids, attn, c_mask)  # (mb, T)
+        logps = run.scorer(ids, attn, c_mask, share_prefix=share)  # (mb, T)
     else:  # opsd.divergence full / topk: the exact per-token KL from the same pass
         support = (
             part.support_vals.to(device),
             None if part.support_ids is None else part.support_ids.to(device),
         )
-        logps, exact_kl = run.scorer(ids, attn, c_mask, support, cfg.opsd.direction == "reverse")
+        reverse = cfg.opsd.direction == "reverse"
+        logps, exact_kl = run.scorer(ids, attn, c_mask, support, reverse, share_prefix=share)
     old = logps.detach() if part.old_logps is None else part.old_logps.to(device)
     token_adv = (
         credit(run, step, part, old) if part.token_adv is None else part.token_adv.to(device)
