@@ -180,9 +180,8 @@ def shared_prefix_hidden(
     recorded, extended = _layer_classes()
     # the distinct prompts, their padding moved to the end: every position attends to a key
     p_mask = prompt_mask[first].long()  # (U, P)
-    order = (torch.arange(prompt_width, device=p_mask.device) + (p_mask == 0).sum(1, True)) % (
-        prompt_width
-    )
+    pads = (p_mask == 0).sum(1, keepdim=True)  # (U, 1) each prompt's left padding
+    order = (torch.arange(prompt_width, device=p_mask.device) + pads) % prompt_width
     p_ids, p_mask = prompt_ids[first].gather(1, order), p_mask.gather(1, order)
     lengths = p_mask.sum(1)  # (U,)
     keyword, cache = cache_keyword(decoder), Cache(layer_class_to_replicate=recorded)
