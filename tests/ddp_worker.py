@@ -80,6 +80,23 @@ def fixed_batch(run, records: list[Record], group: int) -> tuple[Batch, torch.Te
     return Batch(p_ids, p_mask, ids, mask), rewards
 
 
+def capture_gradients(run, convert) -> dict[str, torch.Tensor]:
+    """The trainable parameters' gradients, as `convert` makes them, recorded at each optimizer
+    step (the dict returned is filled in place) just before the step applies them."""
+    grads: dict[str, torch.Tensor] = {}
+    model = run.accelerator.unwrap_model(run.scorer)
+    step_fn = run.optimizer.step
+
+    def capture_then_step(*args, **kwargs):
+        grads.update(
+            {f"grad.{n}": convert(p.grad) for n, p in model.named_parameters() if p.requires_grad}
+        )
+        return step_fn(*args, **kwargs)
+
+    run.optimizer.step = capture_then_step
+    return grads
+
+
 def equiv_mode(overrides: dict, out: Path) -> None:
     from safetensors.torch import save_file
 
@@ -89,21 +106,7 @@ def equiv_mode(overrides: dict, out: Path) -> None:
     batch, rewards = fixed_batch(run, everything, group)
     rank, size = world(run.accelerator)
     rows = torch.tensor(shard(list(range(len(rewards))), rank, size))
-    grads: dict[str, torch.Tensor] = {}
-    model = run.accelerator.unwrap_model(run.scorer)
-    step_fn = run.optimizer.step
-
-    def capture_then_step(*args, **kwargs):
-        grads.update(
-            {
-                f"grad.{n}": p.grad.detach().cpu().clone()
-                for n, p in model.named_parameters()
-                if p.requires_grad
-            }
-        )
-        return step_fn(*args, **kwargs)
-
-    run.optimizer.step = capture_then_step
+    grads = capture_gradients(run, lambda grad: grad.detach().cpu().clone())
     local = batch.select(rows)
     correct = [bool(r) for r in rewards[rows]]
     trainer.learn(

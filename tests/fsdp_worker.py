@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from rlsd import trainer
 from rlsd.config import load_config
 from rlsd.distributed import shard, world
-from tests.ddp_worker import fixed_batch
+from tests.ddp_worker import capture_gradients, fixed_batch
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -96,17 +96,7 @@ def equiv_mode(spec: dict, out: Path) -> None:
         rewards[len(rewards) // 2 :] = 1.0  # equal rewards: no advantage, no trained row
     rank, size = world(run.accelerator)
     rows = torch.tensor(shard(list(range(len(rewards))), rank, size))
-    grads: dict[str, torch.Tensor] = {}
-    model = run.accelerator.unwrap_model(run.scorer)
-    step_fn = run.optimizer.step
-
-    def capture_then_step(*args, **kwargs):
-        grads.update(
-            {f"grad.{n}": whole(p.grad) for n, p in model.named_parameters() if p.requires_grad}
-        )
-        return step_fn(*args, **kwargs)
-
-    run.optimizer.step = capture_then_step
+    grads = capture_gradients(run, whole)
     local = batch.select(rows)
     correct = [bool(r) for r in rewards[rows]]
     for update in range(1, spec["updates"] + 1):
