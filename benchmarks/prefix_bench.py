@@ -69,6 +69,17 @@ def teacher_pass(teacher, batch, share: bool) -> float:
     return time.perf_counter() - start
 
 
+def interleaved(cases: dict, reps: int) -> dict[str, list[float]]:
+    """Each case's seconds over `reps` rounds, the cases interleaved, after one warm-up each."""
+    for case in cases.values():
+        case()
+    times = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, case in cases.items():
+            times[name].append(case())
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
@@ -119,12 +130,7 @@ def main() -> None:
         "policy, whole groups (4 x 4): shared": train(whole, True),
         "policy, 6-row parts by count: shared": train(split, True),
     }
-    for case in cases.values():  # warm-up
-        case()
-    times = {name: [] for name in cases}
-    for _ in range(args.reps):
-        for name, case in cases.items():
-            times[name].append(case())
+    times = interleaved(cases, args.reps)
     prompt_tokens = [int(m.sum()) for m in (student.prompt_mask, teacher_batch.prompt_mask)]
     lines = [
         f"# Shared-prefix benchmark ({args.name}, {date.today()}, "

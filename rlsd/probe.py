@@ -175,15 +175,23 @@ def candidate_contexts(
 
 @torch.no_grad()
 def logps_after(
-    scorer: Any, prompts: list[list[int]], batch: Batch, pad: int, device: Any, rows: int
+    scorer: Any,
+    prompts: list[list[int]],
+    batch: Batch,
+    pad: int,
+    device: Any,
+    rows: int,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
-    """Log-probs (N, T) of the batch's completions after the given prompts, `rows` at a time."""
+    """Log-probs (N, T) of the batch's completions after the given prompts, `rows` at a time;
+    with `share_prefix`, rows of a pass with the same prompt run it once (`train.share_prefix`)."""
     out = []
     for s in range(0, len(prompts), rows):
         p_ids, p_mask = left_pad(prompts[s : s + rows], pad)
         part = batch.select(torch.arange(s, min(s + rows, len(prompts))))
         ids, attn = join(p_ids, p_mask, part.completion_ids, part.completion_mask)
-        out.append(scorer(ids.to(device), attn.to(device), part.completion_mask.to(device)).cpu())
+        args = (ids.to(device), attn.to(device), part.completion_mask.to(device))
+        out.append(scorer(*args, share_prefix=share_prefix).cpu())
     return torch.cat(out)
 
 
@@ -268,7 +276,8 @@ def run_probe(cfg: Any, items: int, kinds: list[str], out_dir: Path) -> dict[str
     sub, pad, rows = judged.batch, tokenizer.pad_token_id, cfg.train.micro_batch_size
     scorer = TokenScorer(lm, temperature=cfg.rollout.temperature)
     plain = [renderer.student_ids(recs[i // group]) for i in range(len(judged.texts))]
-    student = logps_after(scorer, plain, sub, pad, device, rows)
+    share = cfg.train.share_prefix
+    student = logps_after(scorer, plain, sub, pad, device, rows, share)
     pieces = token_pieces(tokenizer, sub.completion_ids, sub.completion_mask)
     result: dict[str, Any] = {
         "model": cfg.model.name,
@@ -289,7 +298,9 @@ def run_probe(cfg: Any, items: int, kinds: list[str], out_dir: Path) -> dict[str
         if has.any():
             index = has.nonzero().flatten()
             prompts = [renderer.teacher_ids(recs[int(i) // group], contexts[int(i)]) for i in index]
-            teacher[index] = logps_after(scorer, prompts, sub.select(index), pad, device, rows)
+            teacher[index] = logps_after(
+                scorer, prompts, sub.select(index), pad, device, rows, share
+            )
         delta = teacher_gap(teacher, student, sub.completion_mask)
         result["contexts"][kind] = context_stats(
             delta, sub.completion_mask, correct, judged.adv, has, cfg.rlsd.eps_w, pieces

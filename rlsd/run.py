@@ -37,10 +37,17 @@ from .context import ContextMemory
 from .data import PromptRenderer, PromptStream, Record, check_lengths, load_records, split_heldout
 from .distributed import from_main
 from .logprobs import TokenScorer
-from .models import base_model, load_model, pick_device, pick_dtype, stop_token_ids
+from .models import base_model, load_model, pick_device, pick_dtype, set_threads, stop_token_ids
 from .preflight import check_teacher_prompts
 from .rewards import build_reward
-from .sharding import full_state, is_sharded, shard_optimizer_state, shard_policy
+from .sharding import (
+    frozen_copies,
+    full_state,
+    is_sharded,
+    shard_frozen,
+    shard_optimizer_state,
+    shard_policy,
+)
 from .teacher import Teacher
 from .tracking import (
     JsonlWriter,
@@ -184,27 +191,40 @@ def build_teachers(
     renderer: PromptRenderer,
     records: list[Record],
     device: torch.device,
+    copies: dict[str, TokenScorer] | None = None,
 ) -> tuple[Teacher | None, Teacher | None]:
     """The method's teacher (after the preflight of its prompts) and, with algorithm.kl_coef,
-    the frozen initial policy for the KL penalty (a frozen teacher's copy is shared)."""
+    the frozen initial policy for the KL penalty (a frozen teacher's copy is shared). Under
+    FSDP2 the frozen copies come sharded, by role (`sharding.frozen_copies`)."""
+    copies = copies or {}
     batch = cfg.teacher.batch_size or cfg.train.micro_batch_size
     teacher = None
     if method.teacher is not None:
         external = None
         if method.teacher == "plain":
             external = load_external_teacher(cfg, tokenizer, device)
+            if cfg.train.sharding == "fsdp":  # gathered with the policy (sharding.gathered)
+                external = shard_frozen(external.lm, cfg.rollout.temperature, device)
         else:
             check_teacher_prompts(
                 renderer, tokenizer, records, cfg.teacher.privileged, cfg.teacher.context
             )
         teacher = Teacher(
-            cfg.teacher.mode, policy, cfg.model.lora, batch, cfg.teacher.sync_every, external
+            cfg.teacher.mode,
+            policy,
+            cfg.model.lora,
+            batch,
+            cfg.teacher.sync_every,
+            external,
+            copies.get("teacher"),
         )
     if cfg.algorithm.kl_coef <= 0:
         return teacher, None
     if teacher is not None and teacher.mode == "frozen":
         return teacher, teacher
-    return teacher, Teacher("frozen", policy, cfg.model.lora, batch)
+    return teacher, Teacher(
+        "frozen", policy, cfg.model.lora, batch, model_copy=copies.get("reference")
+    )
 
 
 def make_accelerator(cfg: Config, device: torch.device, run_dir: Path) -> Accelerator:
@@ -263,8 +283,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
             f"split evenly over {state.num_processes} processes"
         )
     run_dir, ckpt = from_main(state, lambda: run_dir_for(cfg, resume))  # before the slow work
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
+    set_threads(cfg.model.threads, device, state.is_main_process)
     torch.manual_seed(cfg.train.seed)
     accelerator = make_accelerator(cfg, device, run_dir)
     records, _ = split_heldout(
@@ -275,10 +294,11 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     method = method_for(cfg)
     records = trainable_records(cfg, renderer, records, method)
     reward_fn = build_reward(cfg.reward)
+    copies = frozen_copies(cfg, model, accelerator.device)  # FSDP2: before the policy is sharded
     scorer, optimizer = build_policy(cfg, accelerator, model)
     policy = accelerator.unwrap_model(scorer)
     teacher, reference = build_teachers(
-        cfg, method, policy, tokenizer, renderer, records, accelerator.device
+        cfg, method, policy, tokenizer, renderer, records, accelerator.device, copies
     )
     stream = PromptStream(len(records), cfg.train.seed)
     memory = None
@@ -438,8 +458,8 @@ def save(run: Run, step: int) -> Path:
     weights and optimizer state are gathered whole on the main process first."""
     ckpt = run.run_dir / f"checkpoint-{step}"
     weights, optimizer = full_state(run) if is_sharded(run.scorer) else (None, run.optimizer)
+    synced_at, tensors = run.teacher.state() if run.teacher is not None else (0, None)
     if run.accelerator.is_main_process:
-        synced_at, tensors = run.teacher.state() if run.teacher is not None else (0, None)
         ckpt = save_checkpoint(
             run.run_dir,
             step,

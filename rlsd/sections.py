@@ -63,7 +63,12 @@ class ModelConfig:
         "Where to train; auto = CUDA when available, else CPU.",
         choices=("auto", "cpu", "cuda"),
     )
-    threads: int = opt(0, "CPU threads for torch (0 = torch's default).", low=0)
+    threads: int = opt(
+        0,
+        "CPU threads for torch (0 = torch's default, one per core: the fastest alone; 1 is "
+        "often faster on a CPU other jobs keep busy, and rlsd says so at start-up).",
+        low=0,
+    )
     lora: bool = opt(True, "Train a LoRA adapter (peft) instead of all weights.")
     lora_r: int = opt(16, "LoRA rank.", low=1)
     lora_alpha: float = opt(32.0, "LoRA scaling numerator (scale = alpha / r).", low=0)

@@ -197,8 +197,8 @@ class TrainConfig:
         "FSDP2: every transformer block and the rest of the model sharded over the processes, "
         "each keeping 1/N of the weights, gradients and AdamW state and gathering the whole "
         "weights once a step for the rollout, the teacher and the update (README: Scaling "
-        "out; not yet with teacher.mode sync or external, or a frozen teacher or KL "
-        "reference without LoRA).",
+        "out); a teacher's or KL reference's model copy and an external teacher are "
+        "sharded the same way.",
         choices=("none", "fsdp"),
     )
     gradient_checkpointing: bool = opt(

@@ -29,6 +29,26 @@ prompts, and trains its own rows), so nothing here may depend on a collective in
   passes without gradient): a layer run twice in one forward (prefix, then completions) would
   reduce-scatter its gradient once per use, a different number of times on each process.
 
+**Teachers and the KL reference.** `live` is the policy itself; `frozen` and `sync` with LoRA
+use the policy too (the adapter turned off, or the snapshot of the adapter, kept whole, swapped
+into the gathered weights). With full fine-tuning each model copy they keep (`frozen_copies`:
+the frozen teacher, the sync teacher's snapshot, the KL reference; a frozen teacher's copy
+serves as the reference) is deep-copied from the policy before it is sharded and sharded like
+it, and so is OPD's external teacher (`shard_frozen`); `gathered` gathers them with the policy
+and reshards them with it. The sync snapshot is refreshed shard by shard from the policy's
+shards (`refresh_copy`: each process copies its own, then the snapshot, gathered at that
+moment, is gathered again), gathered whole into the checkpoint (`teacher.safetensors`, as
+without sharding) and re-sharded on resume.
+
+**Memory, measured** (tests/test_fsdp.py, the tiny model, 2 processes, after an update): each
+process holds 0.5001 of the parameter + gradient + AdamW bytes of an unsharded process (what
+every DDP process holds, besides DDP's gradient buckets) with full fine-tuning, 0.5003 with LoRA
+(the frozen base weights are sharded too), and 0.5000 of the frozen copies; what is not sharded
+is AdamW's step count (one scalar per parameter) and the buffers (rotary frequencies). A weight
+whose first dimension does not split evenly leaves the first process ceil(rows / N) rows. That
+is the resting state: during a step every process also holds the whole weights (the policy's and
+its copies') and, while micro-batches accumulate, the whole gradients.
+
 Checkpoints hold a full state dict gathered on the main process (`full_state`), in the same
 files as an unsharded run (rlsd export and rlsd eval read either); resuming re-shards it
 (`shard_optimizer_state`, `like_params`). That gathers the whole model and optimizer state in
@@ -40,6 +60,7 @@ sharded files).
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -106,13 +127,11 @@ def process_group(device: torch.device) -> int:
     return dist.get_world_size()
 
 
-def shard_policy(lm: nn.Module, temperature: float, device: torch.device) -> ShardedScorer:
-    """The policy's scorer with every block and the root wrapped with `fully_shard` on a 1-D
-    mesh over all processes; bf16 compute and fp32 gradient reduction on CUDA."""
-    from torch.distributed.device_mesh import init_device_mesh
+def _sharded(lm: nn.Module, temperature: float, device: torch.device, mesh: Any) -> ShardedScorer:
+    """A scorer around `lm` with every block and the root wrapped with `fully_shard` on
+    `mesh`; bf16 compute and fp32 gradient reduction on CUDA."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (process_group(device),))
     precision = MixedPrecisionPolicy()
     if device.type == "cuda":
         precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -124,6 +143,49 @@ def shard_policy(lm: nn.Module, temperature: float, device: torch.device) -> Sha
     # language model (its blocks), not the scorer. FSDP2 has no public call for this.
     scorer._get_fsdp_state()._lazy_init()
     return scorer
+
+
+def _mesh(device: torch.device) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (process_group(device),))
+
+
+def shard_policy(lm: nn.Module, temperature: float, device: torch.device) -> ShardedScorer:
+    """The policy's scorer with every block and the root wrapped with `fully_shard` on a 1-D
+    mesh over all processes; bf16 compute and fp32 gradient reduction on CUDA."""
+    return _sharded(lm, temperature, device, _mesh(device))
+
+
+def copy_roles(cfg: Any) -> list[str]:
+    """Who keeps a frozen copy of the initial policy: with full fine-tuning, the "teacher"
+    (frozen or sync) and the KL "reference" (unless the frozen teacher's copy serves, as in
+    `run.build_teachers`); nobody with LoRA (the adapter is turned off or swapped instead)."""
+    from .algorithms.method import METHODS
+
+    if cfg.model.lora:
+        return []
+    mode = cfg.teacher.mode if METHODS[cfg.algorithm.name].teacher == "privileged" else None
+    roles = ["teacher"] if mode in ("frozen", "sync") else []
+    if cfg.algorithm.kl_coef > 0 and mode != "frozen":
+        roles.append("reference")
+    return roles
+
+
+def frozen_copies(cfg: Any, lm: nn.Module, device: torch.device) -> dict[str, ShardedScorer]:
+    """FSDP2: {role: frozen copy of the initial policy} (`copy_roles`), each deep-copied from
+    the policy before it is sharded and sharded like it; {} without sharding (a `Teacher`
+    copies the model itself)."""
+    roles = copy_roles(cfg) if cfg.train.sharding == "fsdp" else []
+    return {
+        role: shard_frozen(copy.deepcopy(lm), cfg.rollout.temperature, device) for role in roles
+    }
+
+
+def shard_frozen(lm: nn.Module, temperature: float, device: torch.device) -> ShardedScorer:
+    """A frozen model (a copy of the policy, the external teacher) sharded like the policy, to
+    be gathered with it (`gathered`)."""
+    return _sharded(lm.eval().requires_grad_(False), temperature, device, _mesh(device))
 
 
 def _fsdp_modules(scorer: nn.Module) -> list[Any]:
@@ -138,33 +200,83 @@ def _keep_whole(scorer: nn.Module, whole: bool) -> None:
             module.set_reshard_after_forward(not whole, recurse=False)
 
 
+def _gather(scorer: nn.Module) -> None:
+    for module in _fsdp_modules(scorer):  # the same order on every process
+        module.unshard()
+    _keep_whole(scorer, True)
+    scorer.gathering = True
+
+
+def _release(scorer: nn.Module) -> None:
+    scorer.gathering = False
+    _keep_whole(scorer, False)
+    for module in _fsdp_modules(scorer):
+        module.reshard()
+
+
+def sharded_models(run: Any) -> list[nn.Module]:
+    """The sharded models of a run: the policy, then the frozen copies the teacher and the KL
+    reference keep (`frozen_copies`) and the external teacher, each once; [] without
+    sharding."""
+    found: list[nn.Module] = []
+    teachers = (run.teacher, run.reference)
+    frozen = [getattr(t, name, None) for t in teachers for name in ("copy", "external")]
+    for model in (run.scorer, *frozen):
+        if model is not None and is_sharded(model) and all(model is not m for m in found):
+            found.append(model)
+    return found
+
+
 @contextlib.contextmanager
 def gathered(run: Any) -> Iterator[None]:
     """Whole weights on every process, gathered once on entering (every process must enter)
-    and resharded on leaving; nothing without sharding, or inside another `gathered`.
+    and resharded on leaving: the policy's and its frozen copies' (`sharded_models`); nothing
+    without sharding, or inside another `gathered`.
 
     Inside, no forward communicates, so processes may run different numbers of them: the
     rollout, the teacher and KL reference passes, the evaluation, and the update, where each
     optimizer step's last backward (one per process) reduce-scatters and reshards and the next
     optimizer step's first forward gathers the updated weights again. So an update must be the
     last thing inside."""
-    scorer = run.scorer
-    if not is_sharded(scorer) or scorer.gathering:
+    models = sharded_models(run)
+    if not models or run.scorer.gathering:
         yield
         return
     start = time.perf_counter()
-    for module in _fsdp_modules(scorer):  # the same order on every process
-        module.unshard()
-    _keep_whole(scorer, True)
-    scorer.gather_seconds += time.perf_counter() - start
-    scorer.gathering = True
+    for model in models:
+        _gather(model)
+    run.scorer.gather_seconds += time.perf_counter() - start
     try:
         yield
     finally:
-        scorer.gathering = False
-        _keep_whole(scorer, False)
-        for module in _fsdp_modules(scorer):
-            module.reshard()
+        for model in models:
+            _release(model)
+
+
+def _shard_params(scorer: nn.Module) -> list[nn.Parameter]:
+    """Every parameter's shard (a DTensor), in module order, whether or not the weights are
+    gathered at the moment. FSDP2 has no public call for this."""
+    return [
+        param.sharded_param
+        for module in _fsdp_modules(scorer)
+        if (group := module._get_fsdp_state()._fsdp_param_group) is not None
+        for param in group.fsdp_params
+    ]
+
+
+@torch.no_grad()
+def refresh_copy(target: nn.Module, source: nn.Module) -> None:
+    """Copy the sharded `source`'s weights into its sharded copy `target` (the sync teacher's
+    snapshot): each process copies its own shards; a `target` gathered at the moment is
+    gathered again (every process must call this at the same point)."""
+    mine, theirs = _shard_params(target), _shard_params(source)
+    if len(mine) != len(theirs):
+        raise RuntimeError(f"a copy of {len(theirs)} sharded parameters has {len(mine)}")
+    for into, value in zip(mine, theirs):
+        into.copy_(value)
+    if target.gathering:
+        _release(target)
+        _gather(target)
 
 
 def take_gather_seconds(run: Any) -> dict[str, float]:
@@ -206,7 +318,17 @@ def full_state(run: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return weights, optimizer
 
 
-def _distributed_like(value: Any, param: Any) -> Any:
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The detached whole tensor of a shard (a collective: every process must call it, in the
+    same order); a tensor that is not sharded as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        return tensor.full_tensor().detach().cpu()
+    return tensor.detach()
+
+
+def distributed_like(value: Any, param: Any) -> Any:
     """A whole tensor as a DTensor shard laid out like `param` (each process has the whole
     tensor, read from the same checkpoint, and keeps its own part: no communication)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -223,7 +345,7 @@ def like_params(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, t
     """Whole weights (as `read_weights` returns them) laid out like the model's parameters, so
     `load_state_dict` can copy them into a sharded model; unchanged for an unsharded one."""
     params = dict(model.named_parameters())
-    return {name: _distributed_like(value, params.get(name)) for name, value in state.items()}
+    return {name: distributed_like(value, params.get(name)) for name, value in state.items()}
 
 
 def shard_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +355,7 @@ def shard_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> dict[str, An
     ids = [i for group in saved["param_groups"] for i in group["params"]]
     by_id = dict(zip(ids, params))
     state = {
-        index: {key: _distributed_like(value, by_id.get(index)) for key, value in values.items()}
+        index: {key: distributed_like(value, by_id.get(index)) for key, value in values.items()}
         for index, values in saved["state"].items()
     }
     return {**saved, "state": state}

@@ -10,6 +10,9 @@ Modes (`teacher.mode`):
   for scoring; with full fine-tuning, a model copy whose weights are overwritten at each refresh.
 - `external`: another model (OPD), with the same tokenizer, on the student's plain prompt.
 
+Under FSDP2 (`train.sharding: fsdp`) a model copy and the external model come sharded like the
+policy and gathered with it (`sharding.py`).
+
 It scores without autograd. Every method needs the log-probs of the sampled tokens; the exact
 divergences of the distillation methods (`opsd.divergence` full or topk) also need the teacher's
 distribution at each position (its whole vocabulary, or its top k tokens): `logprobs` returns
@@ -27,6 +30,7 @@ import torch
 
 from .logprobs import TokenScorer
 from .rollout import join
+from .sharding import distributed_like, is_sharded, refresh_copy, whole
 
 
 @dataclass
@@ -47,15 +51,18 @@ class Teacher:
         batch_size: int,
         sync_every: int = 0,
         external: TokenScorer | None = None,
+        model_copy: TokenScorer | None = None,
     ):
         self.mode, self.lora, self.batch_size = mode, lora, batch_size
         self.scorer, self.sync_every, self.external = scorer, sync_every, external
         self.copy: TokenScorer | None = None  # full fine-tuning: frozen / sync model copy
         self.snapshot: dict[str, torch.Tensor] | None = None  # LoRA sync: adapter copy
         self.synced_at = 0
-        if mode in ("frozen", "sync") and not lora:
-            lm = copy.deepcopy(scorer.lm).eval().requires_grad_(False)
-            self.copy = TokenScorer(lm, scorer.temperature, scorer.chunk_rows)
+        if mode in ("frozen", "sync") and not lora:  # FSDP2 passes its sharded copy
+            self.copy = model_copy
+            if model_copy is None:
+                lm = copy.deepcopy(scorer.lm).eval().requires_grad_(False)
+                self.copy = TokenScorer(lm, scorer.temperature, scorer.chunk_rows)
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.scorer.named_parameters() if p.requires_grad}
@@ -67,6 +74,8 @@ class Teacher:
             return False
         if self.lora:
             self.snapshot = {n: p.detach().clone() for n, p in self._trainable().items()}
+        elif is_sharded(self.copy):
+            refresh_copy(self.copy, self.scorer)
         else:
             for target, source in zip(self.copy.parameters(), self.scorer.parameters()):
                 target.copy_(source)
@@ -74,12 +83,13 @@ class Teacher:
         return True
 
     def state(self) -> tuple[int, dict[str, torch.Tensor] | None]:
-        """What a checkpoint must keep: the sync step and the snapshot (adapter or model copy)."""
+        """What a checkpoint must keep: the sync step and the snapshot (adapter or model copy;
+        a sharded copy is gathered whole, so every process must call this)."""
         if self.mode != "sync":
             return self.synced_at, None
         if self.lora:
             return self.synced_at, self.snapshot
-        return self.synced_at, {n: p.detach() for n, p in self.copy.named_parameters()}
+        return self.synced_at, {n: whole(p) for n, p in self.copy.named_parameters()}
 
     @torch.no_grad()
     def load_state(self, synced_at: int, tensors: dict[str, torch.Tensor] | None) -> None:
@@ -90,7 +100,7 @@ class Teacher:
             self.snapshot = {n: tensors[n].to(p.device) for n, p in self._trainable().items()}
         else:
             for n, p in self.copy.named_parameters():
-                p.copy_(tensors[n])
+                p.copy_(distributed_like(tensors[n], p))
 
     @contextlib.contextmanager
     def _swapped_in(self) -> Iterator[None]:
@@ -145,9 +155,13 @@ class Teacher:
             for s in range(0, completion_ids.shape[0], self.batch_size):
                 rows = slice(s, s + self.batch_size)
                 p_ids, p_mask = trim_left(prompt_ids[rows], prompt_mask[rows])
-                ids, mask = join(p_ids, p_mask, completion_ids[rows], completion_mask[rows])
-                args = (ids.to(device), mask.to(device), completion_mask[rows].to(device))
-                part = [scorer(*args, share_prefix=share_prefix).cpu()]
+                c_ids, c_mask = completion_ids[rows], completion_mask[rows]
+                if topk is None:  # distributions keep every column: no zeros made up for pads
+                    c_ids, c_mask = trim_right(c_ids, c_mask)
+                ids, mask = join(p_ids, p_mask, c_ids, c_mask)
+                args = (ids.to(device), mask.to(device), c_mask.to(device))
+                width = completion_ids.shape[1]
+                part = [widen(scorer(*args, share_prefix=share_prefix).cpu(), width)]
                 if topk is not None:
                     dist = scorer.support(*args, topk, share_prefix=share_prefix)
                     part += [None if x is None else x.cpu() for x in dist]
@@ -165,3 +179,25 @@ def trim_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
     """Drop the columns that are padding in every row of a left-padded slice."""
     keep = int(mask.sum(1).max().item())
     return ids[:, ids.shape[1] - keep :], mask[:, mask.shape[1] - keep :]
+
+
+def trim_right(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that are padding in every row of a right-padded slice (completions:
+    a pass runs only as far as its longest completion; at least one column is kept)."""
+    keep = used_width(mask)
+    return ids[:, :keep], mask[:, :keep]
+
+
+def used_width(mask: torch.Tensor) -> int:
+    """Columns of a right-padded (n, T) mask up to its longest row (at least 1)."""
+    return max(int(mask.sum(1).max().item()) if mask.shape[0] else 0, 1)
+
+
+def widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, w, ...) -> (n, width, ...), zeros after column w: a trimmed pass's per-token values
+    (0 at padding, as the scorer gives them) back at the batch's width."""
+    if x.shape[1] == width:
+        return x
+    out = x.new_zeros((x.shape[0], width, *x.shape[2:]))
+    out[:, : x.shape[1]] = x
+    return out

@@ -23,7 +23,7 @@ import torch
 from .algorithms import aggregate, clipped_policy_loss, loss_normaliser
 from .distributed import anywhere, total
 from .rollout import Batch, join
-from .teacher import trim_left
+from .teacher import trim_left, used_width, widen
 
 
 @dataclass
@@ -58,6 +58,26 @@ class Rows:
             pick(self.context_rows),
         )
 
+    def cut(self, width: int) -> Rows:
+        """The rows with every per-token field cut at `width` completion columns."""
+
+        def cols(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[:, :width]
+
+        b = self.batch
+        return Rows(
+            Batch(b.prompt_ids, b.prompt_mask, cols(b.completion_ids), cols(b.completion_mask)),
+            self.adv,
+            cols(self.teacher_logps),
+            cols(self.ref_logps),
+            cols(self.old_logps),
+            cols(self.span),
+            cols(self.support_vals),
+            cols(self.support_ids),
+            cols(self.token_adv),
+            self.context_rows,
+        )
+
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(policy || reference) on sampled tokens (>= 0)."""
@@ -65,19 +85,26 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(r) - r - 1.0
 
 
-def _scoring_inputs(batch: Batch, rows: slice, device: torch.device):
+def _scoring_inputs(batch: Batch, rows: slice, device: torch.device, width: int | None = None):
+    """A pass's inputs: prompts trimmed of shared left padding, completions cut at `width`
+    columns (None: all)."""
     p_ids, p_mask = trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
-    ids, attn = join(p_ids, p_mask, batch.completion_ids[rows], batch.completion_mask[rows])
-    return ids.to(device), attn.to(device), batch.completion_mask[rows].to(device)
+    c_ids, c_mask = batch.completion_ids[rows, :width], batch.completion_mask[rows, :width]
+    ids, attn = join(p_ids, p_mask, c_ids, c_mask)
+    return ids.to(device), attn.to(device), c_mask.to(device)
 
 
 @torch.no_grad()
 def current_logps(run: Any, batch: Batch) -> torch.Tensor:
-    """Log-probs (n, T) under the current policy, without gradient (the PPO "old" log-probs)."""
+    """Log-probs (n, T) under the current policy, without gradient (the PPO "old" log-probs).
+    Through the unwrapped model: DDP's forward broadcasts buffers, a collective that a process
+    with fewer rows (or none) would not join."""
     out, mb, share = [], run.cfg.train.micro_batch_size, run.cfg.train.share_prefix
+    scorer = run.accelerator.unwrap_model(run.scorer)
     for s in range(0, batch.completion_ids.shape[0], mb):
-        args = _scoring_inputs(batch, slice(s, s + mb), run.device)
-        out.append(run.scorer(*args, share_prefix=share).cpu())
+        rows, width = slice(s, s + mb), batch.completion_ids.shape[1]
+        args = _scoring_inputs(batch, rows, run.device, used_width(batch.completion_mask[rows]))
+        out.append(widen(scorer(*args, share_prefix=share).cpu(), width))
     return torch.cat(out) if out else torch.zeros(0, batch.completion_ids.shape[1])
 
 
@@ -115,8 +142,11 @@ def micro_batch_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of one micro-batch (its share of the step's loss), its log-probs and its token
     advantages (computed here from the detached log-probs unless the rows already hold them);
-    adds its KL terms and clip counts to `sums`."""
+    adds its KL terms and clip counts to `sums`. The pass runs only as far as the micro-batch's
+    longest completion; the log-probs and advantages come back at the batch's width."""
     cfg, device, alg, method = run.cfg, run.device, run.cfg.algorithm, run.method
+    full = part.batch.completion_ids.shape[1]
+    part = part.cut(used_width(part.batch.completion_mask))
     ids, attn, c_mask = _scoring_inputs(part.batch, slice(None), device)
     exact_kl, share = None, cfg.train.share_prefix
     if part.support_vals is None:
@@ -154,7 +184,7 @@ def micro_batch_loss(
     tokens = c_mask.sum().item()
     sums["clipped"] += m["policy/clip_frac"] * tokens
     sums["dual_clipped"] += m["policy/dual_clip_frac"] * tokens
-    return loss, logps, token_adv
+    return loss, widen(logps, full), widen(token_adv, full)
 
 
 def policy_update(
@@ -237,8 +267,11 @@ def optimise(
             run, step, data, normaliser(batch.completion_mask)
         )
         return logps, metrics
-    data.old_logps = current_logps(run, data.batch)
-    data.token_adv = credit(run, step, data, data.old_logps)
+    if data.adv.numel() > 0:
+        data.old_logps = current_logps(run, data.batch)
+        data.token_adv = credit(run, step, data, data.old_logps)
+    else:  # no trained row here (no teacher scores either): it joins each step with a zero loss
+        data.old_logps = data.token_adv = torch.zeros(0, data.batch.completion_ids.shape[1])
     position = rows.long().cumsum(0) - 1  # where each row of the batch sits in `data`
     history = []
     for _ in range(epochs):

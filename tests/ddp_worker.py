@@ -6,6 +6,9 @@ ddp_worker.py train OVERRIDES.json OUT.json
 ddp_worker.py equiv OVERRIDES.json OUT.safetensors
     one update on a fixed batch of B prompts, split over the processes; the main process
     writes the all-reduced gradients and the updated weights
+ddp_worker.py equiv-idle OVERRIDES.json OUT.safetensors
+    the same, with equal rewards in every group of the batch's second half: under 2 processes
+    the second one has no trained row
 """
 
 from __future__ import annotations
@@ -97,13 +100,15 @@ def capture_gradients(run, convert) -> dict[str, torch.Tensor]:
     return grads
 
 
-def equiv_mode(overrides: dict, out: Path) -> None:
+def equiv_mode(overrides: dict, out: Path, idle_half: bool = False) -> None:
     from safetensors.torch import save_file
 
     run = trainer.setup(load_config(None, overrides))
     group, prompts = run.cfg.rollout.num_generations, run.cfg.train.prompts_per_step
     everything = run.records[:prompts]
     batch, rewards = fixed_batch(run, everything, group)
+    if idle_half:
+        rewards[len(rewards) // 2 :] = 1.0
     rank, size = world(run.accelerator)
     rows = torch.tensor(shard(list(range(len(rewards))), rank, size))
     grads = capture_gradients(run, lambda grad: grad.detach().cpu().clone())
@@ -127,4 +132,9 @@ def equiv_mode(overrides: dict, out: Path) -> None:
 if __name__ == "__main__":
     mode, overrides, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     torch.set_num_threads(1)
-    {"train": train_mode, "equiv": equiv_mode}[mode](overrides, out)
+    modes = {
+        "train": train_mode,
+        "equiv": equiv_mode,
+        "equiv-idle": lambda o, p: equiv_mode(o, p, idle_half=True),
+    }
+    modes[mode](overrides, out)

@@ -8,15 +8,19 @@ fsdp_worker.py equiv SPEC.json OUT.safetensors
     SPEC["updates"] updates (`trainer.learn`) on one fixed batch of B prompts, split over the
     processes; with SPEC["idle"] the second half's groups have equal rewards, so a second
     process has no row to train (it joins each update with a zero loss). The main process
-    writes the whole gradients of the last update and the weights after it.
+    writes the whole gradients of the last update and the weights after it, and OUT.json:
+    per process, the bytes it holds of parameters, gradients (at the optimizer step), AdamW
+    state and frozen model copies (a DTensor's local shard, a tensor whole)
 
-SPEC.json: {"config": {dotted overrides}, ...}
+SPEC.json: {"config": {dotted overrides}, ...}; in train mode, "pause": {"step": S, "marker":
+PATH} stops every process in step S after the update's first optimizer step, to be killed
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,16 +83,39 @@ def train_mode(spec: dict, out: Path) -> None:
         return metrics
 
     trainer.train_step = step_and_record
+    if "pause" in spec:
+        pause_in_step(**spec["pause"])
     run_dir = trainer.train(load_config(None, spec["config"]))
     if seen and seen[0]["rank"] == 0:
         out.write_text(json.dumps({"run_dir": str(run_dir), "steps": seen}))
         save_file(last, out.with_suffix(".safetensors"))
 
 
-def equiv_mode(spec: dict, out: Path) -> None:
-    from safetensors.torch import save_file
+def pause_in_step(step: int, marker: str) -> None:
+    """In step `step`, after the update's first optimizer step (the weights in memory differ
+    from every checkpoint), each process writes its process id to MARKER-RANK and sleeps, to
+    be killed (torchrun starts each worker in a session of its own)."""
+    original = trainer.optimise
 
-    run = trainer.setup(load_config(None, spec["config"]))
+    def optimise_and_pause(run, now, *args):
+        if now == step:
+            step_fn = run.optimizer.step
+
+            def step_then_sleep(*a, **kw):
+                step_fn(*a, **kw)
+                rank = run.accelerator.process_index
+                Path(f"{marker}-{rank}").write_text(str(os.getpid()))
+                time.sleep(120)
+                raise SystemExit(f"rank {rank} was not killed in step {now}")
+
+            run.optimizer.step = step_then_sleep
+        return original(run, now, *args)
+
+    trainer.optimise = optimise_and_pause
+
+
+def learn_fixed_batch(run, spec: dict) -> None:
+    """SPEC["updates"] updates (`trainer.learn`) on one fixed batch, split over the processes."""
     group, prompts = run.cfg.rollout.num_generations, run.cfg.train.prompts_per_step
     everything = run.records[:prompts]
     batch, rewards = fixed_batch(run, everything, group)
@@ -96,10 +123,9 @@ def equiv_mode(spec: dict, out: Path) -> None:
         rewards[len(rewards) // 2 :] = 1.0  # equal rewards: no advantage, no trained row
     rank, size = world(run.accelerator)
     rows = torch.tensor(shard(list(range(len(rewards))), rank, size))
-    grads = capture_gradients(run, whole)
     local = batch.select(rows)
     correct = [bool(r) for r in rewards[rows]]
-    for update in range(1, spec["updates"] + 1):
+    for update in range(1, spec.get("updates", 1) + 1):
         now = time.perf_counter()
         trainer.learn(
             run,
@@ -112,9 +138,59 @@ def equiv_mode(spec: dict, out: Path) -> None:
             {},
             {"start": now, "generate": now, "reward": now},
         )
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this process holds of the tensors: a DTensor's local shard, a tensor whole."""
+    total = 0
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            mine = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            total += mine.numel() * mine.element_size()
+    return total
+
+
+def count_gradients(run, held: dict[str, int]) -> None:
+    """held["gradients"]: the bytes of the gradients each optimizer step applies."""
+    model = run.accelerator.unwrap_model(run.scorer)
+    step_fn = run.optimizer.step
+
+    def count_then_step(*args, **kwargs):
+        held["gradients"] = local_bytes(p.grad for p in model.parameters() if p.requires_grad)
+        return step_fn(*args, **kwargs)
+
+    run.optimizer.step = count_then_step
+
+
+def held_bytes(run, held: dict[str, int]) -> list[dict[str, int]]:
+    """Per process (in rank order): the bytes of the policy's parameters, gradients and AdamW
+    state, and of the frozen model copies the teacher and KL reference keep."""
+    from accelerate.utils import gather_object
+
+    model = run.accelerator.unwrap_model(run.scorer)
+    held["parameters"] = local_bytes(model.parameters())
+    held["optimizer"] = local_bytes(
+        value for state in run.optimizer.state.values() for value in state.values()
+    )
+    teachers = [t for t in (run.teacher, run.reference) if t is not None]
+    copies = {id(t.copy): t.copy for t in teachers if t.copy is not None}
+    held["copies"] = sum(local_bytes(c.parameters()) for c in copies.values())
+    return gather_object([held]) if run.accelerator.num_processes > 1 else [held]
+
+
+def equiv_mode(spec: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    run = trainer.setup(load_config(None, spec["config"]))
+    grads = capture_gradients(run, whole)
+    held: dict[str, int] = {}
+    count_gradients(run, held)
+    learn_fixed_batch(run, spec)
     weights = trainable(run)
+    every = held_bytes(run, held)
     if run.accelerator.is_main_process:
         save_file({**grads, **{f"param.{k}": v for k, v in weights.items()}}, out)
+        out.with_suffix(".json").write_text(json.dumps(every))
 
 
 if __name__ == "__main__":

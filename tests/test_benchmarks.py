@@ -5,11 +5,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import TESTS_DIR
 
 BENCH = TESTS_DIR.parent / "benchmarks" / "step_bench.py"
 
 
+@pytest.mark.slow  # ~50 s: TRL's trainer too; CI runs it with -m slow
 def test_step_bench_smoke_writes_its_schema(tmp_path):
     done = subprocess.run(
         [
@@ -78,3 +81,14 @@ def test_logprob_bench_measures_both_paths_and_they_agree(tmp_path):
     )
     # 1024 x 16000 fp32 logits are 65 MB; the ratio at full size: tests/test_logprobs.py
     assert naive > 100 and 0 < chunked < naive, (naive, chunked)
+
+
+@pytest.mark.slow  # a benchmark's smoke run; CI runs it with -m slow
+def test_trim_bench_smoke_times_every_pass():
+    bench = TESTS_DIR.parent / "benchmarks" / "trim_bench.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--smoke"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| teacher", "| policy"))]
+    assert len(rows) == 6 and all(float(row.split("|")[2]) > 0 for row in rows), rows

@@ -124,16 +124,16 @@ def test_every_process_keeps_the_same_memory_of_successes(tiny_model_dir, tmp_pa
     assert json.loads(steps[-1]["memories"][0]), "some completion was correct and remembered"
 
 
-def test_two_halves_make_the_same_update_as_one_whole(tiny_model_dir, tmp_path):
+def one_and_two(mode: str, spec: dict, tmp_path: Path) -> tuple[dict, dict]:
+    """The worker's `mode` on one process, then on two: what each main process wrote."""
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    spec = base(tiny_model_dir, tmp_path / "runs", "x", **{"train.micro_batch_size": "3"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     (tmp_path / "one.json").write_text(json.dumps({**spec, "output.run_name": "one"}))
     done = subprocess.run(
         [
             sys.executable,
             str(TESTS_DIR / "ddp_worker.py"),
-            "equiv",
+            mode,
             str(tmp_path / "one.json"),
             str(one),
         ],
@@ -143,9 +143,27 @@ def test_two_halves_make_the_same_update_as_one_whole(tiny_model_dir, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    worker("equiv", {**spec, "output.run_name": "two"}, tmp_path, two)
-    whole, halves = load_file(one), load_file(two)
+    worker(mode, {**spec, "output.run_name": "two"}, tmp_path, two)
+    return load_file(one), load_file(two)
+
+
+def test_two_halves_make_the_same_update_as_one_whole(tiny_model_dir, tmp_path):
+    spec = base(tiny_model_dir, tmp_path / "runs", "x", **{"train.micro_batch_size": "3"})
+    whole, halves = one_and_two("equiv", spec, tmp_path)
     assert whole.keys() == halves.keys() and any(k.startswith("grad.") for k in whole)
+    assert any(whole[k].abs().max() > 0 for k in whole if k.startswith("grad."))
+    for key in whole:
+        torch.testing.assert_close(halves[key], whole[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_process_without_trained_rows_joins_every_update(tiny_model_dir, tmp_path):
+    """Two optimizer steps per rollout batch with the teacher's credit, and the second process's
+    groups all equal: it has no row to score or credit, joins both steps with a zero loss, and
+    the update is the one process's on the whole batch."""
+    extra = {"train.ppo_epochs": "2", "train.micro_batch_size": "3", "algorithm.name": "rlsd"}
+    whole, halves = one_and_two(
+        "equiv-idle", base(tiny_model_dir, tmp_path / "runs", "x", **extra), tmp_path
+    )
     assert any(whole[k].abs().max() > 0 for k in whole if k.startswith("grad."))
     for key in whole:
         torch.testing.assert_close(halves[key], whole[key], rtol=1e-5, atol=1e-7)

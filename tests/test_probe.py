@@ -110,3 +110,32 @@ def test_probe_command_end_to_end(tiny_overrides, tmp_path, capsys):
     assert result["contexts"]["solution"]["coverage"] == 0.0  # reasoning-gym has no column
     assert "| answer |" in capsys.readouterr().out
     assert main(["probe", *argv(overrides), "--contexts", "bogus"]) == 2
+
+
+def test_probe_scores_each_prompt_once_with_the_same_values(tiny_model_dir):
+    """`logps_after` with `share_prefix` (the probe follows train.share_prefix) runs each
+    distinct prompt once and gives the log-probs of scoring every row whole."""
+    from rlsd.config import ModelConfig
+    from rlsd.logprobs import TokenScorer
+    from rlsd.models import load_model
+    from rlsd.probe import logps_after
+    from rlsd.rollout import Batch, completion_mask_from, left_pad
+
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), lora=False), torch.float64)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12]] * 3 + [[13, 14, 15]] * 3  # two groups of three
+    c_ids = torch.randint(3, 300, (6, 5), generator=torch.Generator().manual_seed(0))
+    c_ids[1, 2] = eos
+    c_mask = completion_mask_from(c_ids, [eos])
+    p_ids, p_mask = left_pad(prompts, pad)
+    batch = Batch(p_ids, p_mask, c_ids.masked_fill(~c_mask, pad), c_mask)
+    tokens: list[int] = []
+    model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: tokens.append(args[0].numel())
+    )
+    scorer = TokenScorer(model, temperature=0.7)
+    whole = logps_after(scorer, prompts, batch, pad, "cpu", rows=6)
+    whole_tokens, tokens[:] = sum(tokens), []
+    shared = logps_after(scorer, prompts, batch, pad, "cpu", rows=6, share_prefix=True)
+    torch.testing.assert_close(shared, whole, rtol=1e-6, atol=1e-8)  # float32 RMSNorm inside
+    assert whole.abs().sum() > 0 and sum(tokens) < whole_tokens

@@ -97,3 +97,27 @@ def test_watch_counts_consecutive_steps_only():
     assert watch.stop_reason(3, idle) is None
     assert "every reward was 0" in watch.stop_reason(4, idle)[0]
     assert all(watch.stop_reason(s, {"reward/error_frac": 1.0}) is None for s in range(5, 20))
+
+
+def test_a_busy_cpu_gets_a_hint_about_threads(monkeypatch, caplog):
+    import os
+
+    import torch
+
+    from rlsd.models import busy_cpu_hint, set_threads
+
+    assert busy_cpu_hint(0.9, 2, 2) is None  # not busy
+    assert busy_cpu_hint(3.0, 2, 1) is None  # one thread already
+    hint = busy_cpu_hint(1.94, 2, 2)
+    assert "load average 1.9 on 2 cores" in hint and "--model.threads 1" in hint
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    with caplog.at_level("WARNING", logger="rlsd"):
+        set_threads(0, torch.device("cpu"), main=False)  # only the main process says it
+        assert caplog.text == ""
+        set_threads(3, torch.device("cpu"), main=True)  # the user chose: nothing to say
+        assert caplog.text == "" and chosen == [3]
+        set_threads(0, torch.device("cpu"), main=True)
+    assert "torch will run 4 threads" in caplog.text and chosen == [3]

@@ -236,6 +236,7 @@ def test_training_steps_match_with_the_flag_on_and_off(tiny_overrides, extra):
                 assert a[key] == b[key], key
 
 
+@pytest.mark.slow  # a benchmark's smoke run; CI runs it with -m slow
 def test_prefix_bench_smoke_times_both_paths(tmp_path):
     import subprocess
     import sys

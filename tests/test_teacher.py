@@ -146,3 +146,95 @@ def test_opd_scores_with_the_external_model_on_the_plain_prompt(tiny_overrides, 
     plain = batch.__class__(p_ids, p_mask, batch.completion_ids, batch.completion_mask)
     want = TokenScorer(run.teacher.external.lm)(*_joined(plain), plain.completion_mask)
     torch.testing.assert_close(teacher_logps(run, plain), want)
+
+
+def test_passes_run_only_as_far_as_their_longest_completion(tiny_overrides):
+    """The teacher pass, the old log-probs and the update's micro-batches cut a pass's
+    completions at its longest one (the columns after it are padding in every row) and give
+    the values of scoring the whole width, zeros at the padding included."""
+    from rlsd.rollout import Batch, completion_mask_from
+    from rlsd.teacher import trim_right, used_width, widen
+    from rlsd.update import current_logps
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert used_width(mask) == 2 and used_width(torch.zeros(2, 4, dtype=torch.bool)) == 1
+    assert trim_right(torch.arange(8).view(2, 4), mask)[0].tolist() == [[0, 1], [4, 5]]
+    assert widen(torch.ones(2, 2, 3), 4)[:, 2:].abs().sum() == 0
+    assert widen(torch.ones(2, 2, 3), 4).shape == (2, 4, 3)
+
+    sizes = {"teacher.batch_size": "2", "train.micro_batch_size": "2"}
+    run = run_for({**tiny_overrides, **sizes, "train.share_prefix": "false"}, "live")
+    eos = run.tokenizer.eos_token_id
+    base = probe_batch(run)
+    p_ids, p_mask = base.prompt_ids.repeat(2, 1), base.prompt_mask.repeat(2, 1)
+    c_ids = torch.full((4, 9), 50)
+    c_ids[0, 8], c_ids[1, 5], c_ids[2, 1], c_ids[3, 0] = eos, eos, eos, eos  # pass 2: 2 columns
+    c_mask = completion_mask_from(c_ids, run.stop_ids)
+    batch = Batch(p_ids, p_mask, c_ids.masked_fill(~c_mask, run.tokenizer.pad_token_id), c_mask)
+    widths = []
+    embed = run.scorer.lm.get_input_embeddings()
+    embed.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    whole = run.scorer(*_joined(batch), batch.completion_mask).detach()
+    full_width, widths[:] = widths[0], []
+    for logps in (teacher_logps(run, batch), current_logps(run, batch)):
+        torch.testing.assert_close(logps, whole, rtol=1e-5, atol=1e-6)
+        assert logps[2:, 2:].abs().sum() == 0 and logps[:2, 5:].abs().sum() > 0
+    assert sorted(widths)[0] < full_width  # the second pass of each ran 7 columns fewer
+
+
+def stopping_early(*args, **kwargs):
+    """The rollout, with row i's completion cut after 1 + (3 i mod 11) tokens (the tiny random
+    model never stops by itself): completions of many lengths."""
+    from rlsd.rollout import Batch, sample_completions
+
+    batch = sample_completions(*args, **kwargs)
+    width = batch.completion_ids.shape[1]
+    lengths = torch.tensor([1 + (3 * i) % 11 for i in range(len(batch.completion_ids))])
+    mask = batch.completion_mask & (torch.arange(width) < lengths.unsqueeze(1))
+    ids = batch.completion_ids.masked_fill(~mask, args[3] if len(args) > 3 else 0)
+    return Batch(batch.prompt_ids, batch.prompt_mask, ids, mask)
+
+
+def _steps(overrides: dict, monkeypatch, trim: bool) -> tuple[list[dict], dict, list[bool]]:
+    """Two training steps; with `trim` off every pass runs the batch's whole width. Also
+    returns, per pass that could be cut, whether it was."""
+    import rlsd.teacher
+    import rlsd.trainer
+    import rlsd.update
+
+    real, cuts = rlsd.teacher.used_width, []
+
+    def recorded(mask):
+        width = real(mask) if trim else mask.shape[1]
+        cuts.append(width < mask.shape[1])
+        return width
+
+    for module in (rlsd.teacher, rlsd.update):
+        monkeypatch.setattr(module, "used_width", recorded)
+    monkeypatch.setattr(rlsd.trainer, "sample_completions", stopping_early)
+    run = setup(load_config(None, overrides))
+    metrics = [train_step(run, step) for step in (1, 2)]
+    monkeypatch.undo()
+    weights = {n: p.detach().clone() for n, p in run.scorer.named_parameters() if p.requires_grad}
+    return metrics, weights, cuts
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"algorithm.name": "rlsd", "teacher.batch_size": "3"},
+        {"algorithm.name": "opsd", "opsd.divergence": "topk", "train.ppo_epochs": "2"},
+    ],
+    ids=["rlsd-micro-batches", "opsd-topk-epochs"],
+)
+def test_training_with_cut_passes_equals_whole_width_passes(tiny_overrides, monkeypatch, extra):
+    overrides = {**tiny_overrides, **extra, "train.micro_batch_size": "2"}
+    cut, cut_weights, cuts = _steps({**overrides, "output.run_name": "cut"}, monkeypatch, True)
+    whole, whole_weights, _ = _steps({**overrides, "output.run_name": "w"}, monkeypatch, False)
+    assert any(cuts), "some pass ran fewer columns (else this compares nothing)"
+    for a, b in zip(cut, whole):
+        for key in a:
+            if isinstance(a[key], float) and not key.startswith("perf/"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    for name, tensor in cut_weights.items():  # float32 sums in another order, through Adam
+        torch.testing.assert_close(tensor, whole_weights[name], rtol=1e-3, atol=1e-5)
