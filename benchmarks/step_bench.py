@@ -63,6 +63,8 @@ CONFIGS = {
         "train.gradient_checkpointing": "true",
     },
     "grpo": {"algorithm.name": "grpo"},
+    # bf16 weights and compute: worth it only on CPUs with native bf16 (AVX512-BF16, AMX)
+    "grpo-bf16": {"algorithm.name": "grpo", "model.dtype": "bfloat16"},
     "rlsd": {"algorithm.name": "rlsd"},
     "opd": {"algorithm.name": "opd", "teacher.mode": "external"},
 }

@@ -213,6 +213,11 @@ def validate(cfg: Config) -> None:
     """Refuse invalid values and bad combinations before anything heavy happens."""
     for name in SECTIONS:
         _check_range(name, getattr(cfg, name), cfg.explicit)
+    if cfg.rollout.decoder == "graph" and not _cuda_device(cfg.model.device):
+        raise ConfigError(
+            "rollout.decoder: graph captures CUDA graphs and needs a CUDA device; model.device "
+            f"{cfg.model.device} gives none here (use rollout.decoder static or own)"
+        )
     for task, weight in cfg.data.mix.items():
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
             raise ConfigError(
@@ -307,6 +312,15 @@ def _check_method(cfg: Config, changed: set[str]) -> None:
     for key, needed in (("teacher.model", "external"), ("teacher.sync_every", "sync")):
         if key in changed and mode != needed:
             raise ConfigError(f"{key}: only applies to teacher.mode={needed}, not {mode}")
+
+
+def _cuda_device(device: str) -> bool:
+    """Whether model.device will resolve to a CUDA device."""
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_context(cfg: Config, method: Any, changed: set[str]) -> None:

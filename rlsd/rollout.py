@@ -1,5 +1,6 @@
 """Sampling completions: batched, left-padded, KV-cached, with rlsd's own decoder (`decode.py`:
-one prefill per prompt, finished rows leave the batch) or transformers' `generate`.
+one prefill per prompt, finished rows leave the batch; on a static cache, optionally with CUDA
+graphs: `decode_static.py`) or transformers' `generate`.
 
 Completions are kept as token ids: teacher and student later score exactly these ids, appended to
 their own prompts. A completion ends at its first stop token (included, so the model learns to
@@ -14,6 +15,7 @@ import torch
 
 from .config import RolloutConfig
 from .decode import decode
+from .decode_static import decode_static
 
 
 @dataclass
@@ -103,20 +105,12 @@ def generate_chunk(
     greedy: bool,
 ) -> torch.Tensor:
     """(B*group, T) completion ids for B prompts, with the configured decoder."""
-    if cfg.decoder == "own":
-        return decode(
-            model,
-            ids,
-            mask,
-            group,
-            cfg.max_new_tokens,
-            stop_ids,
-            pad_id,
-            greedy,
-            cfg.temperature,
-            cfg.top_k,
-            cfg.top_p,
-        )
+    if cfg.decoder in ("own", "static", "graph"):
+        sampler = (greedy, cfg.temperature, cfg.top_k, cfg.top_p)
+        args = (model, ids, mask, group, cfg.max_new_tokens, stop_ids, pad_id, *sampler)
+        if cfg.decoder == "own":
+            return decode(*args)
+        return decode_static(*args, graphs=cfg.decoder == "graph")
     sampling = (
         {} if greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
     )  # 0 = off (None would mean generate's 50)

@@ -276,9 +276,11 @@ class RolloutConfig:
     decoder: str = opt(
         "own",
         "own: rlsd's KV-cache sampler (each prompt prefilled once for its G "
-        "samples, finished rows leave the batch); generate: transformers' "
-        "model.generate.",
-        choices=("own", "generate"),
+        "samples, finished rows leave the batch); static: the same on a static KV cache, "
+        "at a few fixed batch widths (rows leave by bucket); graph: static with each "
+        "width's decode step replayed as a CUDA graph (CUDA only); generate: transformers' "
+        "model.generate. The default stays own until static and graph are measured on a GPU.",
+        choices=("own", "static", "graph", "generate"),
     )
 
 
