@@ -50,10 +50,28 @@ def base(model_dir: Path, out_dir: Path, name: str, **extra: str) -> dict[str, s
 
 
 def launch(args: list[str], tmp: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` to the end; it must succeed. On a hang (processes out of lockstep)
+    every process it started is killed: its workers run in sessions of their own, so killing
+    the launcher alone would leave them waiting in a collective."""
+    import psutil
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [*LAUNCH, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp
-    )
+    with subprocess.Popen(
+        [*LAUNCH, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for child in [*psutil.Process(proc.pid).children(recursive=True), proc]:
+                child.kill()
+            proc.communicate()
+            raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert done.returncode == 0, (
         "\n".join(  # the workers' own lines, not the launcher's
             line for line in done.stderr.splitlines() if line.startswith("[rank")
