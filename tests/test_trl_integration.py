@@ -482,3 +482,23 @@ def test_the_documented_script_runs(tiny_model_dir, tmp_path, monkeypatch):
     trainer = namespace["trainer"]
     assert trainer.state.global_step == 1 and trainer.rlsd_sync_steps == [0]
     assert (tmp_path / "rlsd-trl-run" / "rlsd" / "samples.jsonl").is_file()
+
+
+def test_the_readme_script_runs(tiny_model_dir, tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Using RLSD from TRL") :]
+    script = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    for old, new in [
+        ('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(tiny_model_dir))),
+        ("range(2, 40)", "range(2, 3)"),
+        ("max_steps=60", "max_steps=1"),
+        ("num_generations=8,", "num_generations=4, max_completion_length=8, use_cpu=True,"),
+    ]:
+        assert old in script, old
+        script = script.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(script, "README.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 1
+    samples = (tmp_path / "rlsd-trl-run" / "rlsd" / "samples.jsonl").read_text().splitlines()
+    assert samples and all(json.loads(line)["step"] == 1 for line in samples)
