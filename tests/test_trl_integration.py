@@ -464,41 +464,43 @@ def test_config_checks_name_the_field_and_the_trl_range_matches_the_extra():
     assert "{{ context }}" in TRL_TEACHER_TEMPLATE
 
 
-def test_the_documented_script_runs(tiny_model_dir, tmp_path, monkeypatch):
-    text = (ROOT / "docs" / "trl.md").read_text()
+def run_script(text: str, where: str, changes: list, tmp_path: Path, monkeypatch) -> dict:
+    """The first python block of `text`, with each (old, new) change (old must be there: the
+    script still says what the test assumes), run in tmp_path; returns its namespace."""
     script = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    for old, new in [
+    for old, new in changes:
+        assert old in script, old
+        script = script.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(script, where, "exec"), namespace)
+    return namespace
+
+
+def test_the_documented_script_runs(tiny_model_dir, tmp_path, monkeypatch):
+    changes = [
         ('MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"', f"MODEL = {str(tiny_model_dir)!r}"),
         ("range(2, 40)", "range(2, 3)"),
         ("max_completion_length=128", "max_completion_length=8, use_cpu=True, bf16=False"),
         ("max_steps=60", "max_steps=1"),
         ("num_generations=8", "num_generations=4"),
-    ]:
-        assert old in script, old
-        script = script.replace(old, new)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(script, "docs/trl.md", "exec"), namespace)
-    trainer = namespace["trainer"]
+    ]
+    text = (ROOT / "docs" / "trl.md").read_text()
+    trainer = run_script(text, "docs/trl.md", changes, tmp_path, monkeypatch)["trainer"]
     assert trainer.state.global_step == 1 and trainer.rlsd_sync_steps == [0]
     assert (tmp_path / "rlsd-trl-run" / "rlsd" / "samples.jsonl").is_file()
 
 
 def test_the_readme_script_runs(tiny_model_dir, tmp_path, monkeypatch):
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Using RLSD from TRL") :]
-    script = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    for old, new in [
+    changes = [
         ('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(tiny_model_dir))),
         ("range(2, 40)", "range(2, 3)"),
         ("max_steps=60", "max_steps=1"),
         ("num_generations=8,", "num_generations=4, max_completion_length=8, use_cpu=True,"),
-    ]:
-        assert old in script, old
-        script = script.replace(old, new)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(script, "README.md", "exec"), namespace)
+    ]
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Using RLSD from TRL") :]
+    namespace = run_script(section, "README.md", changes, tmp_path, monkeypatch)
     assert namespace["trainer"].state.global_step == 1
     samples = (tmp_path / "rlsd-trl-run" / "rlsd" / "samples.jsonl").read_text().splitlines()
     assert samples and all(json.loads(line)["step"] == 1 for line in samples)
