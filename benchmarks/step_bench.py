@@ -56,6 +56,7 @@ SHARED = {
 }
 CONFIGS = {
     "trl-grpo": {"model.lora": "false"},
+    "trl-grpo-lora": {},  # TRL with a peft LoraConfig built from our model.lora_* defaults
     "grpo-full": {"algorithm.name": "grpo", "model.lora": "false"},
     "grpo-full-gc": {
         "algorithm.name": "grpo",
@@ -73,6 +74,8 @@ CONFIGS.update({f"{n}-noshare": {**CONFIGS[n], "train.share_prefix": "false"} fo
 GOALS = [  # (text, numerator, denominator, key, bound)
     ("grpo step time <= 0.5 x TRL", "grpo-full", "trl-grpo", "step_s", 0.5),
     ("grpo peak memory <= 0.5 x TRL", "grpo-full", "trl-grpo", "peak_mb", 0.5),
+    ("grpo step time <= 0.5 x TRL, LoRA", "grpo", "trl-grpo-lora", "step_s", 0.5),
+    ("grpo peak memory <= 0.5 x TRL, LoRA", "grpo", "trl-grpo-lora", "peak_mb", 0.5),
     (
         "grpo step time <= 0.5 x TRL, gradient checkpointing",
         "grpo-full-gc",
@@ -137,11 +140,12 @@ def child_ours(name: str, steps: int, model: str) -> dict:
         "completion_tokens": [r["completion/length_mean"] * 16 for r in rows],
         "trained_frac": [1 - r["adv/zero_group_frac"] for r in rows],
         "params": sum(p.numel() for p in run.lm.parameters()),
+        "trainable": sum(p.numel() for p in run.lm.parameters() if p.requires_grad),
         "peak_mb": peak_rss_mb(),
     }
 
 
-def child_trl(steps: int, model: str) -> dict:
+def child_trl(steps: int, model: str, name: str = "trl-grpo") -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -153,7 +157,7 @@ def child_trl(steps: int, model: str) -> dict:
     from rlsd.rewards import build_reward
 
     cfg = load_config(
-        ROOT / "configs" / "quickstart.yaml", overrides_for("trl-grpo", model, tempfile.mkdtemp())
+        ROOT / "configs" / "quickstart.yaml", overrides_for(name, model, tempfile.mkdtemp())
     )
     where = resolve_model_path(cfg.model.name)
     tokenizer = AutoTokenizer.from_pretrained(where, padding_side="left")
@@ -212,6 +216,7 @@ def child_trl(steps: int, model: str) -> dict:
     )
     trainer = GRPOTrainer(
         model=lm,
+        peft_config=lora_config(cfg.model) if cfg.model.lora else None,
         reward_funcs=[reward],
         args=args,
         train_dataset=Dataset.from_list(rows),
@@ -225,8 +230,22 @@ def child_trl(steps: int, model: str) -> dict:
         "completion_tokens": lengths[1:],
         "trained_frac": [],
         "params": sum(p.numel() for p in lm.parameters()),
+        "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "peak_mb": peak_rss_mb(),
     }
+
+
+def lora_config(model_cfg):
+    """The peft adapter our trainer builds (rlsd.models), for TRL's `peft_config`."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_cfg.lora_r,
+        lora_alpha=model_cfg.lora_alpha,
+        lora_dropout=model_cfg.lora_dropout,
+        target_modules=list(model_cfg.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
 
 
 def matmul_gflops(seconds: float = 2.0) -> float:
@@ -250,8 +269,9 @@ def flops(result: dict, name: str, prompt_tokens: int = 60) -> float:
     (rlsd, opd)."""
     n, completion = result["params"], statistics.median(result["completion_tokens"] or [0])
     rows, prompts = 16, 4
-    prefill = (rows if name == "trl-grpo" else prompts) * prompt_tokens
-    shared = name != "trl-grpo" and not name.endswith("-noshare")
+    trl = name.startswith("trl-")
+    prefill = (rows if trl else prompts) * prompt_tokens
+    shared = not trl and not name.endswith("-noshare")
     trained = (prompts if shared else rows) * prompt_tokens + completion
     teacher = 2 * n * trained if name.startswith(("rlsd", "opd")) else 0
     return 2 * n * (prefill + completion) + 6 * n * trained + teacher
@@ -324,8 +344,8 @@ def main() -> None:
     if args.child:
         sys.path.insert(0, str(ROOT))
         result = (
-            child_trl(args.steps, args.model)
-            if args.child == "trl-grpo"
+            child_trl(args.steps, args.model, args.child)
+            if args.child.startswith("trl-")
             else child_ours(args.child, args.steps, args.model)
         )
         print("RESULT " + json.dumps(result))
@@ -337,9 +357,10 @@ def main() -> None:
 
         model, steps = str(build_model_dir(Path(tempfile.mkdtemp()) / "tiny")), 1
     names = [n for n in args.only.split(",") if n]
-    if "trl-grpo" in names and importlib.util.find_spec("trl") is None:
-        print("trl-grpo: skipped (pip install trl to compare with TRL)")
-        names.remove("trl-grpo")
+    if importlib.util.find_spec("trl") is None:
+        for name in [n for n in names if n.startswith("trl-")]:
+            print(f"{name}: skipped (pip install trl to compare with TRL)")
+            names.remove(name)
     results = {}
     for name in names:  # one line per configuration as it finishes: a long run shows progress
         start = time.perf_counter()

@@ -341,6 +341,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    code = 1
+    try:
+        code = run_command(args, overrides)
+        return code
+    finally:
+        if "torch.distributed" in sys.modules:  # never import torch for `rlsd tasks`
+            from .distributed import end_process_group
+
+            end_process_group(clean=code == 0)
+
+
+def run_command(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    """Run the parsed command; a user error or Ctrl-C becomes a message and an exit code."""
+    debug = getattr(args, "debug", False)
     try:
         if args.command in ("train", "eval", "check-reward", "probe", "sft"):  # take overrides
             return {

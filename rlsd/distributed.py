@@ -25,6 +25,25 @@ SUMS = ("perf/completion_tokens_per_second",)
 TOKEN_WEIGHTED = ("policy/entropy", "policy/clip_frac", "teacher/", "rlsd/", "opsd/")
 
 
+def end_process_group(clean: bool = True) -> None:
+    """Destroy the default process group, if one was started, while the interpreter is whole.
+
+    Called once as a launched process ends (`rlsd` commands and the test workers), never
+    between runs in one process. Without it, gloo's worker threads can still hold work when
+    the interpreter finalises, and a process whose run succeeded aborts (SIGABRT, "terminate
+    called without an active exception"), which torchrun reports as a failed run. With `clean`
+    (a normal exit) the processes first meet at a barrier, so none tears down a group a peer
+    still uses; after an error there is no barrier (a peer may be gone).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def world(accelerator: Any) -> tuple[int, int]:
     """(this process's rank, number of processes)."""
     return accelerator.process_index, accelerator.num_processes

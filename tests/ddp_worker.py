@@ -24,7 +24,7 @@ import torch
 from rlsd import trainer
 from rlsd.config import load_config
 from rlsd.data import Record
-from rlsd.distributed import shard, world
+from rlsd.distributed import end_process_group, shard, world
 from rlsd.rollout import Batch, left_pad
 
 
@@ -100,31 +100,40 @@ def capture_gradients(run, convert) -> dict[str, torch.Tensor]:
     return grads
 
 
+def learn_on_shard(run, updates: int = 1, idle: bool = False) -> None:
+    """`updates` updates (`trainer.learn`) on one fixed batch of the step's prompts, split over
+    the processes. With `idle`, the second half's groups have equal rewards, so a second
+    process has no row to train (it joins each update with a zero loss)."""
+    group, prompts = run.cfg.rollout.num_generations, run.cfg.train.prompts_per_step
+    everything = run.records[:prompts]
+    batch, rewards = fixed_batch(run, everything, group)
+    if idle:
+        rewards[len(rewards) // 2 :] = 1.0  # equal rewards: no advantage, no trained row
+    rank, size = world(run.accelerator)
+    rows = torch.tensor(shard(list(range(len(rewards))), rank, size))
+    local = batch.select(rows)
+    correct = [bool(r) for r in rewards[rows]]
+    for update in range(1, updates + 1):
+        now = time.perf_counter()
+        trainer.learn(
+            run,
+            update,
+            shard(everything, rank, size),
+            local,
+            [""] * len(rows),
+            rewards[rows],
+            correct,
+            {},
+            {"start": now, "generate": now, "reward": now},
+        )
+
+
 def equiv_mode(overrides: dict, out: Path, idle_half: bool = False) -> None:
     from safetensors.torch import save_file
 
     run = trainer.setup(load_config(None, overrides))
-    group, prompts = run.cfg.rollout.num_generations, run.cfg.train.prompts_per_step
-    everything = run.records[:prompts]
-    batch, rewards = fixed_batch(run, everything, group)
-    if idle_half:
-        rewards[len(rewards) // 2 :] = 1.0
-    rank, size = world(run.accelerator)
-    rows = torch.tensor(shard(list(range(len(rewards))), rank, size))
     grads = capture_gradients(run, lambda grad: grad.detach().cpu().clone())
-    local = batch.select(rows)
-    correct = [bool(r) for r in rewards[rows]]
-    trainer.learn(
-        run,
-        1,
-        shard(everything, rank, size),
-        local,
-        [""] * len(rows),
-        rewards[rows],
-        correct,
-        {},
-        {"start": time.perf_counter()} | dict.fromkeys(("generate", "reward"), time.perf_counter()),
-    )
+    learn_on_shard(run, idle=idle_half)
     if run.accelerator.is_main_process:
         save_file({**grads, **{f"param.{k}": v for k, v in trainable(run).items()}}, out)
 
@@ -138,3 +147,4 @@ if __name__ == "__main__":
         "equiv-idle": lambda o, p: equiv_mode(o, p, idle_half=True),
     }
     modes[mode](overrides, out)
+    end_process_group()  # else gloo's threads can abort the process at exit

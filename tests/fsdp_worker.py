@@ -30,8 +30,8 @@ from torch.distributed.tensor import DTensor
 
 from rlsd import trainer
 from rlsd.config import load_config
-from rlsd.distributed import shard, world
-from tests.ddp_worker import capture_gradients, fixed_batch
+from rlsd.distributed import end_process_group
+from tests.ddp_worker import capture_gradients, learn_on_shard
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -114,32 +114,6 @@ def pause_in_step(step: int, marker: str) -> None:
     trainer.optimise = optimise_and_pause
 
 
-def learn_fixed_batch(run, spec: dict) -> None:
-    """SPEC["updates"] updates (`trainer.learn`) on one fixed batch, split over the processes."""
-    group, prompts = run.cfg.rollout.num_generations, run.cfg.train.prompts_per_step
-    everything = run.records[:prompts]
-    batch, rewards = fixed_batch(run, everything, group)
-    if spec.get("idle"):
-        rewards[len(rewards) // 2 :] = 1.0  # equal rewards: no advantage, no trained row
-    rank, size = world(run.accelerator)
-    rows = torch.tensor(shard(list(range(len(rewards))), rank, size))
-    local = batch.select(rows)
-    correct = [bool(r) for r in rewards[rows]]
-    for update in range(1, spec.get("updates", 1) + 1):
-        now = time.perf_counter()
-        trainer.learn(
-            run,
-            update,
-            shard(everything, rank, size),
-            local,
-            [""] * len(rows),
-            rewards[rows],
-            correct,
-            {},
-            {"start": now, "generate": now, "reward": now},
-        )
-
-
 def local_bytes(tensors) -> int:
     """Bytes this process holds of the tensors: a DTensor's local shard, a tensor whole."""
     total = 0
@@ -185,7 +159,7 @@ def equiv_mode(spec: dict, out: Path) -> None:
     grads = capture_gradients(run, whole)
     held: dict[str, int] = {}
     count_gradients(run, held)
-    learn_fixed_batch(run, spec)
+    learn_on_shard(run, spec.get("updates", 1), spec.get("idle", False))
     weights = trainable(run)
     every = held_bytes(run, held)
     if run.accelerator.is_main_process:
@@ -197,3 +171,4 @@ if __name__ == "__main__":
     mode, spec, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     torch.set_num_threads(1)
     {"train": train_mode, "equiv": equiv_mode}[mode](spec, out)
+    end_process_group()  # else gloo's threads can abort the process at exit

@@ -20,7 +20,7 @@ def test_step_bench_smoke_writes_its_schema(tmp_path):
             str(BENCH),
             "--smoke",
             "--only",
-            "trl-grpo,grpo-full,grpo,rlsd",
+            "trl-grpo,trl-grpo-lora,grpo-full,grpo,rlsd",
             "--out",
             str(tmp_path),
         ],
@@ -32,19 +32,26 @@ def test_step_bench_smoke_writes_its_schema(tmp_path):
     [result] = list(tmp_path.glob("step-smoke-*.json"))
     data = json.loads(result.read_text())
     assert data["smoke"] is True and data["matmul_gflops"] > 0
-    assert set(data["configs"]) == {"trl-grpo", "grpo-full", "grpo", "rlsd"}
+    assert set(data["configs"]) == {"trl-grpo", "trl-grpo-lora", "grpo-full", "grpo", "rlsd"}
     for name, config in data["configs"].items():
         assert len(config["step_s"]) == 1 and config["step_s"][0] > 0, name
         assert config["peak_mb"] > 100 and config["params"] > 0
         assert set(config) >= {"phases", "completion_tokens", "trained_frac"}
+    configs = data["configs"]
+    for full in ("trl-grpo", "grpo-full"):  # every weight trained
+        assert configs[full]["trainable"] == configs[full]["params"], full
+    lora = configs["trl-grpo-lora"]["trainable"]  # TRL trains the adapter ours does, nothing else
+    assert 0 < lora == configs["grpo"]["trainable"] < configs["trl-grpo"]["params"]
     assert {g["goal"] for g in data["goals"]} >= {
         "grpo step time <= 0.5 x TRL",
+        "grpo step time <= 0.5 x TRL, LoRA",
         "rlsd step time <= 1.25 x grpo",
     }
     for goal in data["goals"]:
         assert goal["ratio"] > 0 and isinstance(goal["met"], bool)
     table = result.with_suffix(".md").read_text()
-    assert "| trl-grpo |" in table and "| goal | measured ratio | met |" in table
+    assert "| trl-grpo |" in table and "| trl-grpo-lora |" in table
+    assert "| goal | measured ratio | met |" in table
 
 
 def test_logprob_bench_measures_both_paths_and_they_agree(tmp_path):
@@ -92,3 +99,23 @@ def test_trim_bench_smoke_times_every_pass():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| teacher", "| policy"))]
     assert len(rows) == 6 and all(float(row.split("|")[2]) > 0 for row in rows), rows
+
+
+def test_credit_shift_reads_the_teachers_multipliers(tmp_path):
+    """Hand-computed: only completions with a gradient count; the bound is lambda * eps_w."""
+    sys.path.insert(0, str(TESTS_DIR.parent / "benchmarks"))
+    from credit_shift import shifts
+
+    (tmp_path / "config.yaml").write_text("rlsd: {lambda: 0.5, eps_w: 0.2}\n")
+    samples = [
+        {"advantage": 1.0, "correct": True, "credit_multiplier": [1.0, 0.9, 1.005]},
+        {"advantage": -0.5, "correct": False, "credit_multiplier": [1.1, 1.02]},
+        {"advantage": 0.0, "correct": True, "credit_multiplier": [0.5, 0.5]},  # no gradient
+    ]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    s = shifts(tmp_path)
+    assert s["tokens"] == 5 and s["bound"] == pytest.approx(0.1)
+    assert s["within_1pct"] == pytest.approx(2 / 5) and s["at_bound"] == pytest.approx(2 / 5)
+    assert s["mean_abs_shift"] == pytest.approx((0 + 0.1 + 0.005 + 0.1 + 0.02) / 5)
+    assert s["mean_correct"] == pytest.approx((1.0 + 0.9 + 1.005) / 3)
+    assert s["mean_incorrect"] == pytest.approx(1.06)

@@ -231,3 +231,31 @@ def test_prompts_must_split_evenly(tiny_model_dir, tmp_path):
     )
     assert done.returncode != 0
     assert "train.prompts_per_step: 3 prompts do not split evenly over 2 processes" in done.stderr
+
+
+ENDS_ITS_GROUP = """
+import sys, tempfile
+import torch.distributed as dist
+from rlsd.cli import main
+
+for argv, expected in (({argv_ok}, 0), ({argv_bad}, 2)):
+    store = dist.FileStore(tempfile.mktemp(), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    code = main(argv)
+    print(argv[0], code, dist.is_initialized())
+"""
+
+
+def test_a_command_ends_the_process_group_it_ran_in(tmp_path):
+    """A launched `rlsd` process destroys its process group as the command ends, after success
+    and after a user error (else gloo's threads can abort the process at exit: SIGABRT after a
+    run that succeeded)."""
+    script = ENDS_ITS_GROUP.format(
+        argv_ok=["tasks"], argv_bad=["eval", str(tmp_path / "missing-run")]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("tasks", "eval"))]
+    assert lines == ["tasks 0 False", "eval 2 False"], done.stdout[-3000:]
