@@ -392,5 +392,17 @@ def run_command(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         return 130
 
 
+def run() -> None:
+    """The `rlsd` console command: `main`, then the exit. A process started by a launcher
+    (torchrun or accelerate launch set LOCAL_RANK) leaves through `distributed.leave`, which ends
+    its process group and skips interpreter finalization, where gloo can abort a finished run."""
+    code = main()
+    if "LOCAL_RANK" in os.environ and "torch.distributed" in sys.modules:
+        from .distributed import leave
+
+        leave(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -13,6 +13,7 @@ ddp_worker.py equiv-idle OVERRIDES.json OUT.safetensors
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import sys
@@ -24,7 +25,7 @@ import torch
 from rlsd import trainer
 from rlsd.config import load_config
 from rlsd.data import Record
-from rlsd.distributed import end_process_group, shard, world
+from rlsd.distributed import leave, shard, world
 from rlsd.rollout import Batch, left_pad
 
 
@@ -139,6 +140,7 @@ def equiv_mode(overrides: dict, out: Path, idle_half: bool = False) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a crash prints every thread's Python stack (CI logs)
     mode, overrides, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     torch.set_num_threads(1)
     modes = {
@@ -147,4 +149,4 @@ if __name__ == "__main__":
         "equiv-idle": lambda o, p: equiv_mode(o, p, idle_half=True),
     }
     modes[mode](overrides, out)
-    end_process_group()  # else gloo's threads can abort the process at exit
+    leave(0)  # the process group ended, then out without finalization (rlsd.distributed)

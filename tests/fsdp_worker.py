@@ -18,6 +18,7 @@ PATH} stops every process in step S after the update's first optimizer step, to 
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from rlsd import trainer
 from rlsd.config import load_config
-from rlsd.distributed import end_process_group
+from rlsd.distributed import leave
 from tests.ddp_worker import capture_gradients, learn_on_shard
 
 
@@ -168,7 +169,8 @@ def equiv_mode(spec: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a crash prints every thread's Python stack (CI logs)
     mode, spec, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     torch.set_num_threads(1)
     {"train": train_mode, "equiv": equiv_mode}[mode](spec, out)
-    end_process_group()  # else gloo's threads can abort the process at exit
+    leave(0)  # the process group ended, then out without finalization (rlsd.distributed)

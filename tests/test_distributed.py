@@ -259,3 +259,42 @@ def test_a_command_ends_the_process_group_it_ran_in(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith(("tasks", "eval"))]
     assert lines == ["tasks 0 False", "eval 2 False"], done.stdout[-3000:]
+
+
+LEAVES = """
+import atexit, sys, tempfile
+import torch.distributed as dist
+from rlsd.cli import run
+
+dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1)
+atexit.register(lambda: print("finalized"))  # skipped when the process leaves by os._exit
+sys.argv = ["rlsd", *sys.argv[1:]]
+print("before", flush=False)  # still buffered when the command ends: leave() must flush it
+run()
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["tasks"], 0), (["eval", "/nonexistent/run"], 2)])
+def test_a_launched_command_leaves_without_finalization(args, code):
+    """Under a launcher (LOCAL_RANK set) the `rlsd` command ends its process group and leaves
+    through os._exit with the command's exit code, its output flushed; no atexit handler runs
+    (interpreter finalization is where gloo can abort a finished process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", LEAVES, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "LOCAL_RANK": "0"},
+    )
+    assert done.returncode == code, done.stderr[-3000:]
+    assert done.stdout.startswith("before") and "finalized" not in done.stdout, done.stdout
+    plain = subprocess.run(  # without a launcher: a normal exit, atexit handlers run
+        [sys.executable, "-c", LEAVES, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "LOCAL_RANK"},
+    )
+    assert plain.returncode == code and plain.stdout.rstrip().endswith("finalized"), plain.stdout

@@ -488,6 +488,8 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(tiny_overrides, tm
         f"    open({str(marker)!r}, 'w').close()\n"
         "    time.sleep(120)\n"
         "rlsd.run.load_model = slow\n"
+        "import faulthandler, signal\n"
+        "faulthandler.register(signal.SIGUSR1)\n"  # a hang below prints where it is
         "from rlsd.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
@@ -502,7 +504,13 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(tiny_overrides, tm
         time.sleep(0.05)
     assert marker.exists(), proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # say where it hangs (every thread's stack), then fail
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        pytest.fail("no exit 60 s after SIGINT; its stacks:\n" + proc.communicate()[1][-6000:])
     assert proc.returncode == 130, err
     assert err.strip() == (
         "rlsd: interrupted (Ctrl-C) during train; checkpoints and logs already written are kept"
