@@ -187,6 +187,7 @@ def test_a_process_without_trained_rows_joins_every_update(tiny_model_dir, tmp_p
         torch.testing.assert_close(halves[key], whole[key], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # ~30 s of subprocesses; CI runs it with -m slow
 def test_a_two_process_run_resumes_where_it_stopped(runs, tiny_model_dir, tmp_path):
     overrides = base(tiny_model_dir, tmp_path / "runs", "rlsd", **{"train.steps": "2"})
     worker("train", overrides, tmp_path, tmp_path / "first.json")

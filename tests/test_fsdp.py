@@ -240,7 +240,11 @@ SAME_BATCH = [  # (kind, overrides, idle)
     # the second process's groups all have equal rewards: it trains no row and joins each
     # optimizer step with a zero loss while the first runs three micro-batches
     pytest.param(
-        "full", {"algorithm.name": "grpo", "train.ppo_epochs": "2"}, True, id="full-grpo-idle"
+        "full",
+        {"algorithm.name": "grpo", "train.ppo_epochs": "2"},
+        True,
+        id="full-grpo-idle",
+        marks=SLOW,
     ),
     # two sharded frozen copies: the sync teacher's snapshot, refreshed from the sharded
     # policy before each update, and the KL reference

@@ -490,6 +490,9 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(tiny_overrides, tm
         "rlsd.run.load_model = slow\n"
         "import faulthandler, signal\n"
         "faulthandler.register(signal.SIGUSR1)\n"  # a hang below prints where it is
+        # a background job of a shell starts with SIGINT ignored, and Python then installs no
+        # handler: restore Python's own, as a terminal run has it
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from rlsd.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

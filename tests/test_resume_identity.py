@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rlsd.cli import main
@@ -100,6 +101,7 @@ def test_a_generated_name_starts_a_new_run_and_says_how_to_resume_it(
     assert "new run" not in capsys.readouterr().err  # a resumed run is no new one
 
 
+@pytest.mark.slow  # ~35 s of subprocesses; CI runs it with -m slow
 def test_the_resume_command_printed_after_sigterm_works_verbatim(tiny_overrides, tmp_path):
     """An auto-named run in a relative output directory, stopped by SIGTERM: the command in
     the message, pasted into a shell in the same directory, finishes the run."""

@@ -497,6 +497,7 @@ def test_time_left_by_hand(tiny_model_dir, tmp_path):
     assert "estimated time left: 0.1 h (0.0 h of training" in describe(study)
 
 
+@pytest.mark.slow  # ~25 s of subprocesses; CI runs it with -m slow
 def test_a_parallel_study_matches_the_sequential_one(tiny_model_dir, tmp_path):
     """--jobs 2: every run in its own process gives exactly the runs of a sequential study
     (one thread each, the same seeds), and a rerun skips them all."""
@@ -548,6 +549,7 @@ def test_a_failed_parallel_run_is_named_and_stops_new_runs(tiny_model_dir, tmp_p
     assert not (tmp_path / "study" / "arith" / "rlsd-seed1").exists()  # never started
 
 
+@pytest.mark.slow  # ~40 s of subprocesses; CI runs it with -m slow
 def test_sigterm_stops_every_parallel_run_with_a_checkpoint_and_a_rerun_resumes(
     tiny_model_dir, tmp_path
 ):
