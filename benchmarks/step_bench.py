@@ -153,7 +153,7 @@ def child_trl(steps: int, model: str, name: str = "trl-grpo") -> dict:
 
     from rlsd.config import load_config
     from rlsd.data import PromptRenderer, load_records
-    from rlsd.models import resolve_model_path
+    from rlsd.models import lora_config, resolve_model_path
     from rlsd.rewards import build_reward
 
     cfg = load_config(
@@ -216,7 +216,7 @@ def child_trl(steps: int, model: str, name: str = "trl-grpo") -> dict:
     )
     trainer = GRPOTrainer(
         model=lm,
-        peft_config=lora_config(cfg.model) if cfg.model.lora else None,
+        peft_config=lora_config(cfg.model) if cfg.model.lora else None,  # our adapter
         reward_funcs=[reward],
         args=args,
         train_dataset=Dataset.from_list(rows),
@@ -233,19 +233,6 @@ def child_trl(steps: int, model: str, name: str = "trl-grpo") -> dict:
         "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "peak_mb": peak_rss_mb(),
     }
-
-
-def lora_config(model_cfg):
-    """The peft adapter our trainer builds (rlsd.models), for TRL's `peft_config`."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=model_cfg.lora_r,
-        lora_alpha=model_cfg.lora_alpha,
-        lora_dropout=model_cfg.lora_dropout,
-        target_modules=list(model_cfg.lora_target_modules),
-        task_type="CAUSAL_LM",
-    )
 
 
 def matmul_gflops(seconds: float = 2.0) -> float:

@@ -26,19 +26,11 @@ TOKEN_WEIGHTED = ("policy/entropy", "policy/clip_frac", "teacher/", "rlsd/", "op
 
 
 def end_process_group(clean: bool = True) -> None:
-    """Destroy the default process group, if one was started, while the interpreter is whole.
-
-    Called once as a launched process ends (`rlsd` commands and the test workers), never
-    between runs in one process. Without it, gloo's worker threads can still hold work when
-    the interpreter finalises, and a process whose run succeeded aborts (SIGABRT, "terminate
-    called without an active exception"), which torchrun reports as a failed run. Destroying
-    only unregisters a group that FSDP2's state still holds, so the collection that follows
-    frees it here, with the interpreter whole. With `clean` (a normal exit) the processes first
-    meet at a barrier, so none tears down a group a peer still uses; after an error there is no
-    barrier (a peer may be gone).
-    """
-    import gc
-
+    """Destroy the default process group, if one was started: the documented way to end a
+    process's part in it, called as an `rlsd` command ends (never between runs in one process).
+    With `clean` (a normal exit) the processes first meet at a barrier, so none tears down a
+    group a peer still uses; after an error there is no barrier (a peer may be gone). A launched
+    process then leaves through `leave`, which this alone cannot replace (see there)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -46,7 +38,6 @@ def end_process_group(clean: bool = True) -> None:
     if clean:
         dist.barrier()
     dist.destroy_process_group()
-    gc.collect()  # the groups' last holders (a sharded model's state) go now, not at exit
 
 
 def leave(code: int) -> NoReturn:

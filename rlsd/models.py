@@ -139,6 +139,19 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
+def lora_config(cfg: ModelConfig) -> Any:
+    """The peft `LoraConfig` of the `model.lora_*` fields (also handed to TRL by the benchmark)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
 def load_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     """(model, tokenizer), LoRA-wrapped when cfg.lora; tokenizer pads on the left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -159,17 +172,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
         try:
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, lora_config(cfg))
         except ValueError as exc:
             raise ConfigError(f"model.lora_target_modules: {exc}") from None
     return model, tokenizer
