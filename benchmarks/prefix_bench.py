@@ -1,4 +1,7 @@
-"""The shared-prefix path (rlsd/prefix.py) against scoring every row whole, phase by phase.
+"""The shared-prompt layouts against scoring every row whole, phase by phase: `cache` (each
+prompt runs once and the padded completions reuse its keys and values, rlsd/prefix.py),
+`packed` (each prompt's completions packed behind it in one row, rlsd/packing.py) and `auto`
+(what rlsd does: packed where its estimated cost is lower, else cache).
 
     python benchmarks/prefix_bench.py [--reps 3] [--lora true]   # SmolLM2-135M (minutes)
     python benchmarks/prefix_bench.py --smoke                    # the tiny test model
@@ -43,11 +46,16 @@ def inputs(renderer, records, tokenizer, teacher: bool):
     return Batch(p_ids, p_mask, c_ids.masked_fill(~c_mask, pad), c_mask)
 
 
-def policy_pass(scorer, batch, parts: list[list[int]], share: bool) -> float:
+LAYOUTS = ("unshared", "cache", "packed", "auto")
+
+
+def policy_pass(scorer, batch, parts: list[list[int]], layout: str) -> float:
     import torch
 
     from rlsd.update import _scoring_inputs
 
+    share = layout != "unshared"
+    scorer.layout = layout if share else "auto"
     start = time.perf_counter()
     for rows in parts:
         ids, attn, c_mask = _scoring_inputs(batch.select(torch.tensor(rows)), slice(None), "cpu")
@@ -56,7 +64,9 @@ def policy_pass(scorer, batch, parts: list[list[int]], share: bool) -> float:
     return time.perf_counter() - start
 
 
-def teacher_pass(teacher, batch, share: bool) -> float:
+def teacher_pass(teacher, batch, layout: str) -> float:
+    share = layout != "unshared"
+    teacher.scorer.layout = layout if share else "auto"
     start = time.perf_counter()
     teacher.logprobs(
         batch.prompt_ids,
@@ -113,23 +123,18 @@ def main() -> None:
     split = [rows[0:6], rows[6:12], rows[12:16]]  # groups of 4 straddle the 6-row parts
     whole = [rows[i : i + 4] for i in range(0, 16, 4)]  # whole groups, at most 6 rows
 
-    def teach(n: int, share: bool):
-        return lambda: teacher_pass(teachers[n], teacher_batch, share)
+    def teach(n: int, layout: str):
+        return lambda: teacher_pass(teachers[n], teacher_batch, layout)
 
-    def train(parts: list[list[int]], share: bool):
-        return lambda: policy_pass(scorer, student, parts, share)
+    def train(parts: list[list[int]], layout: str):
+        return lambda: policy_pass(scorer, student, parts, layout)
 
-    cases = {
-        "teacher, passes of 16: unshared": teach(16, False),
-        "teacher, passes of 16: shared": teach(16, True),
-        "teacher, passes of 8: unshared": teach(8, False),
-        "teacher, passes of 8: shared": teach(8, True),
-        "policy, 1 x 16 rows: unshared": train([rows], False),
-        "policy, 1 x 16 rows: shared": train([rows], True),
-        "policy, 6-row parts by count: unshared": train(split, False),
-        "policy, whole groups (4 x 4): shared": train(whole, True),
-        "policy, 6-row parts by count: shared": train(split, True),
-    }
+    cases = {}
+    for n in (16, 8):
+        cases |= {f"teacher, passes of {n}: {x}": teach(n, x) for x in LAYOUTS}
+    cases |= {f"policy, 1 x 16 rows: {x}": train([rows], x) for x in LAYOUTS}
+    cases |= {f"policy, 6-row parts by count: {x}": train(split, x) for x in LAYOUTS}
+    cases["policy, whole groups (4 x 4): cache"] = train(whole, "cache")
     times = interleaved(cases, args.reps)
     prompt_tokens = [int(m.sum()) for m in (student.prompt_mask, teacher_batch.prompt_mask)]
     lines = [

@@ -18,7 +18,11 @@ and differ only in what they compute; the work per step is unchanged by the lear
 - `grpo`, `rlsd`, `opd`: ours with LoRA (r 16), rlsd with its default live self-teacher, opd
   with an external teacher of the same size;
 - `*-noshare`: the same with `train.share_prefix: false`, every row scoring its whole
-  [prompt ; completion] (the path before issue 24), beside the shared-prefix default.
+  [prompt ; completion] (the path before issue 24), beside the shared-prefix default;
+- `*-cache`: the shared prompt always as its own pass whose keys and values the padded
+  completions reuse (`TokenScorer.layout = "cache"`, rlsd/prefix.py), beside the default that
+  packs each group's completions behind its prompt where that is estimated cheaper
+  (rlsd/packing.py).
 
 Also measured: the machine's fp32 matmul rate, and from it the FLOP floor of each step (forward
 and backward over the trained tokens, the decode, the teacher forward), so the achieved GFLOP/s
@@ -71,33 +75,42 @@ CONFIGS = {
 }
 NOSHARE = ("grpo-full", "grpo-full-gc", "grpo", "rlsd", "opd")  # each with a -noshare row
 CONFIGS.update({f"{n}-noshare": {**CONFIGS[n], "train.share_prefix": "false"} for n in NOSHARE})
-GOALS = [  # (text, numerator, denominator, key, bound)
-    ("grpo step time <= 0.5 x TRL", "grpo-full", "trl-grpo", "step_s", 0.5),
-    ("grpo peak memory <= 0.5 x TRL", "grpo-full", "trl-grpo", "peak_mb", 0.5),
-    ("grpo step time <= 0.5 x TRL, LoRA", "grpo", "trl-grpo-lora", "step_s", 0.5),
-    ("grpo peak memory <= 0.5 x TRL, LoRA", "grpo", "trl-grpo-lora", "peak_mb", 0.5),
-    (
-        "grpo step time <= 0.5 x TRL, gradient checkpointing",
-        "grpo-full-gc",
-        "trl-grpo",
-        "step_s",
-        0.5,
-    ),
-    (
-        "grpo peak memory <= 0.5 x TRL, gradient checkpointing",
-        "grpo-full-gc",
-        "trl-grpo",
-        "peak_mb",
-        0.5,
-    ),
-    ("rlsd step time <= 1.25 x grpo", "rlsd", "grpo", "step_s", 1.25),
-    ("rlsd step time <= 1.10 x grpo (issue 24)", "rlsd", "grpo", "step_s", 1.10),
-    ("rlsd peak memory <= 1.05 x grpo (LoRA, frozen teacher)", "rlsd", "grpo", "peak_mb", 1.05),
-    ("rlsd peak memory <= 0.6 x opd (same-size teacher)", "rlsd", "opd", "peak_mb", 0.6),
-] + [  # the shared prefix (the default) against every row scored whole, per configuration
-    (f"{n} step time, shared prefix <= 1.0 x unshared", n, f"{n}-noshare", "step_s", 1.0)
-    for n in NOSHARE
-]
+CACHE = ("grpo-full", "grpo", "rlsd")  # each with a -cache row (the layout set in the child)
+CONFIGS.update({f"{n}-cache": CONFIGS[n] for n in CACHE})
+GOALS = (
+    [  # (text, numerator, denominator, key, bound)
+        ("grpo step time <= 0.5 x TRL", "grpo-full", "trl-grpo", "step_s", 0.5),
+        ("grpo peak memory <= 0.5 x TRL", "grpo-full", "trl-grpo", "peak_mb", 0.5),
+        ("grpo step time <= 0.5 x TRL, LoRA", "grpo", "trl-grpo-lora", "step_s", 0.5),
+        ("grpo peak memory <= 0.5 x TRL, LoRA", "grpo", "trl-grpo-lora", "peak_mb", 0.5),
+        (
+            "grpo step time <= 0.5 x TRL, gradient checkpointing",
+            "grpo-full-gc",
+            "trl-grpo",
+            "step_s",
+            0.5,
+        ),
+        (
+            "grpo peak memory <= 0.5 x TRL, gradient checkpointing",
+            "grpo-full-gc",
+            "trl-grpo",
+            "peak_mb",
+            0.5,
+        ),
+        ("rlsd step time <= 1.25 x grpo", "rlsd", "grpo", "step_s", 1.25),
+        ("rlsd step time <= 1.10 x grpo (issue 24)", "rlsd", "grpo", "step_s", 1.10),
+        ("rlsd peak memory <= 1.05 x grpo (LoRA, frozen teacher)", "rlsd", "grpo", "peak_mb", 1.05),
+        ("rlsd peak memory <= 0.6 x opd (same-size teacher)", "rlsd", "opd", "peak_mb", 0.6),
+    ]
+    + [  # the shared prefix (the default) against every row scored whole, per configuration
+        (f"{n} step time, shared prefix <= 1.0 x unshared", n, f"{n}-noshare", "step_s", 1.0)
+        for n in NOSHARE
+    ]
+    + [  # packing where it pays (the default) against the cache layout everywhere
+        (f"{n} step time, packed <= 1.0 x cache layout", n, f"{n}-cache", "step_s", 1.0)
+        for n in CACHE
+    ]
+)
 
 
 def peak_rss_mb() -> float:
@@ -124,6 +137,11 @@ def child_ours(name: str, steps: int, model: str) -> dict:
     )
     cfg.train.steps = steps + 1
     import torch
+
+    if name.endswith("-cache"):
+        from rlsd.logprobs import TokenScorer
+
+        TokenScorer.layout = "cache"
 
     # Every row trained, as TRL does: early in training nearly every group has zero advantage
     # and rlsd skips them (exactly), which would leave nothing but generation to time.

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .algorithms.distill import token_divergence
 from .models import base_model
+from .packing import packed_hidden
 from .prefix import shared_prefix_hidden
 
 
@@ -129,7 +130,14 @@ class TokenScorer(nn.Module):
 
     A module, not a function, so that a distributed wrapper (DDP via accelerate) sees the
     forward pass that produces the loss.
+
+    `layout` says how rows that share a prompt run it once under `share_prefix`: "auto" packs
+    them behind it (`rlsd/packing.py`) when that is estimated cheaper and else runs their
+    padded completions against its cached keys and values (`rlsd/prefix.py`); "packed" and
+    "cache" force one of the two (where it applies; benchmarks and tests set them).
     """
+
+    layout = "auto"
 
     def __init__(self, lm: nn.Module, temperature: float = 1.0, chunk_rows: int = 256):
         super().__init__()
@@ -142,6 +150,11 @@ class TokenScorer(nn.Module):
         softcap = float(getattr(base.config, "final_logit_softcapping", None) or 0.0)
         return base.get_decoder(), base.get_output_embeddings(), softcap
 
+    def _cache_allowed(self) -> bool:
+        """Whether the prompt may run as a separate pass whose keys and values the completions
+        reuse (`rlsd/prefix.py`)."""
+        return True
+
     def _completion_hidden(
         self,
         input_ids: torch.Tensor,
@@ -150,9 +163,14 @@ class TokenScorer(nn.Module):
         share_prefix: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (M, H) that predict the valid completion tokens, and those ids (M,).
-        With `share_prefix`, rows with the same prompt run it once (`rlsd/prefix.py`)."""
+        With `share_prefix`, rows with the same prompt run it once (`layout`)."""
         decoder = self._parts()[0]
-        if share_prefix:
+        if share_prefix and self.layout != "cache":
+            args = (decoder, input_ids, attention_mask, completion_mask)
+            packed = packed_hidden(*args, always=self.layout == "packed")
+            if packed is not None:
+                return packed
+        if share_prefix and self.layout != "packed" and self._cache_allowed():
             shared = shared_prefix_hidden(decoder, input_ids, attention_mask, completion_mask)
             if shared is not None:
                 return shared

@@ -25,9 +25,10 @@ prompts, and trains its own rows), so nothing here may depend on a collective in
   `update.idle_loss`. Gradients are averaged over processes as DDP averages them. A further
   optimizer step of the batch (`train.ppo_epochs`, `train.mini_batches`) gathers the updated
   weights again in its first forward, which every process runs.
-- The policy's training forward runs every row whole (`train.share_prefix` applies to the
-  passes without gradient): a layer run twice in one forward (prefix, then completions) would
-  reduce-scatter its gradient once per use, a different number of times on each process.
+- The policy's training forward shares prompts only in the packed layout, one forward
+  (`rlsd/packing.py`; `train.share_prefix` applies in full to the passes without gradient):
+  the cache layout runs each layer twice in one forward (prefix, then completions), which
+  would reduce-scatter its gradient once per use, a different number of times on each process.
 
 **Teachers and the KL reference.** `live` is the policy itself; `frozen` and `sync` with LoRA
 use the policy too (the adapter turned off, or the snapshot of the adapter, kept whole, swapped
@@ -79,10 +80,8 @@ class ShardedScorer(TokenScorer):
     gather_seconds = 0.0  # spent gathering whole weights since the last take_gather_seconds
     gathering = False  # inside `gathered`
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():  # one use of each layer per forward (module docstring)
-            kwargs["share_prefix"] = False
-        return super().forward(*args, **kwargs)
+    def _cache_allowed(self) -> bool:
+        return not torch.is_grad_enabled()  # one use of each layer per forward (docstring)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -20,7 +20,7 @@ def test_step_bench_smoke_writes_its_schema(tmp_path):
             str(BENCH),
             "--smoke",
             "--only",
-            "trl-grpo,trl-grpo-lora,grpo-full,grpo,rlsd",
+            "trl-grpo,trl-grpo-lora,grpo-full,grpo,grpo-cache,rlsd",
             "--out",
             str(tmp_path),
         ],
@@ -32,7 +32,14 @@ def test_step_bench_smoke_writes_its_schema(tmp_path):
     [result] = list(tmp_path.glob("step-smoke-*.json"))
     data = json.loads(result.read_text())
     assert data["smoke"] is True and data["matmul_gflops"] > 0
-    assert set(data["configs"]) == {"trl-grpo", "trl-grpo-lora", "grpo-full", "grpo", "rlsd"}
+    assert set(data["configs"]) == {
+        "trl-grpo",
+        "trl-grpo-lora",
+        "grpo-full",
+        "grpo",
+        "grpo-cache",
+        "rlsd",
+    }
     for name, config in data["configs"].items():
         assert len(config["step_s"]) == 1 and config["step_s"][0] > 0, name
         assert config["peak_mb"] > 100 and config["params"] > 0
@@ -46,6 +53,7 @@ def test_step_bench_smoke_writes_its_schema(tmp_path):
         "grpo step time <= 0.5 x TRL",
         "grpo step time <= 0.5 x TRL, LoRA",
         "rlsd step time <= 1.25 x grpo",
+        "grpo step time, packed <= 1.0 x cache layout",
     }
     for goal in data["goals"]:
         assert goal["ratio"] > 0 and isinstance(goal["met"], bool)

@@ -1,6 +1,8 @@
-"""The shared-prefix path (rlsd/prefix.py): each distinct prompt runs once, and the log-probs,
-distributions and gradients equal those of scoring every row whole (float64, tight
-tolerance); the teacher pass shares only identical teacher prompts; training steps match."""
+"""The shared-prompt layouts: each distinct prompt runs once, either as its own pass whose keys
+and values the padded completions reuse (`cache`, rlsd/prefix.py) or with its completions
+packed behind it in one row (`packed`, rlsd/packing.py). The log-probs, distributions and
+gradients equal those of scoring every row whole (float64, tight tolerance); the teacher pass
+shares only identical teacher prompts; training steps match."""
 
 import json
 
@@ -49,6 +51,24 @@ def grouped_inputs(tokenizer, rows, gen, width=7):
     return ids, attn, c_mask
 
 
+def packed_width(rows, c_mask):
+    """The widest packed row: a prompt's real tokens and all its completions' valid ones."""
+    lengths = c_mask.sum(1).tolist()
+    return max(len(PROMPTS[p]) + sum(n for r, n in zip(rows, lengths) if r == p) for p in set(rows))
+
+
+def expected_shapes(layout, rows, ids, c_mask):
+    """What the input embedding sees: the prompts then the completions (cache), or one packed
+    row per prompt (packed)."""
+    count = len(set(rows))  # the prompts ran once each
+    if layout == "cache":
+        return [(count, ids.shape[1] - c_mask.shape[1]), tuple(c_mask.shape)]
+    return [(count, packed_width(rows, c_mask))]
+
+
+LAYOUTS = pytest.mark.parametrize("layout", ["cache", "packed"])
+
+
 def embedded_shapes(model):
     """Record the (rows, tokens) of every pass through the input embedding."""
     shapes = []
@@ -84,15 +104,16 @@ def test_prompt_groups_by_hand():
     [[0, 0, 0, 1, 1, 1, 2, 2], [0, 1, 0, 2, 1, 2], [1, 1, 2, 2]],
     ids=["unequal-groups", "scattered-rows", "equal-runs"],
 )
-def test_values_and_distributions_equal_the_unshared_path(tiny_model_dir, rows):
+@LAYOUTS
+def test_values_and_distributions_equal_the_unshared_path(tiny_model_dir, rows, layout):
     model, tokenizer = float64_model(tiny_model_dir)
     ids, attn, c_mask = grouped_inputs(tokenizer, rows, torch.Generator().manual_seed(0))
     scorer = TokenScorer(model, temperature=0.7, chunk_rows=5)
+    scorer.layout = layout
     shapes = embedded_shapes(model)
     with torch.no_grad():
         shared = scorer(ids, attn, c_mask, share_prefix=True)
-        count = len(set(rows))  # the prompts ran once each, then every completion
-        assert shapes == [(count, ids.shape[1] - c_mask.shape[1]), tuple(c_mask.shape)]
+        assert shapes == expected_shapes(layout, rows, ids, c_mask)
         torch.testing.assert_close(shared, scorer(ids, attn, c_mask), **EXACT)
         for topk in (0, 3):
             plain = scorer.support(ids, attn, c_mask, topk)
@@ -131,9 +152,11 @@ def assert_same_gradients(shared, plain):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("kl", [False, True], ids=["logps", "logps+kl"])
-def test_gradients_equal_the_unshared_path(tiny_model_dir, lora, kl):
+@LAYOUTS
+def test_gradients_equal_the_unshared_path(tiny_model_dir, lora, kl, layout):
     model, tokenizer = float64_model(tiny_model_dir, lora)
     scorer = TokenScorer(model, chunk_rows=4).train()
+    scorer.layout = layout
     inputs = grouped_inputs(tokenizer, [0, 0, 0, 2, 2, 1, 1, 1], torch.Generator().manual_seed(1))
     plain = gradients(model, scorer, inputs, share=False, kl=kl)
     shared = gradients(model, scorer, inputs, share=True, kl=kl)
@@ -149,6 +172,7 @@ def test_gradient_checkpointing_composes(tiny_model_dir, lora):
     prefix's gradient, makes the path decline (and the values still match)."""
     model, tokenizer = float64_model(tiny_model_dir, lora)
     scorer = TokenScorer(model).train()
+    scorer.layout = "cache"
     inputs = grouped_inputs(tokenizer, [1, 1, 1, 0, 0, 0], torch.Generator().manual_seed(4))
     plain = gradients(model, scorer, inputs, share=False)
     base = model.get_base_model() if lora else model
@@ -190,17 +214,21 @@ def test_teacher_pass_shares_only_identical_teacher_prompts(tiny_overrides):
     keys = [run.renderer.student_text(recs[i // 4]) for i in range(8)]
     for kind, chosen in contexts.items():
         scores = {}
-        for share in (True, False):
-            run.cfg.train.share_prefix = share
+        for share in ("cache", "packed", False):
+            run.cfg.train.share_prefix = bool(share)
+            run.scorer.layout = share or "auto"
             data = Rows(batch, torch.ones(8))
             shapes = embedded_shapes(run.lm)
             self_teacher_pass(run, recs, rows, data, (chosen, keys))
             scores[share] = data.teacher_logps
-            if share:
+            if share == "cache":  # a prompt pass, then a completion pass, per pass of 4 rows
                 assert [s[0] for s in shapes[::2]] == distinct[kind], kind
+            elif share == "packed":  # one packed row per distinct teacher prompt
+                assert [s[0] for s in shapes] == distinct[kind], kind
             else:
                 assert [s[0] for s in shapes] == [4, 4], kind
-        torch.testing.assert_close(scores[True], scores[False], rtol=1e-5, atol=1e-5)
+        for share in ("cache", "packed"):
+            torch.testing.assert_close(scores[share], scores[False], rtol=1e-5, atol=1e-5)
 
 
 def metrics_of(tiny_overrides, share, extra):
@@ -237,7 +265,7 @@ def test_training_steps_match_with_the_flag_on_and_off(tiny_overrides, extra):
 
 
 @pytest.mark.slow  # a benchmark's smoke run; CI runs it with -m slow
-def test_prefix_bench_smoke_times_both_paths(tmp_path):
+def test_prefix_bench_smoke_times_every_layout(tmp_path):
     import subprocess
     import sys
 
@@ -253,4 +281,10 @@ def test_prefix_bench_smoke_times_both_paths(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     [result] = list(tmp_path.glob("prefix-smoke-*.md"))
     rows = [line for line in result.read_text().splitlines() if line.startswith("| teacher")]
-    assert len(rows) == 4 and all(float(r.split("|")[2]) > 0 for r in rows)
+    assert len(rows) == 8 and all(float(r.split("|")[2]) > 0 for r in rows)
+    assert {r.split(":")[1].split("|")[0].strip() for r in rows} == {
+        "unshared",
+        "cache",
+        "packed",
+        "auto",
+    }
