@@ -210,10 +210,11 @@ class TrainConfig:
     share_prefix: bool = opt(
         True,
         "Score the rows that share a prompt (a group's G samples; the self-teacher's rows "
-        "with the same context) with the prompt processed once: its keys and values are "
-        "computed once and the completions run against them, in the teacher pass and in the "
-        "policy's forward and backward (same values and gradients; see rlsd/prefix.py). "
-        "false = every row runs its whole [prompt ; completion].",
+        "with the same context) with the prompt processed once, in the teacher pass and in "
+        "the policy's forward and backward (same values and gradients): the completions "
+        "packed behind it in one row, no padding inside (rlsd/packing.py), or, where that "
+        "is estimated to cost more (long completions), run padded against its cached keys "
+        "and values (rlsd/prefix.py). false = every row runs its whole [prompt ; completion].",
     )
     ppo_epochs: int = opt(
         1,
