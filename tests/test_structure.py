@@ -186,3 +186,19 @@ def test_a_saved_config_written_before_a_default_changed_keeps_the_old_behaviour
     assert old.algorithm.std == "population" and old.algorithm.dual_clip == 0.0
     path.write_text(to_yaml(cfg))
     assert load_config(path, saved=True).algorithm.std == "unbiased"  # written down: kept
+
+
+@pytest.mark.parametrize(
+    "study_file", sorted(p.name for p in (ROOT / "configs").glob("study-*.yaml"))
+)
+def test_every_run_of_a_committed_study_file_builds_a_valid_config(study_file):
+    """A typo in an arm or ablation (an unknown field, a bad value) would stop a study hours in,
+    when that run starts: every cell's overrides must build a config now."""
+    from rlsd.study import grid, load_study
+
+    study = load_study(ROOT / "configs" / study_file)
+    cells = grid(study)
+    assert cells
+    for cell in cells:
+        cfg = load_config(ROOT / study.base, cell.overrides)
+        assert cfg.train.steps == study.steps, cell
