@@ -12,10 +12,10 @@ row) in one forward, with no cache, so any gradient checkpointing composes and F
 layer once.
 
 What it costs instead: the attention of a packed row is dense, S x S for a row of width S,
-where the padded layout pays N x T x (P + T). `choose_layout` estimates both (the linear
+where the padded layout pays N x T x (P + T). `packing_pays` estimates both (the linear
 layers' and the attention's multiply-adds, from the model config) and packs only when packing
-is the cheaper, so long completions of many samples, where S^2 grows fast, keep the
-shared-prefix layout.
+is the cheaper and its mask stays under MAX_MASK_ELEMENTS, so long completions of many samples,
+where S^2 grows fast, keep the shared-prefix layout.
 
 `packed_hidden` declines (returns None) when no prompt is shared, for attention other than
 sdpa or eager (flash attention takes no custom mask), for models with sliding-window or other
@@ -31,6 +31,7 @@ from torch import nn
 from .prefix import prompt_groups
 
 MASK_FORMATS = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+MAX_MASK_ELEMENTS = 2**28  # U x S x S: 256 MiB as booleans, 1 GiB as the float mask kernels use
 
 
 def contiguous_lengths(completion_mask: torch.Tensor) -> torch.Tensor | None:
@@ -105,9 +106,12 @@ def layer_costs(config) -> tuple[float, float]:
 def packing_pays(config, segment: torch.Tensor, prompt_width: int, width: int, rows: int) -> bool:
     """Whether the packed rows `segment` (U, S) cost at most the shared-prefix layout's
     estimated multiply-adds: U prompts of padded width P run once, then `rows` completions
-    padded to width T, each attending to its prompt and itself."""
+    padded to width T, each attending to its prompt and itself. Never when the mask would hold
+    more than MAX_MASK_ELEMENTS (the cache layout's mask is N x T x (P + T) at most)."""
     per_position, per_score = layer_costs(config)
     u, s = segment.shape
+    if u * s * s > MAX_MASK_ELEMENTS:
+        return False
     packed = per_position * int((segment >= 0).sum()) + per_score * u * s * s
     shared = per_position * (u * prompt_width + rows * width) + per_score * (
         u * prompt_width**2 + rows * width * (prompt_width + width)

@@ -5,6 +5,7 @@ gradients, with and without LoRA and KL, are tested beside the cache layout in
 tests/test_shared_prefix.py."""
 
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from rlsd.logprobs import TokenScorer
 from rlsd.models import base_model
 from rlsd.packing import (
+    MAX_MASK_ELEMENTS,
     contiguous_lengths,
     layer_costs,
     packed_hidden,
@@ -93,6 +95,21 @@ def test_packing_pays_by_hand():
     assert packing_pays(config(), short, prompt_width=4, width=4, rows=2)
     full = torch.tensor([[0] * 4 + [1] * 4 + [2] * 4])
     assert not packing_pays(config(), full, prompt_width=4, width=4, rows=2)
+
+
+def test_packing_never_builds_a_mask_over_the_bound():
+    """A prompt of 15,385 tokens shared by 1,000 rows of one token, padded to 64: packed would be
+    cheaper by the estimate (576 x 16,385 + 16 x 16,385^2 = 4.31G multiply-adds against
+    576 x 79,385 + 16 x (15,385^2 + 64,000 x 15,449) = 19.65G), but its mask would hold
+    16,385^2 > 2^28 elements."""
+    s = 16_385
+    assert s * s > MAX_MASK_ELEMENTS >= (s - 1) ** 2
+    segment = torch.zeros(1, s, dtype=torch.long)
+    segment[0, -1000:] = torch.arange(1, 1001)
+    args = dict(prompt_width=s - 1000, width=64, rows=1000)
+    assert not packing_pays(config(), segment, **args)
+    with patch("rlsd.packing.MAX_MASK_ELEMENTS", s * s):
+        assert packing_pays(config(), segment, **args)
 
 
 def decoder_of(model):
