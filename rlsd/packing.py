@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .prefix import prompt_groups
+from .prefix import full_attention_only, prompt_groups
 
 MASK_FORMATS = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 MAX_MASK_ELEMENTS = 2**28  # U x S x S: 256 MiB as booleans, 1 GiB as the float mask kernels use
@@ -122,15 +122,8 @@ def packing_pays(config, segment: torch.Tensor, prompt_width: int, width: int, r
 def supports_packing(decoder: nn.Module) -> bool:
     """Every layer is full attention, run by an implementation that takes a custom 4D mask."""
     config = decoder.config.get_text_config(decoder=True)
-    if getattr(config, "_attn_implementation", None) not in MASK_FORMATS:
-        return False
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types, _ = get_layer_types_and_kwargs(config)
-    except Exception:  # an older or unusual config: take another path
-        return False
-    return all(t == "full_attention" for t in types)
+    implementation = getattr(config, "_attn_implementation", None)
+    return implementation in MASK_FORMATS and full_attention_only(decoder)
 
 
 def packed_hidden(

@@ -113,16 +113,22 @@ def _layer_classes():
     return Recorded, Extended
 
 
-def supports_shared_prefix(decoder: nn.Module) -> bool:
-    """Every layer is full attention (no sliding window, linear or shared-cache layers), and
-    checkpointing, if on and active, is the non-reentrant kind."""
+def full_attention_only(decoder: nn.Module) -> bool:
+    """Every layer is full attention: no sliding window, linear or shared-cache layers (False
+    for an older or unusual config, which then takes the unshared path)."""
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
 
         types, _ = get_layer_types_and_kwargs(decoder.config.get_text_config(decoder=True))
-    except Exception:  # an older or unusual config: take the unshared path
+    except Exception:
         return False
-    if any(t != "full_attention" for t in types):
+    return all(t == "full_attention" for t in types)
+
+
+def supports_shared_prefix(decoder: nn.Module) -> bool:
+    """Every layer is full attention, and checkpointing, if on and active, is the
+    non-reentrant kind."""
+    if not full_attention_only(decoder):
         return False
     for layer in _checkpointed(decoder):
         keywords = getattr(layer._gradient_checkpointing_func, "keywords", {})
