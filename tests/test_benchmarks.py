@@ -127,3 +127,40 @@ def test_credit_shift_reads_the_teachers_multipliers(tmp_path):
     assert s["mean_abs_shift"] == pytest.approx((0 + 0.1 + 0.005 + 0.1 + 0.02) / 5)
     assert s["mean_correct"] == pytest.approx((1.0 + 0.9 + 1.005) / 3)
     assert s["mean_incorrect"] == pytest.approx(1.06)
+
+
+def test_warm_model_rebuilds_the_merged_model_and_refuses_another(tiny_model_dir, tmp_path):
+    """The committed-adapter route: --record, then a rebuild that must match the digest; the
+    merged model scores as the adapter on its base does; a changed digest stops the rebuild."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(TESTS_DIR.parent / "benchmarks"))
+    from warm_model import main
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: a zero adapter would merge to the base
+            param.data.normal_(0, 0.5)
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        want = lora(ids).logits
+    assert main(["--adapter", str(adapter), "--base", str(tiny_model_dir), "--record",
+                 "--out", str(tmp_path / "a")]) == 0  # fmt: skip
+    assert main(["--adapter", str(adapter), "--out", str(tmp_path / "b")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float32)
+    with torch.no_grad():
+        got = merged(ids).logits
+        fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        plain = fresh(ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    assert (tmp_path / "b" / "tokenizer.json").is_file()
+    record = json.loads((adapter / "merged.json").read_text())
+    record["weights_sha256"] = "0" * 64
+    (adapter / "merged.json").write_text(json.dumps(record))
+    assert main(["--adapter", str(adapter), "--out", str(tmp_path / "c")]) == 1
