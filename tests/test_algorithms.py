@@ -144,8 +144,8 @@ def test_rlsd_and_loss_match_naive_loops_on_random_inputs():
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.lists(st.floats(-5, 5), min_size=4, max_size=4),
+@given(  # no subnormal advantages: 5e-324 * 0.5 rounds to 0 in any float arithmetic
+    st.lists(st.floats(-5, 5, allow_subnormal=False), min_size=4, max_size=4),
     st.lists(st.floats(-20, 20), min_size=12, max_size=12),
     st.floats(0, 1),
     st.floats(0, 0.99),
