@@ -17,11 +17,13 @@ from rlsd.report.study import (
     bootstrap_difference,
     diagnostics,
     leakage,
+    learning_groups,
     run_peak_mb,
     summarize,
 )
 from rlsd.report.study_markdown import _changes, ablation_rows
 from rlsd.study import describe, grid, load_study, run_study, seconds_left
+from rlsd.tracking import read_jsonl
 
 from .conftest import TESTS_DIR
 
@@ -85,6 +87,15 @@ def test_a_2x2_study_runs_summarises_and_resumes(tiny_model_dir, tmp_path, capsy
     md = (tmp_path / "study" / "summary.md").read_text()
     assert "| (reference) |" in next(x for x in md.splitlines() if x.startswith("| grpo | 2/2 |"))
     assert all(a["peak_mem_mb"] > 0 for a in arms.values())  # each run's own peak (Linux)
+    for arm in ("grpo", "rlsd"):  # the share of groups with a gradient, from the runs' own logs
+        zero = [
+            r["adv/zero_group_frac"]
+            for seed in (0, 1)
+            for r in read_jsonl(
+                tmp_path / "study" / "arith" / f"{arm}-seed{seed}" / "metrics.jsonl"
+            )
+        ]
+        assert arms[arm]["learning_groups"] == pytest.approx(1 - sum(zero) / len(zero))
     # pass@2 of each final checkpoint on 3 items: whether any of the 2 samples was correct
     for arm in ("grpo", "rlsd"):
         counts = [
@@ -447,6 +458,17 @@ def test_diagnostics_means_and_curves_by_hand():
     assert curves["teacher/kl"] == pytest.approx({1: 0.2, 2: 0.2})
     assert curves["rlsd/delta_mean_correct"] == pytest.approx({2: -0.2})
     assert "rlsd/clip_low_frac" not in means and diagnostics([]) == ({}, {})
+
+
+def test_learning_groups_by_hand():
+    rows = [
+        {"adv/zero_group_frac": 0.75},  # 6 of 8 groups had equal rewards
+        {"adv/zero_group_frac": 1.0},  # no group carried a gradient
+        {"step": 3},  # logged no advantages (e.g. an evaluation row)
+        {"adv/zero_group_frac": 0.5},
+    ]
+    assert learning_groups(rows) == pytest.approx((0.25 + 0.0 + 0.5) / 3)
+    assert learning_groups([{"step": 1}]) is None and learning_groups([]) is None
 
 
 def test_peak_memory_counts_only_what_runs_measured_for_themselves():

@@ -181,6 +181,14 @@ def run_peak_mb(rows: list[dict[str, Any]]) -> float | None:
     )
 
 
+def learning_groups(rows: list[dict[str, Any]]) -> float | None:
+    """The share of prompt groups that carried a gradient, over every step of every run: a group
+    whose rewards are all equal has zero advantages, so no method (GRPO or any teacher's
+    per-token credit) learns from it. Steps without the key (logged by no version) are left out."""
+    shares = [1 - r["adv/zero_group_frac"] for r in rows if "adv/zero_group_frac" in r]
+    return statistics.mean(shares) if shares else None
+
+
 def arm_summary(
     study: Study, task: str, arm: str, reference: dict[int, list[list[float]]]
 ) -> dict[str, Any]:
@@ -230,6 +238,7 @@ def arm_summary(
         else None,
         "seconds_per_step": statistics.median(step_s) if step_s else None,
         "peak_mem_mb": run_peak_mb(rows),
+        "learning_groups": learning_groups(rows),
         "leak_echo": statistics.mean(x["echo"] for x in leaks) if leaks else None,
         "leak_answer_first": statistics.mean(x["answer_first"] for x in leaks) if leaks else None,
         "pass_k": list(bootstrap(pass_k)) if pass_k else None,

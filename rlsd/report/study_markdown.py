@@ -36,6 +36,7 @@ def summary_row(arm: str, a: dict[str, Any], pass_k: int) -> str:
         versus,
         best,
         _pct(a["auc"]),
+        _pct(a.get("learning_groups")),
         "-" if a["steps_to_target"] is None else str(a["steps_to_target"]),
         "-" if a["seconds_to_target"] is None else str(round(a["seconds_to_target"])),
         "-" if a["seconds_per_step"] is None else str(round(a["seconds_per_step"], 1)),
@@ -155,7 +156,8 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
         f"{study.eval_items} items for every arm, with 95 % bootstrap intervals over seeds "
         f"and items; *vs {study.reference_arm}*: the final difference in points, items "
         "resampled in pairs; *best*: the highest evaluation after step 0 and its step (an "
-        "optimistic pick); *target*: the "
+        "optimistic pick); *learning groups*: the share of prompt groups whose rewards "
+        "differed, the only ones that carry a gradient; *target*: the "
         f"{study.reference_arm} arm's final accuracy; echo / answer-first: the leakage "
         "check on the last evaluation's completions; *peak MB*: the largest of the runs' "
         "own peaks (resident set on CPU, allocated on CUDA), runs that could only log the "
@@ -185,6 +187,7 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
             f"vs {study.reference_arm}",
             "best (step)",
             "AUC",
+            "learning groups %",
             "steps to target",
             "s to target",
             "s/step",
