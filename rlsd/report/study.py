@@ -184,7 +184,8 @@ def run_peak_mb(rows: list[dict[str, Any]]) -> float | None:
 def learning_groups(rows: list[dict[str, Any]]) -> float | None:
     """The share of prompt groups that carried a gradient, over every step of every run: a group
     whose rewards are all equal has zero advantages, so no method (GRPO or any teacher's
-    per-token credit) learns from it. Steps without the key (logged by no version) are left out."""
+    per-token credit) learns from it. Rows without the key (evaluations, runs that did not log
+    it) are left out."""
     shares = [1 - r["adv/zero_group_frac"] for r in rows if "adv/zero_group_frac" in r]
     return statistics.mean(shares) if shares else None
 

@@ -36,7 +36,7 @@ def summary_row(arm: str, a: dict[str, Any], pass_k: int) -> str:
         versus,
         best,
         _pct(a["auc"]),
-        _pct(a.get("learning_groups")),
+        _pct(a["learning_groups"]),
         "-" if a["steps_to_target"] is None else str(a["steps_to_target"]),
         "-" if a["seconds_to_target"] is None else str(round(a["seconds_to_target"])),
         "-" if a["seconds_per_step"] is None else str(round(a["seconds_per_step"], 1)),
