@@ -19,6 +19,7 @@ from rlsd.report.study import (
     leakage,
     learning_groups,
     run_peak_mb,
+    steps_to_stay,
     summarize,
 )
 from rlsd.report.study_markdown import _changes, ablation_rows
@@ -469,6 +470,16 @@ def test_learning_groups_by_hand():
     ]
     assert learning_groups(rows) == pytest.approx((0.25 + 0.0 + 0.5) / 3)
     assert learning_groups([{"step": 1}]) is None and learning_groups([]) is None
+
+
+def test_steps_to_target_is_where_the_curve_stays_at_the_target():
+    steps = [0, 10, 20, 30, 40]
+    # touches 0.70 at step 10, dips, then stays from step 30: the first crossing would say 10
+    assert steps_to_stay(steps, [0.63, 0.70, 0.68, 0.71, 0.70], 0.70) == 30
+    assert steps_to_stay(steps, [0.63, 0.71, 0.72, 0.73, 0.74], 0.70) == 10  # never falls back
+    assert steps_to_stay(steps, [0.63, 0.71, 0.72, 0.73, 0.69], 0.70) is None  # ends below
+    assert steps_to_stay(steps, [0.75] * 5, 0.70) == 0  # the base model is already there
+    assert steps_to_stay(steps, [0.75] * 5, None) is None and steps_to_stay([], [], 0.7) is None
 
 
 def test_peak_memory_counts_only_what_runs_measured_for_themselves():

@@ -190,13 +190,26 @@ def learning_groups(rows: list[dict[str, Any]]) -> float | None:
     return statistics.mean(shares) if shares else None
 
 
+def steps_to_stay(steps: list[int], mean: list[float], target: float | None) -> int | None:
+    """The first evaluation step from which the mean curve stays at or above `target` through
+    the last evaluation (None when the last evaluation is below it, or there is no target).
+    A curve that touches the target and falls back has not reached it: the first crossing
+    would credit a lucky evaluation with a speed-up that the run does not keep."""
+    if target is None:
+        return None
+    reach = None
+    for step, m in zip(steps, mean):
+        reach = (step if reach is None else reach) if m >= target else None
+    return reach
+
+
 def arm_summary(
     study: Study, task: str, arm: str, reference: dict[int, list[list[float]]]
 ) -> dict[str, Any]:
     """One arm of one task, over its finished runs: bootstrap curve, final and best accuracy,
     the final difference to the reference arm (paired over items), area under the curve, steps
-    and seconds to the reference arm's final accuracy, speed, memory, leakage of its last
-    evaluation, RLSD diagnostics."""
+    and seconds until the curve stays at the reference arm's final accuracy (`steps_to_stay`),
+    speed, memory, leakage of its last evaluation, RLSD diagnostics."""
     evals = arm_evals(study, task, arm)
     curve = {step: bootstrap(m) for step, m in sorted(evals.items())}
     planned = sum(c.task == task and c.arm == arm for c in grid(study))
@@ -207,7 +220,7 @@ def arm_summary(
     rows = [r for run_rows in per_run for r in run_rows]
     steps = sorted(curve)
     mean = [curve[s][0] for s in steps]
-    reach = next((s for s, m in zip(steps, mean) if target is not None and m >= target), None)
+    reach = steps_to_stay(steps, mean, target)
     step_s = [r["perf/step_seconds"] for r in rows if "perf/step_seconds" in r]
     leaks = [
         leakage(c, a)

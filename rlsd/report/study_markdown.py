@@ -158,8 +158,10 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
         "resampled in pairs; *best*: the highest evaluation after step 0 and its step (an "
         "optimistic pick); *learning groups*: the share of prompt groups whose rewards "
         "differed, the only ones that carry a gradient; *target*: the "
-        f"{study.reference_arm} arm's final accuracy; echo / answer-first: the leakage "
-        "check on the last evaluation's completions; *peak MB*: the largest of the runs' "
+        f"{study.reference_arm} arm's final accuracy; *steps to target*: the first "
+        "evaluation step from which the mean curve stays at or above it to the end; "
+        "echo / answer-first: the leakage check on the last evaluation's completions; "
+        "*peak MB*: the largest of the runs' "
         "own peaks (resident set on CPU, allocated on CUDA), runs that could only log the "
         "study process's peak (before rlsd measured per run, or on CPU outside Linux) "
         "left out.",
