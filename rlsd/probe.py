@@ -12,7 +12,9 @@ context (the live self-teacher). Per context it reports:
 - where the most negative Delta of an incorrect completion falls relative to its first wrong
   step (a line "a op b = c" whose arithmetic is wrong), for completions that hold one;
 - the share of RLSD weights exp(sign(A) Delta) clipped low and high at `rlsd.eps_w`;
-- a one-line verdict (thresholds below are rules of thumb, not tested laws).
+- a one-line verdict (thresholds below are rules of thumb, not tested laws);
+- and, for all contexts alike, the shares of groups all correct, all wrong and mixed: only the
+  mixed ones carry a gradient, for RLSD as for GRPO.
 
 Candidate contexts: `answer` (the reference answer alone), `solution` (the record's own solution
 column), `worked` (a generated worked solution, `data.solutions`), `sibling` (the shortest other
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .algorithms import group_advantages, token_pieces
+from .algorithms import group_advantages, group_outcomes, token_pieces
 from .algorithms.masking import teacher_gap
 from .context import Context, choose_contexts, sibling_index
 from .rollout import Batch, join, left_pad, sample_completions
@@ -289,6 +291,7 @@ def run_probe(cfg: Any, items: int, kinds: list[str], out_dir: Path) -> dict[str
         "contexts": {},
     }
     correct = torch.tensor(judged.correct, dtype=torch.bool)
+    result["groups"] = group_outcomes(correct, group)
     for kind in kinds:
         contexts = candidate_contexts(
             kind, recs, judged.texts, judged.correct, judged.lengths, group, judged.pool
@@ -332,6 +335,23 @@ def write_probe(result: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "probe.md").write_text(probe_markdown(result))
 
 
+def groups_line(groups: dict[str, float]) -> str:
+    """What the group outcomes leave for any method to learn from."""
+    mixed = 100 * groups["mixed"]
+    line = (
+        f"Groups: {100 * groups['all_correct']:.0f} % all correct, "
+        f"{100 * groups['all_wrong']:.0f} % all wrong, {mixed:.0f} % mixed. Only mixed groups "
+        "carry a gradient; RLSD's credit scales the advantage, so it reweights tokens in those "
+        "only."
+    )
+    if mixed < 30:
+        line += (
+            " Few groups learn: more samples per prompt (`rollout.num_generations`) or a "
+            "higher `rollout.temperature` gives every method, RLSD included, more to work with."
+        )
+    return line
+
+
 def probe_markdown(result: dict[str, Any]) -> str:
     def num(value: Any, digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
@@ -341,6 +361,8 @@ def probe_markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['items']} prompts ({result['items_from']}), {result['group']} judged "
         f"completions each; accuracy {100 * result['accuracy']:.1f} %.",
+        "",
+        groups_line(result["groups"]),
         "",
         "| context | coverage | Delta correct | Delta incorrect | AUC | clipped low / high "
         "| min Delta at/after first wrong step | verdict |",

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .algorithms import group_advantages
+from .algorithms import group_advantages, group_outcomes
 from .checkpoint import latest_checkpoint
 from .config import Config
 from .data import Record
@@ -197,11 +197,14 @@ def step_metrics(
 ) -> dict[str, float]:
     lengths = batch.completion_mask.sum(1).float()
     gen_seconds = times["generate"] - times["start"]
+    groups = group_outcomes(torch.tensor(correct), run.cfg.rollout.num_generations)
     return {
         "step": step,
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std(unbiased=False).item(),
         "reward/accuracy": sum(correct) / len(correct),
+        "reward/all_correct_group_frac": groups["all_correct"],  # nothing left to learn
+        "reward/all_wrong_group_frac": groups["all_wrong"],  # no advantage, no RLSD credit
         "completion/length_mean": lengths.mean().item(),
         "completion/length_max": lengths.max().item(),
         "completion/truncated_frac": 1.0 - stopped(batch, run.stop_ids).float().mean().item(),

@@ -11,6 +11,7 @@ from rlsd.algorithms import (
     aggregate,
     clipped_policy_loss,
     group_advantages,
+    group_outcomes,
     lambda_at,
     rlsd_token_advantages,
 )
@@ -48,6 +49,17 @@ def test_dr_grpo_does_not_scale_by_std():
 def test_group_advantages_reject_ragged_groups():
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), 4)
+
+
+def test_group_outcomes_by_hand():
+    # groups of 4: 4 correct, 0 correct, 1 correct, 3 correct
+    flags = [1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 0, 1]
+    shares = group_outcomes(torch.tensor(flags, dtype=torch.bool), 4)
+    assert shares == {"all_correct": 0.25, "all_wrong": 0.25, "mixed": 0.5}
+    assert group_outcomes(torch.ones(3, dtype=torch.bool), 1)["all_correct"] == 1.0
+    for bad in (torch.zeros(6, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="groups of 4"):
+            group_outcomes(bad, 4)
 
 
 def rlsd_case():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlsd.cli import main
-from rlsd.probe import auc, context_stats, first_wrong_step, verdict, wrong_step_hits
+from rlsd.probe import auc, context_stats, first_wrong_step, groups_line, verdict, wrong_step_hits
 
 from .test_cli import argv
 
@@ -93,6 +93,14 @@ def test_verdicts():
     assert verdict({"n_correct": 2, "n_incorrect": 10, "auc": 0.9}).startswith("too few")
 
 
+def test_groups_line_says_what_is_left_to_learn_from():
+    few = groups_line({"all_correct": 0.625, "all_wrong": 0.125, "mixed": 0.25})
+    assert few.startswith("Groups: 62 % all correct, 12 % all wrong, 25 % mixed.")
+    assert "`rollout.num_generations`" in few
+    enough = groups_line({"all_correct": 0.25, "all_wrong": 0.25, "mixed": 0.5})
+    assert "50 % mixed" in enough and "Few groups" not in enough
+
+
 def test_probe_command_end_to_end(tiny_overrides, tmp_path, capsys):
     overrides = {
         **tiny_overrides,
@@ -105,6 +113,11 @@ def test_probe_command_end_to_end(tiny_overrides, tmp_path, capsys):
     result = json.loads((out / "probe.json").read_text())
     assert set(result["contexts"]) == {"answer", "solution", "worked", "sibling", "memory"}
     assert result["items"] == 3 and result["judged_completions"] == 12
+    shares = result["groups"]  # 3 groups of 4: each share is a multiple of 1/3
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert all(round(3 * v, 6) == round(3 * v) for v in shares.values())
+    assert shares["all_correct"] <= result["accuracy"] <= 1 - shares["all_wrong"]
+    assert "% mixed" in (out / "probe.md").read_text()
     assert result["contexts"]["answer"]["coverage"] == 1.0
     assert result["contexts"]["worked"]["coverage"] == 1.0  # chain sums have worked solutions
     assert result["contexts"]["solution"]["coverage"] == 0.0  # reasoning-gym has no column

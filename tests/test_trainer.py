@@ -41,6 +41,11 @@ def test_two_steps_train_and_write_outputs(tiny_overrides, method):
         assert ("teacher/kl" in row) == (method != "grpo")
     samples = (run_dir / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 2 * 4  # steps x prompts x generations
+    for row in rows:  # the group outcome shares, from the step's own logged completions
+        flags = [json.loads(x)["correct"] for x in samples if json.loads(x)["step"] == row["step"]]
+        hits = [sum(flags[g : g + 4]) for g in (0, 4)]
+        assert row["reward/all_correct_group_frac"] == sum(h == 4 for h in hits) / 2
+        assert row["reward/all_wrong_group_frac"] == sum(h == 0 for h in hits) / 2
     if method == "rlsd":  # the teacher moved the credit, within m in [1 - lam eps_w, 1 + ...]
         multipliers = [m for line in samples for m in json.loads(line).get("credit_multiplier", [])]
         assert multipliers and all(0.9 - 1e-4 <= m <= 1.1 + 1e-4 for m in multipliers)

@@ -3,7 +3,7 @@
 Nothing here imports from the rest of rlsd. `method.py` says what each method is.
 """
 
-from .advantages import group_advantages
+from .advantages import group_advantages, group_outcomes
 from .distill import opsd_token_advantages, sampled_forward_token_advantages, token_divergence
 from .masking import masked, teacher_gap
 from .method import METHODS, Method, method_for
@@ -27,6 +27,7 @@ __all__ = [
     "clipped_policy_loss",
     "credit_split",
     "group_advantages",
+    "group_outcomes",
     "lambda_at",
     "loss_normaliser",
     "masked",

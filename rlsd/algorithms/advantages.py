@@ -55,3 +55,21 @@ def group_advantages(
         "adv/abs_mean": adv.abs().mean().item(),
     }
     return adv.reshape(-1), metrics
+
+
+def group_outcomes(correct: torch.Tensor, group_size: int) -> dict[str, float]:
+    """correct (B*G,) bool, laid out group by group -> the shares of groups whose completions
+    were all correct, all wrong, or mixed. With a binary verifier only the mixed groups carry
+    a gradient; an all-wrong group, where a teacher that knows the solution has the most to
+    say, gets zero advantage, so RLSD (whose credit scales the advantage) learns nothing from it
+    either, while OPSD's teacher still pulls on it."""
+    if correct.dim() != 1 or correct.numel() == 0 or correct.numel() % group_size:
+        raise ValueError(
+            f"{tuple(correct.shape)} correctness flags do not split into groups of {group_size}"
+        )
+    hits = correct.view(-1, group_size).sum(dim=1)  # (B,) correct completions per group
+    return {
+        "all_correct": (hits == group_size).float().mean().item(),
+        "all_wrong": (hits == 0).float().mean().item(),
+        "mixed": ((hits > 0) & (hits < group_size)).float().mean().item(),
+    }
