@@ -1,4 +1,4 @@
-"""Regenerate the README's pictures from real runs (this project's own output).
+"""Regenerate the pictures of the README and docs/guide.md from real runs (this project's output).
 
     python docs/make_images.py [RLSD_RUN_DIR RUN_DIR ...]
 

@@ -446,7 +446,7 @@ def test_the_projects_files_are_not_readable():
                 pass
         """)
     assert needle not in result.output
-    assert "## Verifiers" not in result.output
+    assert "## Your own task" not in result.output  # a heading of the README
 
 
 def test_the_program_runs_unprivileged_with_no_new_privileges():

@@ -491,16 +491,16 @@ def test_the_documented_script_runs(tiny_model_dir, tmp_path, monkeypatch):
     assert (tmp_path / "rlsd-trl-run" / "rlsd" / "samples.jsonl").is_file()
 
 
-def test_the_readme_script_runs(tiny_model_dir, tmp_path, monkeypatch):
+def test_the_minimal_script_runs(tiny_model_dir, tmp_path, monkeypatch):
     changes = [
         ('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(tiny_model_dir))),
         ("range(2, 40)", "range(2, 3)"),
         ("max_steps=60", "max_steps=1"),
         ("num_generations=8,", "num_generations=4, max_completion_length=8, use_cpu=True,"),
     ]
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Using RLSD from TRL") :]
-    namespace = run_script(section, "README.md", changes, tmp_path, monkeypatch)
+    text = (ROOT / "docs" / "trl.md").read_text()
+    section = text[text.index("## A minimal script") :]
+    namespace = run_script(section, "docs/trl.md", changes, tmp_path, monkeypatch)
     assert namespace["trainer"].state.global_step == 1
     samples = (tmp_path / "rlsd-trl-run" / "rlsd" / "samples.jsonl").read_text().splitlines()
     assert samples and all(json.loads(line)["step"] == 1 for line in samples)
