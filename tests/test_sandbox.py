@@ -238,17 +238,22 @@ def test_the_limits_reach_the_sandbox():
     ]
 
 
-def test_code_rewards_are_refused_without_bubblewrap(monkeypatch):
+def test_code_rewards_are_refused_without_bubblewrap(monkeypatch, capsys):
+    from rlsd.cli import main
     from rlsd.config import ConfigError, load_config
+    from rlsd.rewards import build_reward
 
     sandbox._setup.cache_clear()
     monkeypatch.setattr(shutil, "which", lambda name: None)
     try:
         problem = sandbox.sandbox_problem("bubblewrap")
         assert "apt-get install bubblewrap" in problem and "reward.code_sandbox: none" in problem
+        cfg = load_config("configs/humaneval.yaml")  # the schema does not probe the sandbox
         with pytest.raises(ConfigError, match="reward.code_sandbox: bubblewrap") as err:
-            load_config("configs/humaneval.yaml")
+            build_reward(cfg.reward)  # the scorer does, at start-up, before any training
         assert "\n" not in str(err.value)
+        assert main(["check-reward", "configs/humaneval.yaml"]) == 2  # a user error, one line
+        assert capsys.readouterr().err.startswith("rlsd: error: reward.code_sandbox: bubblewrap")
         with pytest.raises(sandbox.SandboxError, match="not installed"):
             run_python("print(1)")
     finally:

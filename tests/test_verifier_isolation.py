@@ -278,7 +278,8 @@ def test_where_each_verifier_runs():
                 "regex",
                 "reasoning_gym",
                 f"{HELPERS}:my_pid",
-            ]
+            ],
+            code_sandbox="none",  # where it runs, not its sandbox (probed by build_reward)
         )
     )
     assert reward_fn.where() == {

@@ -5,7 +5,8 @@ weighted verifiers, and reports each verifier's mean and how many items it could
 """
 
 from .builtin import BUILTIN, extract_after_marker, extract_answer, extract_last_number
-from .combine import RewardFn, build_reward, load_callable
+from .combine import RewardFn, build_reward
+from .loading import load_callable
 
 __all__ = [
     "BUILTIN",

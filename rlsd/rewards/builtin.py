@@ -363,13 +363,50 @@ def code(
     return out
 
 
-BUILTIN = {
-    "exact": exact,
-    "numeric": numeric,
-    "math": math,
-    "choice": choice,
-    "regex": regex,
-    "format": answer_format,
-    "reasoning_gym": reasoning_gym_score,
-    "code": code,
+# Where a built-in runs (see combine.py's docstring). CONFINED: it parses or evaluates model
+# output, or can run long on it (math-verify and sympy, the regex engine, reasoning-gym's
+# scorers), so it runs in the kernel-confined worker processes, killed on time. IN_PROCESS: it
+# only slices, strips and compares at most MAX_CHARS characters in linear time and never
+# evaluates model output (`code` runs each program in its own sandboxed process), so it stays
+# in the trainer's threads.
+CONFINED, IN_PROCESS = "confined", "in_process"
+
+# Every built-in is registered with where it runs: a new one cannot be added without saying so.
+REGISTRY: dict[str, tuple[Callable, str]] = {
+    "exact": (exact, IN_PROCESS),
+    "numeric": (numeric, IN_PROCESS),
+    "math": (math, CONFINED),
+    "choice": (choice, IN_PROCESS),
+    "regex": (regex, CONFINED),
+    "format": (answer_format, IN_PROCESS),
+    "reasoning_gym": (reasoning_gym_score, CONFINED),
+    "code": (code, IN_PROCESS),
 }
+BUILTIN: dict[str, Callable] = {name: fn for name, (fn, _) in REGISTRY.items()}
+
+
+class RegistryError(RuntimeError):
+    """A built-in verifier that does not say where it runs (a bug in rlsd, not in a config)."""
+
+
+def placement(name: str) -> str:
+    """Where built-in `name` runs: CONFINED or IN_PROCESS. Raises RegistryError for a name in
+    BUILTIN that REGISTRY does not place (added to BUILTIN alone, or placed as neither): such a
+    verifier must never fall back to running unconfined by default."""
+    where = REGISTRY[name][1] if name in REGISTRY else None
+    if where not in (CONFINED, IN_PROCESS):
+        raise RegistryError(
+            f"built-in verifier {name!r} does not say where it runs (got {where!r}): add it to "
+            "REGISTRY in rlsd/rewards/builtin.py with CONFINED (it parses or evaluates model "
+            "output, or may run long) or IN_PROCESS (linear-time string checks only)"
+        )
+    return where
+
+
+def check_registry() -> None:
+    """Refuse (RegistryError) every built-in in BUILTIN that REGISTRY does not place."""
+    for name in BUILTIN:
+        placement(name)
+
+
+check_registry()  # at import: an entry placed as neither fails at once

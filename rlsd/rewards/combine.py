@@ -14,6 +14,11 @@ Where each verifier runs:
   compare strings of at most `builtin.MAX_CHARS` characters with linear-time operations and never
   evaluate model output; `code` also stays (each item already runs in its own sandboxed process).
 
+Each built-in says which in `builtin.REGISTRY` (CONFINED or IN_PROCESS); building a RewardFn
+refuses a built-in that does not (`builtin.RegistryError`), so none runs unconfined by omission.
+Building it also probes the `code` verifier's sandbox (`reward.code_sandbox`), so a run that
+cannot judge code stops at start-up with a ConfigError.
+
 Every verifier is called once per completion (a batch of one). A call that raises, returns
 something that is not one finite number, or runs out of time gives that completion None (counted
 in `reward/errors` or `reward/timeouts`), never a crash; the run goes on. Nothing is logged per
@@ -26,8 +31,6 @@ interpreter exits).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import os
 import threading
@@ -35,64 +38,23 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .builtin import BUILTIN
+from .builtin import BUILTIN, CONFINED, check_registry, placement
 from .isolation import VerifierPool, WorkerError, call_verifier
+from .loading import TIMEOUT, config_error, load_callable
+from .sandbox import sandbox_problem
 
 if TYPE_CHECKING:  # the config imports torch; worker processes import this module without it
     from ..config import RewardConfig
 
 log = logging.getLogger(__name__)
-TIMEOUT = object()  # marks a call that ran out of time
-ISOLATED = ("math", "regex", "reasoning_gym")  # built-ins that run in confined worker processes
-IN_PROCESS = ("exact", "numeric", "choice", "format", "code")  # built-ins run in threads
-
-
-def _config_error(message: str) -> Exception:
-    from ..config import ConfigError
-
-    return ConfigError(message)
-
-
 DEFAULT_THREADS = 32  # `reward.workers: 0`: threads at a time for the in-process verifiers
 
 
 def default_workers() -> int:
     """`reward.workers: 0`: one worker process per core, at most 4."""
     return max(1, min(4, os.cpu_count() or 1))
-
-
-def load_callable(spec: str) -> Callable:
-    """A function from 'package.module:name' or 'path/to/file.py:name'."""
-    if ":" not in spec:
-        raise _config_error(
-            f"reward.verifiers: {spec!r} is neither a built-in verifier "
-            f"({', '.join(BUILTIN)}) nor 'module:function'"
-        )
-    target, name = spec.rsplit(":", 1)
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise _config_error(f"reward.verifiers: file not found: {path}")
-            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ImportError as exc:
-        raise _config_error(f"reward.verifiers: cannot import {target!r}: {exc}") from None
-    except SyntaxError as exc:  # in the verifier's file or in a module it imports
-        where = f"{exc.filename}:{exc.lineno}" if exc.filename else target
-        raise _config_error(
-            f"reward.verifiers: {where}: syntax error: {exc.msg} (loading {target!r})"
-        ) from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise _config_error(f"reward.verifiers: {target!r} has no function {name!r}")
-    return fn
 
 
 def excerpt(text: str, width: int = 60) -> str:
@@ -188,6 +150,36 @@ def run_verifier(
     return list(results)
 
 
+def builtin_options(cfg: RewardConfig) -> dict[str, Any]:
+    """The `reward` options every built-in verifier receives as keyword arguments."""
+    return {
+        "extract": cfg.extract,
+        "marker": cfg.answer_marker,
+        "tolerance": cfg.numeric_tolerance,
+        "rel_tolerance": cfg.numeric_rel_tolerance,
+        "pattern": cfg.pattern,
+        "code_timeout": cfg.code_timeout,
+        "code_memory_mb": cfg.code_memory_mb,
+        "code_score": cfg.code_score,
+        "code_sandbox": cfg.code_sandbox,
+        "code_disk_mb": cfg.code_disk_mb,
+        "code_processes": cfg.code_processes,
+        "format_think": cfg.format_think,
+        "format_partial": cfg.format_partial,
+    }
+
+
+def check_code_sandbox(cfg: RewardConfig) -> None:
+    """Refuse (ConfigError naming `reward.code_sandbox`) a `code` verifier whose sandbox cannot
+    run here: probed once, when the scorer is built, so a run fails at start-up, before any
+    training, not on its first batch. `code_sandbox: none` passes with a warning."""
+    if "code" not in cfg.verifiers:
+        return
+    problem = sandbox_problem(cfg.code_sandbox)
+    if problem:
+        raise config_error(f"reward.code_sandbox: {problem}")
+
+
 class RewardFn:
     """Scores a batch: `rewards, correct, metrics = reward_fn(prompts, completions, columns)`.
 
@@ -202,7 +194,11 @@ class RewardFn:
 
     def __init__(self, cfg: RewardConfig, in_process: bool = False):
         """`in_process=True` runs every verifier in the trainer's threads (the runner before
-        worker processes; kept for `benchmarks/verifier_bench.py`'s side-by-side figures)."""
+        worker processes; kept for `benchmarks/verifier_bench.py`'s side-by-side figures).
+        Refuses (before any training) a built-in registered without saying where it runs, and
+        the `code` verifier where its sandbox cannot run."""
+        check_registry()  # never a built-in that would run unconfined by omission
+        check_code_sandbox(cfg)
         self.names = list(cfg.verifiers)
         self.weights = [float(w) for w in cfg.weights] or [1.0] * len(self.names)
         self.none_value, self.timeout = cfg.none_value, cfg.timeout
@@ -211,24 +207,12 @@ class RewardFn:
         self.workers = cfg.workers or default_workers()
         self.threads = cfg.workers or DEFAULT_THREADS
         memory_mb, custom_in_process = cfg.memory_mb, in_process or cfg.custom_in_process
-        options = {
-            "extract": cfg.extract,
-            "marker": cfg.answer_marker,
-            "tolerance": cfg.numeric_tolerance,
-            "rel_tolerance": cfg.numeric_rel_tolerance,
-            "pattern": cfg.pattern,
-            "code_timeout": cfg.code_timeout,
-            "code_memory_mb": cfg.code_memory_mb,
-            "code_score": cfg.code_score,
-            "code_sandbox": cfg.code_sandbox,
-            "code_disk_mb": cfg.code_disk_mb,
-            "code_processes": cfg.code_processes,
-            "format_think": cfg.format_think,
-            "format_partial": cfg.format_partial,
-        }
+        options = builtin_options(cfg)
         # (function, options, pool): pool None = the trainer's threads
         self.fns: list[tuple[Callable, dict, VerifierPool | None]] = []
-        confined = [n for n in self.names if n in ISOLATED and not in_process]
+        confined = [
+            n for n in self.names if n in BUILTIN and placement(n) == CONFINED and not in_process
+        ]
         custom = [n for n in self.names if n not in BUILTIN and not custom_in_process]
         self.pools = {
             kind: VerifierPool(

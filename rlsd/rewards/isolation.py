@@ -47,6 +47,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
+from .loading import TIMEOUT
 from .worker import (  # noqa: F401  (re-exported: the pool's public names)
     ScoreError,
     WorkerError,
@@ -227,8 +228,6 @@ class VerifierPool:
     def run(self, name: str, items: list[tuple], extra: dict) -> list[Any]:
         """Per item (prompt, completion, row): a float, None, an Exception, or TIMEOUT."""
         from pebble import ProcessExpired
-
-        from .combine import TIMEOUT
 
         spec = self.specs.get(name, name)
         futures = [self.schedule(score_item, (spec, *item, extra), self.timeout) for item in items]

@@ -23,6 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .builtin import BUILTIN
+from .confine import confine, seal
+from .loading import load_verifier
+
 FILE_LIMIT = 64 * 2**20
 KEPT_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "PYTHONPATH")  # the rest is not a verifier's business
 
@@ -81,16 +85,6 @@ class WorkerSpec:
     isolate: bool = True  # (confined workers) each item in its own forked, sealed process
 
 
-def _load(name: str) -> Callable:
-    from .builtin import BUILTIN
-
-    if name in BUILTIN:
-        return BUILTIN[name]
-    from .combine import load_callable
-
-    return load_callable(name)
-
-
 def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
@@ -114,7 +108,7 @@ def init_worker(spec: WorkerSpec) -> None:
         tempfile.tempdir = workdir
     for name in spec.verifiers:
         with contextlib.suppress(Exception):  # a load error is reported per item instead
-            _WORKER["fns"][name] = _load(name)
+            _WORKER["fns"][name] = load_verifier(name)
     if spec.confine:
         _warm_up()
     _WORKER["cpu"] = max(1, math.ceil(spec.timeout))
@@ -129,8 +123,6 @@ def init_worker(spec: WorkerSpec) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
-        from .confine import confine
-
         _WORKER["isolate"] = spec.isolate  # then each scoring process seals itself
         _WORKER["confined"] = confine(workdir, sealed=not spec.isolate)
 
@@ -140,8 +132,6 @@ def _warm_up() -> None:
     builds on its first call (math-verify's parsers, compiled patterns, caches) is then inherited by
     every scoring process instead of rebuilt in each (about 1 s for math). `gc.freeze()` keeps
     the collector from touching, and so copying, the inherited objects in each child."""
-    from .builtin import BUILTIN
-
     for name, fn in _WORKER["fns"].items():
         if name not in BUILTIN:  # (a user's function may not be harmless to call)
             continue
@@ -173,8 +163,6 @@ def _seal_child(write_fd: int) -> None:
     _die_with_parent()
     os.closerange(3, write_fd)
     os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
-    from .confine import seal
-
     _WORKER["sealed"] = seal()
     _reset_cpu_limit()
 
@@ -253,7 +241,7 @@ def _score(name: str, prompt: str, completion: str, row: dict, extra: dict) -> t
         _reset_cpu_limit()
         fn = _WORKER["fns"].get(name)
         if fn is None:
-            fn = _WORKER["fns"][name] = _load(name)
+            fn = _WORKER["fns"][name] = load_verifier(name)
         return ("ok", call_verifier(fn, ([prompt], [completion]), {**row, **extra}))
     except BaseException as exc:  # (SystemExit and MemoryError too)
         try:
