@@ -145,7 +145,7 @@ def child_ours(name: str, steps: int, model: str) -> dict:
 
     # Every row trained, as TRL does: early in training nearly every group has zero advantage
     # and rlsd skips them (exactly), which would leave nothing but generation to time.
-    trainer.trained_rows = lambda run, adv: torch.ones_like(adv, dtype=torch.bool)
+    trainer.trained_rows = lambda method, kl_coef, adv: torch.ones_like(adv, dtype=torch.bool)
     run = trainer.setup(cfg)
     rows = [trainer.train_step(run, step) for step in range(1, steps + 2)][1:]
     phases = {

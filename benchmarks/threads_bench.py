@@ -52,7 +52,7 @@ def child(threads: int, steps: int) -> dict:
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", over)
     cfg.train.steps = steps + 1
     # every row trained: early groups often have equal rewards, which would leave only decoding
-    trainer.trained_rows = lambda run, adv: torch.ones_like(adv, dtype=torch.bool)
+    trainer.trained_rows = lambda method, kl_coef, adv: torch.ones_like(adv, dtype=torch.bool)
     run = trainer.setup(cfg)
     rows = [trainer.train_step(run, step) for step in range(1, steps + 2)][1:]
     return {

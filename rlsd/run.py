@@ -40,6 +40,7 @@ from .logprobs import TokenScorer
 from .models import base_model, load_model, pick_device, pick_dtype, set_threads, stop_token_ids
 from .preflight import check_teacher_prompts
 from .rewards import build_reward
+from .scoring import Scorers
 from .sharding import (
     frozen_copies,
     full_state,
@@ -59,6 +60,7 @@ from .tracking import (
     reset_peak_memory,
     write_atomic,
 )
+from .update import Policy
 
 log = logging.getLogger(__name__)
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate engines that split the weights
@@ -99,6 +101,28 @@ class Run:
     @property
     def lm(self) -> Any:
         return self.accelerator.unwrap_model(self.scorer).lm
+
+    @property
+    def models(self) -> tuple[Any, Teacher | None, Teacher | None]:
+        """The policy and the teachers whose weights `sharding.gathered` makes whole."""
+        return self.scorer, self.teacher, self.reference
+
+    @property
+    def policy(self) -> Policy:
+        """What the update trains."""
+        return Policy(self.scorer, self.optimizer, self.accelerator, self.tokenizer.pad_token_id)
+
+    @property
+    def scorers(self) -> Scorers:
+        """Who scores the trained rows in the teacher pass."""
+        return Scorers(
+            self.teacher,
+            self.reference,
+            self.renderer,
+            self.tokenizer.pad_token_id,
+            self.device,
+            self.cfg.train.share_prefix,
+        )
 
 
 class TrainingStopped(RuntimeError):
@@ -457,7 +481,9 @@ def save(run: Run, step: int) -> Path:
     """Write checkpoint-<step> (main process; the others wait until it is complete). Sharded
     weights and optimizer state are gathered whole on the main process first."""
     ckpt = run.run_dir / f"checkpoint-{step}"
-    weights, optimizer = full_state(run) if is_sharded(run.scorer) else (None, run.optimizer)
+    weights, optimizer = (None, run.optimizer)
+    if is_sharded(run.scorer):
+        weights, optimizer = full_state(run.scorer, run.optimizer, run.cfg.model.lora)
     synced_at, tensors = run.teacher.state() if run.teacher is not None else (0, None)
     if run.accelerator.is_main_process:
         ckpt = save_checkpoint(

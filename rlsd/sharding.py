@@ -213,21 +213,20 @@ def _release(scorer: nn.Module) -> None:
         module.reshard()
 
 
-def sharded_models(run: Any) -> list[nn.Module]:
-    """The sharded models of a run: the policy, then the frozen copies the teacher and the KL
-    reference keep (`frozen_copies`) and the external teacher, each once; [] without
-    sharding."""
+def sharded_models(policy: nn.Module, *teachers: Any) -> list[nn.Module]:
+    """The sharded models of a run: the policy, then the frozen copies the teachers (the
+    method's and the KL reference, `teacher.Teacher` or None) keep (`frozen_copies`) and the
+    external teacher, each once; [] without sharding."""
     found: list[nn.Module] = []
-    teachers = (run.teacher, run.reference)
     frozen = [getattr(t, name, None) for t in teachers for name in ("copy", "external")]
-    for model in (run.scorer, *frozen):
+    for model in (policy, *frozen):
         if model is not None and is_sharded(model) and all(model is not m for m in found):
             found.append(model)
     return found
 
 
 @contextlib.contextmanager
-def gathered(run: Any) -> Iterator[None]:
+def gathered(policy: nn.Module, *teachers: Any) -> Iterator[None]:
     """Whole weights on every process, gathered once on entering (every process must enter)
     and resharded on leaving: the policy's and its frozen copies' (`sharded_models`); nothing
     without sharding, or inside another `gathered`.
@@ -237,14 +236,14 @@ def gathered(run: Any) -> Iterator[None]:
     optimizer step's last backward (one per process) reduce-scatters and reshards and the next
     optimizer step's first forward gathers the updated weights again. So an update must be the
     last thing inside."""
-    models = sharded_models(run)
-    if not models or run.scorer.gathering:
+    models = sharded_models(policy, *teachers)
+    if not models or policy.gathering:
         yield
         return
     start = time.perf_counter()
     for model in models:
         _gather(model)
-    run.scorer.gather_seconds += time.perf_counter() - start
+    policy.gather_seconds += time.perf_counter() - start
     try:
         yield
     finally:
@@ -278,31 +277,32 @@ def refresh_copy(target: nn.Module, source: nn.Module) -> None:
         _gather(target)
 
 
-def take_gather_seconds(run: Any) -> dict[str, float]:
+def take_gather_seconds(policy: nn.Module) -> dict[str, float]:
     """{"perf/gather_seconds": time spent gathering whole weights since the last call} under
     sharding, else {}."""
-    if not is_sharded(run.scorer):
+    if not is_sharded(policy):
         return {}
-    seconds, run.scorer.gather_seconds = run.scorer.gather_seconds, 0.0
+    seconds, policy.gather_seconds = policy.gather_seconds, 0.0
     return {"perf/gather_seconds": seconds}
 
 
-def full_state(run: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def full_state(
+    policy: nn.Module, optimizer: Any, lora: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The policy's weights (named as `save_pretrained` names them; with LoRA only the trainable
     ones are gathered) and the optimizer state (numbered as `Optimizer.state_dict` numbers it),
     whole, on the CPU of the main process; empty elsewhere. Every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor
 
-    options = StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=run.cfg.model.lora
-    )
-    weights = get_model_state_dict(run.scorer, options=options)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+    weights = get_model_state_dict(policy, options=options)
     # the names an unsharded save writes: a tied weight (lm_head = embeddings) only once
-    names = {n for n, _ in run.lm.named_parameters()} | {n for n, _ in run.lm.named_buffers()}
+    lm = policy.lm
+    names = {n for n, _ in lm.named_parameters()} | {n for n, _ in lm.named_buffers()}
     weights = {n.removeprefix("lm."): v for n, v in weights.items()}
     weights = {n: v for n, v in weights.items() if n in names}
-    saved = run.optimizer.state_dict()
+    saved = optimizer.state_dict()
     main = torch.distributed.get_rank() == 0
     state: dict[int, dict[str, Any]] = {}
     for index in sorted(saved["state"]):  # full_tensor is a collective: the same order everywhere

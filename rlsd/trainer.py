@@ -1,13 +1,17 @@
 """The training loop, top to bottom: rollout -> reward -> advantages -> teacher -> loss -> step.
 
-What the method is (its teacher, which rows it trains, its token credit) is asked of its object
-(`run.method`, from `algorithms/method.py`); nothing here branches on a method's name. By default
-one optimisation pass runs per rollout batch, so the "old" log-probs of the PPO ratio are the
-detached current ones (no extra forward pass); `train.ppo_epochs` / `train.mini_batches` make
-several (see `update.py`). Groups whose rewards are all equal have zero advantage and, with no
-KL term, zero gradient: under the verifier-driven methods they are skipped before the teacher
-and the policy forward, which is exact. The loss is normalised by the token count of the whole
-step, so gradient accumulation over micro-batches gives the same update as one big batch.
+Each stage returns a typed record that the next one takes (`records.py`): `sample` and `grade`
+give the step's `Rollout`, `assign_credit` its `Credit` (group advantages and the rows that carry
+a gradient), `find_contexts` the self-teacher's `Contexts`, `teach` the teacher's `Teaching`,
+`optimise` the `Update`. What the method is (its teacher, which rows it trains, its token credit)
+is asked of its object (`run.method`, from `algorithms/method.py`); nothing here branches on a
+method's name. By default one optimisation pass runs per rollout batch, so the "old" log-probs
+of the PPO ratio are the detached current ones (no extra forward pass); `train.ppo_epochs` /
+`train.mini_batches` make several (see `update.py`). Groups whose rewards are all equal have
+zero advantage and, with no KL term, zero gradient: under the verifier-driven methods they are
+skipped before the teacher and the policy forward, which is exact. The loss is normalised by
+the token count of the whole step, so gradient accumulation over micro-batches gives the same
+update as one big batch.
 """
 
 from __future__ import annotations
@@ -22,35 +26,101 @@ from typing import Any
 import torch
 
 from .algorithms import group_advantages, group_outcomes
+from .algorithms.method import Method
 from .checkpoint import latest_checkpoint
 from .config import Config
 from .data import Record
-from .diagnostics import completion_spans, credit_diagnostics
+from .diagnostics import completion_spans, sample_lines, trained_diagnostics
 from .distributed import anywhere, reduce_metrics, shard, world
 from .progress import StepDisplay, Watch
+from .records import Credit, Rollout, Rows
 from .rollout import Batch, sample_completions
 from .run import Run, TrainingStopped, save, setup
-from .scoring import remember_step, step_contexts, teacher_pass
+from .scoring import contexts_metrics, find_contexts, remember_step, teach
 from .sharding import gathered, take_gather_seconds
 from .tracking import peak_memory_mb, tracker_values
-from .update import Rows, optimise
+from .update import optimise
 
 log = logging.getLogger(__name__)
 
 
-def rollout(run: Run, step: int, recs: list[Record]) -> Batch:
-    rank, size = world(run.accelerator)  # resumable sampling stream, one per process
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """One step: this process's prompts, sampled and graded, then `learn`. Returns its metrics."""
+    cfg, times = run.cfg, {"start": time.perf_counter()}
+    recs = shard(
+        [run.records[i] for i in run.stream.next(cfg.train.prompts_per_step)],
+        *world(run.accelerator),
+    )  # this process's prompts (all of them with one)
+    with gathered(*run.models):  # FSDP2: whole weights once a step (rollout, teacher, update)
+        run.phase = "generation"
+        batch = sample(run, step, recs)
+        times["generate"] = time.perf_counter()
+        rollout = grade(run, recs, batch)
+        run.reward_fn.warn_failures(f"step {step}: ", " this step")  # one line per verifier
+        times["reward"] = time.perf_counter()
+        return learn(run, step, rollout, times)
+
+
+def learn(run: Run, step: int, rollout: Rollout, times: dict[str, float]) -> dict[str, Any]:
+    """Everything after the rewards: advantages, teacher, update, metrics, logged samples, the
+    memory of successes. Returns the step's metrics, reduced over processes."""
+    cfg, method = run.cfg, run.method
+    credit = assign_credit(cfg, method, run.tokenizer, rollout)
+    run.phase = "teacher"
+    contexts = None
+    if method.teacher == "privileged":
+        contexts = find_contexts(cfg.teacher.context, run.renderer, run.memory, rollout)
+    with gathered(*run.models):  # FSDP2: each process scores its own rows, however many
+        teaching = teach(run.scorers, method, step, rollout, credit, contexts)
+    times["teacher"] = time.perf_counter()
+    run.phase = "update"
+    rows = Rows.of(rollout.batch, credit, teaching)
+    update = None
+    if anywhere(run.accelerator, credit.rows.any()):  # some process has rows: all take part
+        with gathered(*run.models):  # FSDP2: each process trains its own micro-batches
+            update = optimise(run.policy, method, cfg, step, rollout.batch, credit.rows, rows)
+    remembered = {}
+    if contexts is not None and run.memory is not None:
+        remembered = remember_step(run.memory, run.accelerator, step, contexts, rollout)
+    times["train"] = time.perf_counter()
+    metrics = {**rollout.metrics, **credit.metrics, **teaching.metrics}
+    if contexts is not None and credit.rows.any():
+        metrics.update(contexts_metrics(contexts, cfg.teacher.context, run.memory, credit.index))
+    if update is not None:
+        metrics.update(update.metrics)
+        if credit.rows.any():
+            metrics.update(trained_diagnostics(method, step, rollout, credit, rows, update))
+    metrics["train/skipped_update"] = float(update is None)
+    metrics.update({**remembered, **step_metrics(run, step, rollout, times)})
+    if run.accelerator.is_main_process:  # the main process's completions stand for the step
+        token_adv = None if update is None or teaching.teacher_logps is None else update.token_adv
+        for line in sample_lines(
+            step,
+            rollout,
+            credit,
+            token_adv,
+            contexts,
+            run.renderer,
+            method.reweights,
+            cfg.output.log_samples,
+        ):
+            run.samples.write(line)
+    return reduce_metrics(run.accelerator, metrics, rows.batch.completion_mask.sum().item())
+
+
+def sample(run: Run, step: int, recs: list[Record]) -> Batch:
+    """G completions of each prompt, from a resumable sampling stream (one per process)."""
+    rank, size = world(run.accelerator)
     torch.manual_seed((run.cfg.train.seed * 1_000_003 + step) * size + rank)
     prompts = [run.renderer.student_ids(r) for r in recs]
-    with gathered(run):  # FSDP2: whole weights to decode with (train_step gathered them)
+    with gathered(*run.models):  # FSDP2: whole weights to decode with (train_step gathered them)
         return sample_completions(
             run.lm, prompts, run.cfg.rollout, run.tokenizer.pad_token_id, run.stop_ids, run.device
         )
 
 
-def score(
-    run: Run, recs: list[Record], batch: Batch
-) -> tuple[list[str], torch.Tensor, list[bool], dict]:
+def grade(run: Run, recs: list[Record], batch: Batch) -> Rollout:
+    """The completions decoded and scored by the verifiers."""
     group = run.cfg.rollout.num_generations
     rows = [r for r in recs for _ in range(group)]
     texts = run.tokenizer.batch_decode(
@@ -66,138 +136,40 @@ def score(
     rewards, correct, metrics = run.reward_fn(prompts, texts, columns)
     # 1.0 when verifiers failed as often as there are completions (one failing on every one)
     metrics["reward/error_frac"] = min(metrics.get("reward/errors", 0.0) / max(len(texts), 1), 1.0)
-    return texts, torch.tensor(rewards, dtype=torch.float32), correct, metrics
+    rewards = torch.tensor(rewards, dtype=torch.float32)
+    return Rollout(recs, batch, texts, rewards, correct, group, metrics)
 
 
-def trained_rows(run: Run, adv: torch.Tensor) -> torch.Tensor:
+def trained_rows(method: Method, kl_coef: float, adv: torch.Tensor) -> torch.Tensor:
     """(N,) rows that carry a gradient: every row for distillation or with a KL penalty, else
     the rows with non-zero advantage.
 
     Rows of all-equal groups have A = 0 and, with no KL term, exactly zero gradient under
     grpo / rlsd: skipping them before the teacher and the policy forward is exact.
     """
-    if run.method.dense or run.cfg.algorithm.kl_coef > 0:
+    if method.dense or kl_coef > 0:
         return torch.ones_like(adv, dtype=torch.bool)
     return adv != 0
 
 
-def train_step(run: Run, step: int) -> dict[str, Any]:
-    cfg, times = run.cfg, {"start": time.perf_counter()}
-    recs = shard(
-        [run.records[i] for i in run.stream.next(cfg.train.prompts_per_step)],
-        *world(run.accelerator),
-    )  # this process's prompts (all of them with one)
-    with gathered(run):  # FSDP2: whole weights once a step (rollout, teacher, update)
-        run.phase = "generation"
-        batch = rollout(run, step, recs)
-        times["generate"] = time.perf_counter()
-        texts, rewards, correct, metrics = score(run, recs, batch)
-        run.reward_fn.warn_failures(f"step {step}: ", " this step")  # one line per verifier
-        times["reward"] = time.perf_counter()
-        return learn(run, step, recs, batch, texts, rewards, correct, metrics, times)
-
-
-def learn(
-    run: Run,
-    step: int,
-    recs: list[Record],
-    batch: Batch,
-    texts: list[str],
-    rewards: torch.Tensor,
-    correct: list[bool],
-    metrics: dict[str, float],
-    times: dict[str, float],
-) -> dict[str, Any]:
-    """Everything after the rewards: advantages, teacher, update, metrics, logged samples, the
-    memory of successes. Returns the step's metrics, reduced over processes."""
-    cfg = run.cfg
-    adv, adv_metrics = group_advantages(
-        rewards,
-        cfg.rollout.num_generations,
-        cfg.algorithm.scale_std,
-        cfg.algorithm.adv_eps,
-        cfg.algorithm.baseline,
-        cfg.algorithm.std,
+def assign_credit(cfg: Config, method: Method, tokenizer: Any, rollout: Rollout) -> Credit:
+    """The verifier's credit: group advantages, the trained rows, the completions' spans."""
+    alg = cfg.algorithm
+    adv, metrics = group_advantages(
+        rollout.rewards, rollout.group, alg.scale_std, alg.adv_eps, alg.baseline, alg.std
     )
-    metrics.update(adv_metrics)
-    rows = trained_rows(run, adv)
-    data = Rows(batch.select(rows), adv[rows])
-    span, answer, span_metrics = completion_spans(cfg, run.method, run.tokenizer, batch)
-    metrics.update(span_metrics)
-    data.span = None if span is None else span[rows]
-    run.phase = "teacher"
-    found = step_contexts(run, recs, texts, correct, batch)  # (contexts, keys) per completion
-    with gathered(run):  # FSDP2: each process scores its own rows, however many
-        metrics.update(teacher_pass(run, step, recs, rows, data, found))
-    times["teacher"] = time.perf_counter()
-    run.phase = "update"
-    update = anywhere(run.accelerator, rows.any())  # some process has rows: all take part
-    mask = data.batch.completion_mask
-    if update:
-        with gathered(run):  # FSDP2: each process trains its own micro-batches, however many
-            logps, upd = optimise(run, step, batch, rows, data)
-        metrics.update(upd)
-    if update and rows.any():
-        metrics["policy/entropy"] = -logps[mask].sum().item() / max(mask.sum().item(), 1)
-        if data.teacher_logps is not None:
-            answer_rows = None if answer is None else answer[rows]
-            metrics.update(teacher_metrics(run, step, data, logps, correct, rows, answer_rows))
-    metrics["train/skipped_update"] = float(not update)
-    if found is not None:
-        metrics.update(remember_step(run, step, found[1], texts, rewards, correct, batch))
-    times["train"] = time.perf_counter()
-    metrics.update(step_metrics(run, step, batch, rewards, correct, times))
-    if run.accelerator.is_main_process:  # the main process's completions stand for the step
-        credit = data.token_adv if data.teacher_logps is not None else None
-        contexts = None if found is None else found[0]
-        write_samples(run, step, recs, texts, rewards, correct, adv, batch, rows, credit, contexts)
-    return reduce_metrics(run.accelerator, metrics, mask.sum().item())
-
-
-def teacher_metrics(
-    run: Run,
-    step: int,
-    data: Rows,
-    logps: torch.Tensor,
-    correct: list[bool],
-    rows: torch.Tensor,
-    answer: torch.Tensor | None,
-) -> dict[str, float]:
-    """The credit diagnostics over the trained rows whose teacher saw a context."""
-    keep = data.context_rows
-    if keep is None:
-        keep = torch.ones(data.adv.shape[0], dtype=torch.bool)
-    if not keep.any():
-        return {}
-
-    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x[keep]
-
-    return credit_diagnostics(
-        run.method,
-        step,
-        data.adv[keep],
-        logps[keep],
-        data.teacher_logps[keep],
-        data.token_adv[keep],
-        data.batch.completion_mask[keep],
-        torch.tensor(correct)[rows][keep],
-        pick(data.span),
-        pick(answer),
-    )
+    span, answer, span_metrics = completion_spans(cfg, method, tokenizer, rollout.batch)
+    rows = trained_rows(method, alg.kl_coef, adv)
+    return Credit(adv, rows, span, answer, {**metrics, **span_metrics})
 
 
 def step_metrics(
-    run: Run,
-    step: int,
-    batch: Batch,
-    rewards: torch.Tensor,
-    correct: list[bool],
-    times: dict[str, float],
+    run: Run, step: int, rollout: Rollout, times: dict[str, float]
 ) -> dict[str, float]:
+    batch, rewards, correct = rollout.batch, rollout.rewards, rollout.correct
     lengths = batch.completion_mask.sum(1).float()
     gen_seconds = times["generate"] - times["start"]
-    groups = group_outcomes(torch.tensor(correct), run.cfg.rollout.num_generations)
+    groups = group_outcomes(torch.tensor(correct), rollout.group)
     return {
         "step": step,
         "reward/mean": rewards.mean().item(),
@@ -216,59 +188,13 @@ def step_metrics(
         "perf/completion_tokens_per_second": lengths.sum().item() / max(gen_seconds, 1e-9),
         "perf/peak_mem_mb": peak_memory_mb(run.device),
         "perf/peak_mem_scope": run.mem_scope,  # "process": may include an earlier run's peak
-        **take_gather_seconds(run),  # FSDP2: gathering whole weights since the last step
+        **take_gather_seconds(run.scorer),  # FSDP2: gathering whole weights since the last step
     }
 
 
 def stopped(batch: Batch, stop_ids: list[int]) -> torch.Tensor:
     """(N,) True where the completion ended with a stop token (not cut at max_new_tokens)."""
     return (torch.isin(batch.completion_ids, torch.tensor(stop_ids)) & batch.completion_mask).any(1)
-
-
-def write_samples(
-    run: Run,
-    step: int,
-    recs: list[Record],
-    texts: list[str],
-    rewards: torch.Tensor,
-    correct: list[bool],
-    adv: torch.Tensor,
-    batch: Batch,
-    active: torch.Tensor,
-    credit: torch.Tensor | None,
-    contexts: list[Any] | None = None,
-) -> None:
-    """Log completions with their rewards; trained rows with a teacher also get per-token credit
-    (the token advantages, and for RLSD the multipliers m_t) and, for a self-teacher, the
-    prompt it saw with its context's kind (`none`: no context, uniform credit)."""
-    group = run.cfg.rollout.num_generations
-    limit = run.cfg.output.log_samples or len(texts)
-    credit_row = {int(row): k for k, row in enumerate(active.nonzero().flatten())}
-    for i in range(min(limit, len(texts))):
-        record = recs[i // group]
-        ids = batch.completion_ids[i][batch.completion_mask[i]].tolist()
-        sample = {
-            "step": step,
-            "index": i,
-            "prompt": record.prompt,
-            "answer": record.answer,
-            "completion": texts[i],
-            "reward": rewards[i].item(),
-            "correct": correct[i],
-            "advantage": adv[i].item(),
-            "token_ids": ids,
-        }
-        if credit is not None and i in credit_row:
-            token_adv = credit[credit_row[i]][: len(ids)]
-            sample["token_advantage"] = [round(v, 5) for v in token_adv.tolist()]
-            if contexts is not None:
-                context = contexts[i]
-                sample["teacher_context_kind"] = context.kind if context else "none"
-                if context is not None:
-                    sample["teacher_prompt"] = run.renderer.teacher_text(record, context)
-            if run.method.reweights and adv[i] != 0:
-                sample["credit_multiplier"] = [round(v, 4) for v in (token_adv / adv[i]).tolist()]
-        run.samples.write(sample)
 
 
 def evaluate_now(run: Run, step: int) -> dict[str, float]:
@@ -336,7 +262,7 @@ def guarded_step(run: Run, step: int) -> dict[str, Any]:
         every = run.cfg.train.eval_every
         if every and step % every == 0:
             run.phase = "evaluation"
-            with gathered(run):  # FSDP2: every process gathers, the main one evaluates
+            with gathered(*run.models):  # FSDP2: every process gathers, the main one evaluates
                 if run.accelerator.is_main_process:
                     metrics.update(evaluate_now(run, step))
         return metrics

@@ -26,6 +26,7 @@ from rlsd import trainer
 from rlsd.config import load_config
 from rlsd.data import Record
 from rlsd.distributed import leave, shard, world
+from rlsd.records import Rollout
 from rlsd.rollout import Batch, left_pad
 
 
@@ -116,17 +117,10 @@ def learn_on_shard(run, updates: int = 1, idle: bool = False) -> None:
     correct = [bool(r) for r in rewards[rows]]
     for update in range(1, updates + 1):
         now = time.perf_counter()
-        trainer.learn(
-            run,
-            update,
-            shard(everything, rank, size),
-            local,
-            [""] * len(rows),
-            rewards[rows],
-            correct,
-            {},
-            {"start": now, "generate": now, "reward": now},
+        group_rollout = Rollout(
+            shard(everything, rank, size), local, [""] * len(rows), rewards[rows], correct, group
         )
+        trainer.learn(run, update, group_rollout, {"start": now, "generate": now, "reward": now})
 
 
 def equiv_mode(overrides: dict, out: Path, idle_half: bool = False) -> None:

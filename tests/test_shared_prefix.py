@@ -193,8 +193,8 @@ def test_gradient_checkpointing_composes(tiny_model_dir, lora):
 def test_teacher_pass_shares_only_identical_teacher_prompts(tiny_overrides):
     """Reference context: the G rows of a group share one teacher prompt; sibling contexts:
     only rows shown the same sibling do. The teacher's log-probs equal the unshared pass."""
-    from rlsd.scoring import self_teacher_pass
-    from rlsd.update import Rows
+    from rlsd.records import Contexts, Rollout
+    from rlsd.scoring import self_teacher_scores
 
     run = setup(load_config(None, {**tiny_overrides, "teacher.context": "sibling,reference"}))
     recs, pad = run.records[:2], run.tokenizer.pad_token_id
@@ -203,7 +203,6 @@ def test_teacher_pass_shares_only_identical_teacher_prompts(tiny_overrides):
     c_ids[[0, 3, 5], [2, 4, 1]] = run.tokenizer.eos_token_id
     c_mask = completion_mask_from(c_ids, run.stop_ids)
     batch = Batch(p_ids, p_mask, c_ids.masked_fill(~c_mask, pad), c_mask)
-    rows = torch.ones(8, dtype=torch.bool)
     ref = [Context("reference", r.solution or r.answer) for r in recs]
     contexts = {
         "reference": [ref[i // 4] for i in range(8)],
@@ -217,10 +216,12 @@ def test_teacher_pass_shares_only_identical_teacher_prompts(tiny_overrides):
         for share in ("cache", "packed", False):
             run.cfg.train.share_prefix = bool(share)
             run.scorer.layout = share or "auto"
-            data = Rows(batch, torch.ones(8))
             shapes = embedded_shapes(run.lm)
-            self_teacher_pass(run, recs, rows, data, (chosen, keys))
-            scores[share] = data.teacher_logps
+            rollout = Rollout(recs, batch, [""] * 8, torch.ones(8), [True] * 8, 4)
+            teaching = self_teacher_scores(
+                run.scorers, run.method, rollout, list(range(8)), Contexts(chosen, keys)
+            )
+            scores[share] = teaching.teacher_logps
             if share == "cache":  # a prompt pass, then a completion pass, per pass of 4 rows
                 assert [s[0] for s in shapes[::2]] == distinct[kind], kind
             elif share == "packed":  # one packed row per distinct teacher prompt

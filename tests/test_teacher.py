@@ -176,7 +176,7 @@ def test_passes_run_only_as_far_as_their_longest_completion(tiny_overrides):
     embed.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
     whole = run.scorer(*_joined(batch), batch.completion_mask).detach()
     full_width, widths[:] = widths[0], []
-    for logps in (teacher_logps(run, batch), current_logps(run, batch)):
+    for logps in (teacher_logps(run, batch), current_logps(run.policy, run.cfg, batch)):
         torch.testing.assert_close(logps, whole, rtol=1e-5, atol=1e-6)
         assert logps[2:, 2:].abs().sum() == 0 and logps[:2, 5:].abs().sum() > 0
     assert sorted(widths)[0] < full_width  # the second pass of each ran 7 columns fewer

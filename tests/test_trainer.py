@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from rlsd.config import load_config
+from rlsd.records import Rows
 from rlsd.rollout import Batch
 from rlsd.trainer import setup, train
-from rlsd.update import Rows, policy_update
+from rlsd.update import policy_update
 
 PERF = ("perf/",)
 
@@ -121,7 +122,7 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_overrides):
             c_mask,
         )
         adv = torch.randn(8, generator=gen)
-        policy_update(run, 1, Rows(batch, adv), float(c_mask.sum()))
+        policy_update(run.policy, run.method, run.cfg, 1, Rows(batch, adv), float(c_mask.sum()))
         return captured
 
     one, eight = gradient(8), gradient(1)
@@ -163,7 +164,7 @@ def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatc
         p_ids = prompts.repeat_interleave(4, 0)
         return Batch(p_ids, p_ids != tok.pad_token_id, c_ids, c_mask)
 
-    monkeypatch.setattr(trainer, "rollout", fixed_rollout)
+    monkeypatch.setattr(trainer, "sample", fixed_rollout)
     metrics = trainer.train_step(run, 1)
     assert "rlsd/multiplier_mean_thought" in metrics and "rlsd/multiplier_mean_answer" in metrics
     # the credit split: every completion ends in "Answer: 19", so both token groups have tokens
