@@ -15,13 +15,12 @@ import importlib.util
 import keyword
 import math
 import re
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .algorithms.method import METHODS
+from .algorithms.registry import methods
 from .context import SOURCES as CONTEXT_SOURCES
 from .sections import (  # noqa: F401 (re-exported: import the schema from here)
     AGGREGATIONS,
@@ -41,15 +40,16 @@ from .sections import (  # noqa: F401 (re-exported: import the schema from here)
     RolloutConfig,
     TeacherConfig,
     TrainConfig,
+    field_choices,
+    field_help,
     opt,
+    section_types,
 )
 
 
 class ConfigError(ValueError):
     """A user-fixable configuration mistake; the message names the field (and file) at fault."""
 
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 # Fields added with a default that differs from what runs computed before they existed. A saved
 # run config (RUN_DIR/config.yaml) that lacks one was written before it: loading it with
@@ -62,11 +62,6 @@ LEGACY_DEFAULTS = {
     "reward.max_error_steps": 0,  # 2026-12: runs whose verifier always fails stop
     "rlsd.max_spanless_steps": 0,  # 2026-12: thought_only runs stop without spans (resume-safe)
 }
-
-
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {name: hints[name] for name in SECTIONS}
 
 
 def _field_name(key: str) -> str:
@@ -137,8 +132,9 @@ def set_field(cfg: Config, dotted: str, value: Any, source: str = "command line"
     """Set `section.field` on cfg from a raw value, with type checks; errors name the key."""
     parts = dotted.split(".")
     where = f"{source}: {dotted if dotted.isprintable() else repr(dotted)}"
-    if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise ConfigError(f"{where}: unknown key (sections: {', '.join(SECTIONS)})")
+    sections = section_types()
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"{where}: unknown key (sections: {', '.join(sections)})")
     section = getattr(cfg, parts[0])
     name = _field_name(parts[1])
     fields = {f.name: f for f in dataclasses.fields(section)}
@@ -188,10 +184,9 @@ def _check_range(section_name: str, section: Any, explicit: dict[str, str]) -> N
         value, meta = getattr(section, f.name), f.metadata
         key = f"{section_name}.{_key_name(f.name)}"
         where = f"{explicit[key]}: {key}" if key in explicit else key
-        if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(
-                f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}"
-            )
+        choices = field_choices(f)
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: must be one of {', '.join(choices)}; got {value!r}")
         if meta.get("low") is not None and value < meta["low"]:
             raise ConfigError(f"{where}: must be >= {meta['low']}, got {value}")
         if meta.get("high") is not None and value > meta["high"]:
@@ -211,7 +206,7 @@ def _changed_keys(cfg: Config) -> set[str]:
 
 def validate(cfg: Config) -> None:
     """Refuse invalid values and bad combinations before anything heavy happens."""
-    for name in SECTIONS:
+    for name in section_types():
         _check_range(name, getattr(cfg, name), cfg.explicit)
     if cfg.rollout.decoder == "graph" and not _cuda_device(cfg.model.device):
         raise ConfigError(
@@ -258,8 +253,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.mini_batches: {cfg.train.mini_batches} parts of a batch of {rows} completions"
         )
-    if cfg.rlsd.thought_only and not (cfg.rlsd.thought_open and cfg.rlsd.thought_close):
-        raise ConfigError("rlsd.thought_open/thought_close: both tags are needed for thought_only")
     if 0 < cfg.algorithm.dual_clip <= 1:
         raise ConfigError(
             f"algorithm.dual_clip: must be > 1 (the loss bound is dual_clip x |A|) "
@@ -268,25 +261,35 @@ def validate(cfg: Config) -> None:
     _check_trackers(cfg.output.trackers)
 
 
-def _check_method(cfg: Config, changed: set[str]) -> None:
-    """Refuse options the chosen method does not use, and teachers it cannot have."""
-    method, mode = METHODS[cfg.algorithm.name], cfg.teacher.mode
+def _check_options(registered: dict[str, Any], method: Any, changed: set[str]) -> None:
+    """A key of a section that some method reads (`Method.options`: rlsd.*, opsd.*, a
+    method's own section) is refused under a method that does not list it."""
+    owned = tuple(sorted({o.split(".")[0] + "." for m in registered.values() for o in m.options}))
     for key in sorted(changed):
-        if key.startswith(("rlsd.", "opsd.")) and not key.startswith(method.options):
-            allowed = [m.name for m in METHODS.values() if key.startswith(m.options)]
+        if key.startswith(owned) and not key.startswith(method.options):
+            allowed = [m.name for m in registered.values() if key.startswith(m.options)]
             raise ConfigError(
                 f"{key}: only applies to algorithm.name={' or '.join(allowed)}, not {method.name}"
             )
-    if "opsd.topk" in changed and cfg.opsd.divergence != "topk":
-        raise ConfigError("opsd.topk: only applies to opsd.divergence=topk")
-    with_teacher = [m.name for m in METHODS.values() if m.teacher]
+
+
+def _check_method(cfg: Config, changed: set[str]) -> None:
+    """Refuse options the chosen method does not use, and teachers it cannot have. The
+    answers come from the method classes and the object built from the config."""
+    registered, mode = methods(), cfg.teacher.mode
+    _check_options(registered, registered[cfg.algorithm.name], changed)
+    method = registered[cfg.algorithm.name].from_config(cfg)
+    problem = method.option_problem(changed)
+    if problem:
+        raise ConfigError(problem)
+    with_teacher = [m.name for m in registered.values() if m.teacher]
     if method.teacher is None and "teacher.mode" in changed:
         raise ConfigError(
             f"teacher.mode: {method.name.upper()} uses no teacher; drop the "
             f"setting or choose a method with a teacher ({', '.join(with_teacher)})"
         )
     if method.teacher is not None and mode not in method.teacher_modes:
-        users = [m.name for m in METHODS.values() if mode in m.teacher_modes]
+        users = [m.name for m in registered.values() if mode in m.teacher_modes]
         raise ConfigError(
             f"teacher.mode: {method.name} uses teacher.mode "
             f"{' or '.join(method.teacher_modes)}"
@@ -300,7 +303,7 @@ def _check_method(cfg: Config, changed: set[str]) -> None:
     if "teacher.privileged" in changed and method.teacher != "privileged":
         raise ConfigError(
             "teacher.privileged: only applies to a self-teacher ("
-            + ", ".join(m.name for m in METHODS.values() if m.teacher == "privileged")
+            + ", ".join(m.name for m in registered.values() if m.teacher == "privileged")
             + " with teacher.mode live, frozen or sync)"
         )
     for key, needed in (("teacher.model", "external"), ("teacher.sync_every", "sync")):
@@ -336,11 +339,11 @@ def _check_context(cfg: Config, method: Any, changed: set[str]) -> None:
         raise ConfigError(
             "teacher.context: a teacher.privileged: false control shows the teacher no context"
         )
-    exact = "opsd.divergence".startswith(method.options) and cfg.opsd.divergence != "sampled"
-    if exact and method.teacher == "privileged" and "reference" not in sources:
+    if method.support is not None and method.teacher == "privileged" and "reference" not in sources:
+        scope = "whole distribution" if method.support == 0 else f"top {method.support} tokens"
         raise ConfigError(
-            f"teacher.context: opsd.divergence {cfg.opsd.divergence} needs a context for every "
-            "completion; end the list with reference (always available)"
+            f"teacher.context: {method.name}'s exact divergence (over the teacher's {scope}) "
+            "needs a context for every completion; end the list with reference (always available)"
         )
     if "teacher.memory_size" in changed and "memory" not in sources:
         raise ConfigError("teacher.memory_size: only applies with memory in teacher.context")
@@ -369,7 +372,7 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
             _key_name(f.name): getattr(getattr(cfg, name), f.name)
             for f in dataclasses.fields(getattr(cfg, name))
         }
-        for name in SECTIONS
+        for name in section_types()
     }
 
 
@@ -423,11 +426,11 @@ def to_yaml(cfg: Config) -> str:
 def help_rows() -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every field, for `rlsd train --help`."""
     rows = []
-    for name in SECTIONS:
-        for f in dataclasses.fields(_section_types()[name]):
+    for name, section in section_types().items():
+        for f in dataclasses.fields(section):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            text = f.metadata["help"]
-            if f.metadata.get("choices"):
-                text += f" One of: {', '.join(f.metadata['choices'])}."
+            text, choices = field_help(f), field_choices(f)
+            if choices:
+                text += f" One of: {', '.join(choices)}."
             rows.append((f"{name}.{_key_name(f.name)}", repr(default), text))
     return rows

@@ -12,18 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .algorithms.registry import methods
 from .checkpoint import latest_checkpoint, list_checkpoints, load_trainable, verify
 from .config import ConfigError, load_config, to_yaml
 from .tracking import read_jsonl
-
-METHODS = {
-    "rlsd": "RLSD (self-distilled RLVR, arXiv 2604.03128): the verifier sets the sign of each "
-    "update, the model itself shown the reference solution sets each token's share",
-    "grpo": "GRPO (RL from verifiable rewards, group-normalised advantages)",
-    "opsd": "OPSD (on-policy self-distillation from the model shown the reference)",
-    "grpo_opsd": "GRPO plus an on-policy self-distillation term",
-    "opd": "OPD (on-policy distillation from an external teacher)",
-}
 
 
 def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
@@ -86,7 +78,7 @@ def data_summary(data: Any) -> str:
 def model_card(
     cfg: Any, run_dir: Path, ckpt: Path, results: dict[str, Any], chat_template: bool = True
 ) -> str:
-    method = METHODS.get(cfg.algorithm.name, cfg.algorithm.name)
+    method = methods()[cfg.algorithm.name].description  # the method's own words
     wrapping = (
         "inside the tokenizer's chat template"
         if chat_template

@@ -6,12 +6,21 @@ This file holds what a run learns from (model, data, reward, rollout) and the wh
 config (all fields, defaults included) is saved with every run. The defaults are the CPU
 quick-start recipe (`configs/quickstart.yaml` shows the fields a newcomer changes). Loading,
 overrides and validation live in `config.py`, which re-exports everything here.
+
+A method whose options fit in no section here declares them as a dataclass of `opt` fields, its
+`config_section` (`algorithms/method.py`): once the method's class is defined (and so
+registered), every new `Config` holds that section under the method's name, and loading, the
+checks, `--help` and the saved config treat it like the sections declared here
+(`section_types`). The schema itself never imports the methods, nor torch.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
+from .algorithms.registry import method_sections
 from .sections_training import (  # noqa: F401 (re-exported with the rest of the schema)
     AGGREGATIONS,
     TRACKERS,
@@ -22,6 +31,8 @@ from .sections_training import (  # noqa: F401 (re-exported with the rest of the
     SftConfig,
     TeacherConfig,
     TrainConfig,
+    field_choices,
+    field_help,
     opt,
 )
 
@@ -297,6 +308,37 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # the sections registered methods add, name -> section (read as `cfg.<name>`); a field, so
+    # that `dataclasses.replace` and `==` carry it like the sections above
+    added_sections: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.explicit: dict[str, str] = {}  # dotted key the user set -> where (file or CLI)
+        for name, section in section_types().items():
+            if name not in BUILT_IN_SECTIONS:
+                self.added_sections.setdefault(name, section())
+
+    def __getattr__(self, name: str) -> Any:
+        """`cfg.<name>` of a section a method added (called only for names not found)."""
+        added = self.__dict__.get("added_sections", {})
+        if name in added:
+            return added[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+BUILT_IN_SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(Config).items() if name != "added_sections"
+}
+
+
+def section_types() -> dict[str, type]:
+    """Every section of a `Config`, name -> dataclass: the ones declared here, then those the
+    registered methods add (each under its method's name)."""
+    added = method_sections()
+    clash = sorted(set(added) & set(BUILT_IN_SECTIONS))
+    if clash:
+        raise TypeError(
+            f"method {clash[0]!r}: its config_section would replace the built-in section "
+            f"{clash[0]}; rename the method"
+        )
+    return {**BUILT_IN_SECTIONS, **added}

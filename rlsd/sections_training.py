@@ -4,39 +4,60 @@ field declared once with its help text (`opt`). `sections.py` holds the rest and
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import Field, dataclass, field
 from typing import Any
 
-from .algorithms.advantages import BASELINES, STD_ESTIMATORS
-from .algorithms.method import METHODS
-from .algorithms.policy_loss import AGGREGATIONS
+from .algorithms.registry import AGGREGATIONS, BASELINES, STD_ESTIMATORS, methods
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module
 
 
 def opt(
     default: Any,
-    help: str,
-    choices: tuple | None = None,
+    help: str | Callable[[], str],
+    choices: tuple | Callable[[], tuple] | None = None,
     low: float | None = None,
     high: float | None = None,
 ) -> Any:
-    """Declare a config field with its one help text and its allowed values or range."""
+    """Declare a config field with its one help text and its allowed values or range. The help
+    and the choices may be functions, called when they are read (`field_help`,
+    `field_choices`): the methods' names come from a registry that loads torch."""
     meta = {"help": help, "choices": choices, "low": low, "high": high}
     if isinstance(default, (list, dict)):  # a deep copy: no two configs share a nested list
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def field_help(f: Field) -> str:
+    """A field's help text (declared by `opt`)."""
+    text = f.metadata["help"]
+    return text() if callable(text) else text
+
+
+def field_choices(f: Field) -> tuple | None:
+    """A field's allowed values (declared by `opt`), or None when any value of its type goes."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods' names (`algorithms/registry.py`), built-ins first."""
+    return tuple(methods())
+
+
+def method_help() -> str:
+    """algorithm.name's help: every registered method with its summary."""
+    return (
+        "Training method: "
+        + ", ".join(f"{m.name} ({m.summary})" for m in methods().values())
+        + " (see algorithms/method.py)."
+    )
+
+
 @dataclass
 class AlgorithmConfig:
-    name: str = opt(
-        "rlsd",
-        "Training method: "
-        + ", ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
-        + " (see algorithms/method.py).",
-        choices=tuple(METHODS),
-    )
+    name: str = opt("rlsd", method_help, choices=method_names)
     baseline: str = opt(
         "mean",
         "Group baseline: the group mean (GRPO) or the mean of the other samples (RLOO).",
@@ -78,6 +99,8 @@ class AlgorithmConfig:
 
 @dataclass
 class RlsdConfig:
+    """The options of the rlsd method (`algorithms.method.RLSD.from_config` reads them)."""
+
     lambda_: float = opt(
         0.5,
         "Mix of teacher credit into uniform credit: m = 1 - lambda + lambda * w (0 = GRPO).",
@@ -119,6 +142,8 @@ class RlsdConfig:
 
 @dataclass
 class OpsdConfig:
+    """The options of opsd, grpo_opsd and opd (`algorithms.method.OPSD.from_config`)."""
+
     divergence: str = opt(
         "sampled",
         "Per-token divergence to the teacher (opsd, grpo_opsd, "

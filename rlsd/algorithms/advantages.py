@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-BASELINES = ("mean", "leave_one_out")
-STD_ESTIMATORS = ("unbiased", "population")
+from .registry import BASELINES, STD_ESTIMATORS
 
 
 def group_advantages(

@@ -1,34 +1,48 @@
 """What each training method is, in one place: one small object per method.
 
-A method declares
+A method declares (class attributes)
+- `name`, `summary` (in `rlsd train --help`) and `description` (in an exported model card);
 - `teacher`: who scores the student's samples: None (no teacher), "privileged" (the model itself
   shown the teacher template with its privileged context) or "plain" (an external model shown the
-  student's own prompt);
+  student's own prompt), and `teacher_modes`, the `teacher.mode` values it can run with;
 - `dense`: whether every completion carries a gradient (distillation); otherwise completions with
   zero sequence advantage are skipped before the teacher and the policy pass (exact with no KL);
+- `options`: the config keys it reads (dotted, or a section prefix such as "rlsd."); a key of a
+  section some method reads is refused under every method that does not list it;
+- `config_section`: for a method defined outside rlsd (a plugin, a test) with options of its
+  own, the dataclass of its section (fields declared with `rlsd.config.opt`): every config then
+  holds it under the method's name (`sections.section_types`); rlsd's own methods read the
+  sections declared in `sections_training.py`;
+and answers (its object, built from its config section by `from_config`)
 - `support`: what the teacher returns besides the sampled tokens' log-probs: None (nothing),
   0 (its whole distribution) or k (its top k), for the exact divergences;
-- `divergence_weight`: the weight of that exact divergence in the loss (0: none);
-- `options`: the config keys that apply to it (any other `rlsd.*` / `opsd.*` key is refused);
+- `divergence_weight` and `reverse_divergence`: the weight of that exact divergence in the loss
+  (0: none) and its direction (KL(student || teacher) when True);
+- `span_tags`: the tags around the reasoning span it reweights inside (None: no span);
+- `option_problem`: a combination of its options it cannot run with;
 - `token_advantages`: its per-token credit, and `metrics`: its own statistics of that credit.
 
-The training loop and the update never branch on a method's name: they ask its object. Adding a
-method means adding a class here and an entry to `METHODS`. The objects hold plain numbers (built
-from a config by `method_for`, which only reads attributes: nothing here imports the config).
+The training loop, the update, the diagnostics, the config's checks, the model card and the TRL
+bridge never branch on a method's name nor read its config section: they ask its object (or its
+class). A subclass that sets its own `name` registers itself (`registry.METHODS`), so adding a
+method means adding a class. The objects hold plain values: `from_config` only reads attributes
+of its own section, and nothing here imports the config.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 
 from .distill import opsd_token_advantages, sampled_forward_token_advantages
 from .masking import masked, teacher_gap
+from .registry import METHODS, register
 from .rlsd import lambda_at, reweighted_tokens, rlsd_credit, rlsd_metrics
 
 SELF_TEACHERS = ("live", "frozen", "sync")  # teacher.mode values of the model itself
+DECLARED = ("name", "summary", "description")  # what a registered class sets in its own body
 
 
 @dataclass(frozen=True)
@@ -37,10 +51,32 @@ class Method:
 
     name: ClassVar[str] = "grpo"
     summary: ClassVar[str] = "verifier only"
+    description: ClassVar[str] = "GRPO (RL from verifiable rewards, group-normalised advantages)"
     teacher: ClassVar[str | None] = None
     dense: ClassVar[bool] = False
     options: ClassVar[tuple[str, ...]] = ()
+    config_section: ClassVar[type | None] = None
     teacher_modes: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register a subclass that names itself; one that does not is an abstract base."""
+        super().__init_subclass__(**kwargs)
+        if "name" not in vars(cls):
+            return
+        missing = [attr for attr in DECLARED if attr not in vars(cls)]
+        if missing:
+            raise TypeError(f"{cls.__qualname__}: set {', '.join(missing)} in the class body")
+        if "config_section" in vars(cls) and f"{cls.name}." not in cls.options:
+            raise TypeError(
+                f"{cls.__qualname__}.options: list {cls.name + '.'!r}, the section "
+                "config_section adds"
+            )
+        register(cls)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Method:
+        """The method object of a config, built from the method's own section only."""
+        return cls()
 
     @property
     def support(self) -> int | None:
@@ -51,9 +87,25 @@ class Method:
         return 0.0
 
     @property
+    def reverse_divergence(self) -> bool:
+        """The exact divergence's direction: True for KL(student || teacher)."""
+        return True
+
+    @property
+    def span_tags(self) -> tuple[str, str] | None:
+        """(open, close): the tags around the reasoning span the method can restrict its
+        credit to (found on the decoded text); None when it has no span."""
+        return None
+
+    @property
     def reweights(self) -> bool:
         """True when its token credit is the sequence advantage times a multiplier m_t."""
         return False
+
+    def option_problem(self, changed: set[str]) -> str | None:
+        """Why its options cannot run together (a message naming the field), or None.
+        `changed`: the dotted config keys the user set away from their defaults."""
+        return None
 
     def token_advantages(
         self,
@@ -90,12 +142,19 @@ class Method:
         return None
 
 
+register(Method)
+
+
 @dataclass(frozen=True)
 class RLSD(Method):
     """The verifier sets each completion's direction, the self-teacher each token's share."""
 
     name: ClassVar[str] = "rlsd"
     summary: ClassVar[str] = "verifier sets the direction, the self-teacher the per-token size"
+    description: ClassVar[str] = (
+        "RLSD (self-distilled RLVR, arXiv 2604.03128): the verifier sets the sign of each "
+        "update, the model itself shown the reference solution sets each token's share"
+    )
     teacher: ClassVar[str | None] = "privileged"
     options: ClassVar[tuple[str, ...]] = ("rlsd.",)
     teacher_modes: ClassVar[tuple[str, ...]] = SELF_TEACHERS
@@ -105,10 +164,35 @@ class RLSD(Method):
     decay: int = 0
     negative_only: bool = False
     thought_only: bool = False
+    thought_open: str = "<think>"
+    thought_close: str = "</think>"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RLSD:
+        r = cfg.rlsd
+        return cls(
+            lam=r.lambda_,
+            eps_w=r.eps_w,
+            warmup=r.lambda_warmup_steps,
+            decay=r.lambda_decay_steps,
+            negative_only=r.negative_only,
+            thought_only=r.thought_only,
+            thought_open=r.thought_open,
+            thought_close=r.thought_close,
+        )
 
     @property
     def reweights(self) -> bool:
         return True
+
+    @property
+    def span_tags(self) -> tuple[str, str]:
+        return self.thought_open, self.thought_close
+
+    def option_problem(self, changed: set[str]) -> str | None:
+        if self.thought_only and not (self.thought_open and self.thought_close):
+            return "rlsd.thought_open/thought_close: both tags are needed for thought_only"
+        return None
 
     def lambda_at(self, step: int) -> float:
         return lambda_at(step, self.lam, self.warmup, self.decay)
@@ -116,8 +200,18 @@ class RLSD(Method):
     def _span(self, span: torch.Tensor | None) -> torch.Tensor | None:
         return span if self.thought_only else None
 
-    def token_advantages(self, step, seq_adv, logps, teacher_logps, completion_mask, span=None):
-        token_adv, _ = rlsd_credit(
+    def credit(
+        self,
+        step: int,
+        seq_adv: torch.Tensor,
+        logps: torch.Tensor,
+        teacher_logps: torch.Tensor,
+        completion_mask: torch.Tensor,
+        span: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token advantages (N, T) and the credit multipliers m_t (N, T; 1 where the
+        teacher does not reweight), for callers that report where the credit went."""
+        return rlsd_credit(
             seq_adv,
             logps,
             teacher_logps,
@@ -127,7 +221,9 @@ class RLSD(Method):
             self.negative_only,
             self._span(span),
         )
-        return token_adv
+
+    def token_advantages(self, step, seq_adv, logps, teacher_logps, completion_mask, span=None):
+        return self.credit(step, seq_adv, logps, teacher_logps, completion_mask, span)[0]
 
     def reweighted(
         self, seq_adv: torch.Tensor, completion_mask: torch.Tensor, span: torch.Tensor | None
@@ -157,6 +253,9 @@ class OPSD(Method):
 
     name: ClassVar[str] = "opsd"
     summary: ClassVar[str] = "self-distillation only"
+    description: ClassVar[str] = (
+        "OPSD (on-policy self-distillation from the model shown the reference)"
+    )
     teacher: ClassVar[str | None] = "privileged"
     dense: ClassVar[bool] = True
     options: ClassVar[tuple[str, ...]] = ("opsd.divergence", "opsd.direction", "opsd.topk")
@@ -164,6 +263,11 @@ class OPSD(Method):
     divergence: str = "sampled"
     direction: str = "reverse"
     topk: int = 32
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> OPSD:
+        o = cfg.opsd
+        return cls(divergence=o.divergence, direction=o.direction, topk=o.topk)
 
     @property
     def support(self) -> int | None:
@@ -174,6 +278,15 @@ class OPSD(Method):
     @property
     def divergence_weight(self) -> float:
         return 0.0 if self.divergence == "sampled" else 1.0
+
+    @property
+    def reverse_divergence(self) -> bool:
+        return self.direction == "reverse"
+
+    def option_problem(self, changed: set[str]) -> str | None:
+        if "opsd.topk" in changed and self.divergence != "topk":
+            return "opsd.topk: only applies to opsd.divergence=topk"
+        return None
 
     def distill_advantages(
         self, logps: torch.Tensor, teacher_logps: torch.Tensor, completion_mask: torch.Tensor
@@ -198,8 +311,13 @@ class GRPO_OPSD(OPSD):
 
     name: ClassVar[str] = "grpo_opsd"
     summary: ClassVar[str] = "GRPO loss + opsd.beta x OPSD loss"
+    description: ClassVar[str] = "GRPO plus an on-policy self-distillation term"
     options: ClassVar[tuple[str, ...]] = ("opsd.",)
     beta: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> GRPO_OPSD:
+        return replace(super().from_config(cfg), beta=cfg.opsd.beta)
 
     @property
     def divergence_weight(self) -> float:
@@ -216,28 +334,20 @@ class OPD(OPSD):
 
     name: ClassVar[str] = "opd"
     summary: ClassVar[str] = "distillation from an external teacher"
+    description: ClassVar[str] = "OPD (on-policy distillation from an external teacher)"
     teacher: ClassVar[str | None] = "plain"
     teacher_modes: ClassVar[tuple[str, ...]] = ("external",)
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, RLSD, OPSD, GRPO_OPSD, OPD)}
-
-
 def method_for(cfg: Any) -> Method:
-    """The method object of a config (reads `algorithm.name` and the `rlsd` / `opsd` sections)."""
-    kind = METHODS[cfg.algorithm.name]
-    if kind is RLSD:
-        r = cfg.rlsd
-        return RLSD(
-            r.lambda_,
-            r.eps_w,
-            r.lambda_warmup_steps,
-            r.lambda_decay_steps,
-            r.negative_only,
-            r.thought_only,
+    """The method object of a config: its class (`algorithm.name`) builds itself from its own
+    config section. Raises ValueError naming the field for a method no class registered."""
+    kind = METHODS.get(cfg.algorithm.name)
+    if kind is None:
+        raise ValueError(
+            f"algorithm.name: unknown method {cfg.algorithm.name!r} (one of {', '.join(METHODS)})"
         )
-    if issubclass(kind, OPSD):
-        o = cfg.opsd
-        extra = {"beta": o.beta} if kind is GRPO_OPSD else {}
-        return kind(divergence=o.divergence, direction=o.direction, topk=o.topk, **extra)
-    return kind()
+    return kind.from_config(cfg)
+
+
+__all__ = ["GRPO_OPSD", "METHODS", "OPD", "OPSD", "RLSD", "Method", "method_for"]

@@ -33,8 +33,7 @@ from __future__ import annotations
 import torch
 
 from .masking import masked
-
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")
+from .registry import AGGREGATIONS
 
 
 def loss_normaliser(mode: str, completion_mask: torch.Tensor, max_new_tokens: int) -> float:

@@ -4,7 +4,8 @@ After TRL's rollout and rewards (`_generate_and_score_completions`, called throu
 trainer scores the very completion ids under the teacher's prompt (teacher prompt ids + the
 student's completion ids, never re-tokenized text), takes the student's log-probs of the same
 tokens, and replaces TRL's sequence advantages (B,) by rlsd's per-token advantages (B, T) from
-`rlsd.algorithms.rlsd.rlsd_token_advantages`, which TRL's `_compute_loss` accepts as they are.
+the RLSD method object (`rlsd_method`: built from the `rlsd_*` settings by `method_for`, as rlsd's
+own loop builds it), which TRL's `_compute_loss` accepts as they are.
 The credit is computed once per rollout batch, in that hook, so with `num_iterations > 1` or
 `steps_per_generation > 1` every pass over TRL's buffered batch uses the same credit.
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,9 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import pad, use_adapter  # noqa: E402
 
-from ..algorithms.rlsd import lambda_at, rlsd_token_advantages  # noqa: E402
-from ..algorithms.spans import reasoning_span_mask, token_pieces  # noqa: E402
-from ..config import ConfigError  # noqa: E402
+from ..algorithms.method import RLSD, method_for  # noqa: E402
+from ..algorithms.spans import reasoning_span_mask, span_split, token_pieces  # noqa: E402
+from ..config import AlgorithmConfig, Config, ConfigError, RlsdConfig  # noqa: E402
 from ..context import Context, ContextMemory, choose_contexts, context_metrics  # noqa: E402
 from ..preflight import ALIGNMENT_SAMPLE, PROBE, generation_header  # noqa: E402
 from ..tracking import JsonlWriter  # noqa: E402
@@ -157,6 +158,18 @@ class RLSDConfig(GRPOConfig):
         check_rlsd_fields(self)
 
 
+def rlsd_method(args: RLSDConfig) -> RLSD:
+    """The RLSD method object of these settings: rlsd's `method_for` on a config whose rlsd
+    section holds them, so the bridge and rlsd's loop build the credit the same way. Each
+    `rlsd.<key>` comes from the setting `rlsd_<key>` (rlsd.lambda from rlsd_lambda); a key the
+    bridge has no setting for (max_spanless_steps, a stop rule of rlsd's loop) keeps its default."""
+    settings = {f.name: f"rlsd_{f.name.rstrip('_')}" for f in fields(RlsdConfig)}
+    section = RlsdConfig(
+        **{name: getattr(args, key) for name, key in settings.items() if hasattr(args, key)}
+    )
+    return method_for(Config(algorithm=AlgorithmConfig(name=RLSD.name), rlsd=section))
+
+
 class RLSDGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with RLSD's per-token credit (see the module docstring)."""
 
@@ -170,6 +183,7 @@ class RLSDGRPOTrainer(GRPOTrainer):
                 "supported yet (the teacher would score tool output and images as text)"
             )
         self._rlsd_template = compile_template(self.args.rlsd_teacher_template)
+        self.rlsd_method = rlsd_method(self.args)
         self._rlsd_rewards: torch.Tensor | None = None
         self._rlsd_teacher = self._rlsd_initial_teacher()
         self.rlsd_sync_steps: list[int] = [0] if self.args.rlsd_teacher_mode == "sync" else []
@@ -308,24 +322,20 @@ class RLSDGRPOTrainer(GRPOTrainer):
         if mode == "train" and self.args.rlsd_teacher_mode == "sync":
             self._rlsd_maybe_sync()
         step = self.state.global_step + 1
-        args = self.args
-        lam = lambda_at(
-            step, args.rlsd_lambda, args.rlsd_lambda_warmup_steps, args.rlsd_lambda_decay_steps
-        )
+        args, method = self.args, self.rlsd_method
         contexts, teacher_prompts = self._rlsd_teacher_prompts(inputs, output, mode)
         mask = output["completion_mask"]
         student = self._rlsd_student_logps(output)
         teacher = self._rlsd_teacher_logps(teacher_prompts, output)
         span = None
-        if args.rlsd_thought_only:
+        if method.thought_only:
             pieces = token_pieces(self._tokenizer, output["completion_ids"], mask)
-            span = reasoning_span_mask(
-                pieces, args.rlsd_thought_open, args.rlsd_thought_close, mask.shape[1]
-            ).to(mask.device)
+            span = reasoning_span_mask(pieces, *method.span_tags, mask.shape[1]).to(mask.device)
         seq_adv = output["advantages"]
-        token_adv, metrics = rlsd_token_advantages(
-            seq_adv, student, teacher, mask, lam, args.rlsd_eps_w, args.rlsd_negative_only, span
-        )
+        token_adv, multiplier = method.credit(step, seq_adv, student, teacher, mask, span)
+        metrics = method.metrics(step, seq_adv, student, teacher, token_adv, mask, span)
+        if span is not None:  # the mean multiplier inside and outside the reasoning span
+            metrics.update(span_split(multiplier, span, mask))
         if contexts is not None:
             metrics.update(context_metrics(contexts, args.rlsd_context))
         if self.rlsd_memory is not None:
