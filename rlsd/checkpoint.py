@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError, to_dict, unused_fields
-from .tracking import write_atomic
+from .runfiles import write_atomic
 
 log = logging.getLogger(__name__)
 

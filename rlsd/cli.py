@@ -302,7 +302,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if not PartialState().is_main_process:  # one summary and one report for the whole run
         return 0
     metrics_file = run_dir / "metrics.jsonl"
-    from .tracking import read_jsonl
+    from .runfiles import read_jsonl
 
     rows = read_jsonl(metrics_file) if metrics_file.is_file() else []
     tail = [r["reward/accuracy"] for r in rows[-5:] if "reward/accuracy" in r]

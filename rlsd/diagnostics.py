@@ -20,6 +20,7 @@ from .algorithms import credit_split, span_split
 from .algorithms.masking import teacher_gap
 from .algorithms.method import Method
 from .algorithms.spans import answer_span_mask, reasoning_span_mask, token_pieces
+from .config import Config
 from .data import PromptRenderer
 from .records import Contexts, Credit, Rollout, Rows, Update
 from .rewards.builtin import answer_anchor
@@ -27,22 +28,24 @@ from .rollout import Batch
 
 
 def completion_spans(
-    cfg: Any, method: Method, tokenizer: Any, batch: Batch
+    cfg: Config, method: Method, tokenizer: Any, batch: Batch
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
     """(N, T) reasoning-span and final-answer masks of every completion of the step (None where
     the method does not reweight tokens, or the extraction has no anchor), and the fraction of
-    completions that open a reasoning span (`rlsd/span_frac`, for reweighting methods)."""
+    completions that open a reasoning span (`rlsd/span_frac`, for reweighting methods). The
+    reasoning span's tags are the method's (`Method.span_tags`); the answer's anchor is
+    `reward.extract`'s."""
     anchor = answer_anchor(cfg.reward.extract, cfg.reward.answer_marker)
     if not method.reweights and not anchor:
         return None, None, {}
     width = batch.completion_ids.shape[1]
     pieces = token_pieces(tokenizer, batch.completion_ids, batch.completion_mask)
     answer = answer_span_mask(pieces, anchor, width) if anchor else None
-    if not method.reweights:
+    if not method.reweights or method.span_tags is None:
         return None, answer, {}
-    r = cfg.rlsd
-    span = reasoning_span_mask(pieces, r.thought_open, r.thought_close, width)
-    opened = [r.thought_open in "".join(parts) for parts in pieces]
+    open_tag, close_tag = method.span_tags
+    span = reasoning_span_mask(pieces, open_tag, close_tag, width)
+    opened = [open_tag in "".join(parts) for parts in pieces]
     return span, answer, {"rlsd/span_frac": sum(opened) / max(len(opened), 1)}
 
 

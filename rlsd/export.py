@@ -15,7 +15,7 @@ from typing import Any
 from .algorithms.registry import methods
 from .checkpoint import latest_checkpoint, list_checkpoints, load_trainable, verify
 from .config import ConfigError, load_config, to_yaml
-from .tracking import read_jsonl
+from .runfiles import read_jsonl
 
 
 def pick_checkpoint(run_dir: Path, step: int | None) -> Path:

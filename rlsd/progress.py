@@ -97,7 +97,7 @@ class Watch:
     def __init__(self, cfg: Any, method: Any, reward_fn: Any = None):
         self.cfg, self.reward_fn = cfg, reward_fn
         self.counts = {"nonfinite": 0, "spanless": 0, "idle": 0, "errors": 0}
-        self.spans, self.warned = method.reweights and cfg.rlsd.thought_only, False
+        self.method, self.warned = method, False
 
     def _count(self, name: str, bad: bool) -> int:
         self.counts[name] = self.counts[name] + 1 if bad else 0
@@ -161,9 +161,10 @@ class Watch:
         )
 
     def _spanless(self, step: int, metrics: dict[str, Any]) -> tuple[str, str] | None:
-        if not self.spans:
+        if not self.method.spans_required:
             return None
-        r = self.cfg.rlsd
+        limit = self.cfg.rlsd.max_spanless_steps  # the run's health limit, not the credit's
+        open_tag, close_tag = self.method.span_tags
         n = self._count("spanless", metrics.get("rlsd/span_frac") == 0)
         if n and not self.warned:
             self.warned = True
@@ -171,17 +172,15 @@ class Watch:
                 "step %d: no completion opens a reasoning span (%r ... %r): under "
                 "rlsd.thought_only such a step is plain GRPO%s",
                 step,
-                r.thought_open,
-                r.thought_close,
-                f"; training stops after {r.max_spanless_steps} such steps in a row"
-                if r.max_spanless_steps
-                else "",
+                open_tag,
+                close_tag,
+                f"; training stops after {limit} such steps in a row" if limit else "",
             )
-        if not (r.max_spanless_steps and n >= r.max_spanless_steps):
+        if not (limit and n >= limit):
             return None
         return (
             f"stopped after {n} consecutive steps in which no completion opened a "
-            f"reasoning span {r.thought_open!r} (step {step}); under rlsd.thought_only "
+            f"reasoning span {open_tag!r} (step {step}); under rlsd.thought_only "
             "they train as plain GRPO",
             "Check the prompt asks for the tags, set "
             "rlsd.thought_open/thought_close to what the model writes, or drop "

@@ -40,6 +40,7 @@ from .logprobs import TokenScorer
 from .models import base_model, load_model, pick_device, pick_dtype, set_threads, stop_token_ids
 from .preflight import check_teacher_prompts
 from .rewards import build_reward
+from .runfiles import JsonlWriter, NullWriter, jsonl_lines, read_jsonl, write_atomic
 from .scoring import Scorers
 from .sharding import (
     frozen_copies,
@@ -50,16 +51,7 @@ from .sharding import (
     shard_policy,
 )
 from .teacher import Teacher
-from .tracking import (
-    JsonlWriter,
-    NullWriter,
-    build_trackers,
-    flat_config,
-    jsonl_lines,
-    read_jsonl,
-    reset_peak_memory,
-    write_atomic,
-)
+from .tracking import build_trackers, flat_config, reset_peak_memory
 from .update import Policy
 
 log = logging.getLogger(__name__)

@@ -124,7 +124,7 @@ def sft(cfg: Config) -> Path:
     from .logprobs import TokenScorer
     from .models import load_model, pick_device, pick_dtype
     from .run import truncate_log
-    from .tracking import JsonlWriter
+    from .runfiles import JsonlWriter
 
     device = pick_device(cfg.model)
     run_dir = sft_run_dir(cfg)

@@ -39,7 +39,8 @@ from typing import Any
 import yaml
 
 from .config import ConfigError
-from .tracking import quiet_libraries, read_jsonl, write_atomic
+from .runfiles import read_jsonl, write_atomic
+from .tracking import quiet_libraries
 
 
 @dataclass

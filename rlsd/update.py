@@ -126,7 +126,7 @@ def micro_batch_loss(
             part.support_vals.to(device),
             None if part.support_ids is None else part.support_ids.to(device),
         )
-        reverse = cfg.opsd.direction == "reverse"
+        reverse = method.reverse_divergence
         logps, exact_kl = scorer(ids, attn, c_mask, support, reverse, share_prefix=share)
     old = logps.detach() if part.old_logps is None else part.old_logps.to(device)
     token_adv = (

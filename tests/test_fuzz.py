@@ -143,7 +143,7 @@ LOG_LINES = st.one_of(
 def test_run_logs_give_records_with_steps_or_a_line_numbered_error(tmp_path, lines, newline):
     """metrics.jsonl as a kill, a disk or a person may leave it: only a ConfigError naming the
     file and line, or records that all have an integer step and numeric metrics."""
-    from rlsd.tracking import read_jsonl
+    from rlsd.runfiles import read_jsonl
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b"\n".join(lines) + (b"\n" if newline else b""))

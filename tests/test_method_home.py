@@ -74,6 +74,19 @@ def test_span_tags_and_the_divergence_direction_come_from_the_object():
     assert not OPD(direction="forward").reverse_divergence
 
 
+def test_the_health_check_and_the_heat_map_ask_the_object():
+    """`spans_required` (progress.Watch's spanless stop) and `multiplier_bound` (the credit
+    heat map's full colour: lambda * eps_w, the most a multiplier moves from 1)."""
+    strong = {"rlsd.lambda": "1.0", "rlsd.eps_w": "0.5", "rlsd.thought_only": "true"}
+    method = method_for(load_config(None, strong))
+    assert method.spans_required and method.multiplier_bound == 0.5
+    default = method_for(load_config(None, {}))
+    assert not default.spans_required and default.multiplier_bound == pytest.approx(0.1)
+    for name in ("grpo", "opsd", "grpo_opsd"):
+        other = method_for(load_config(None, {"algorithm.name": name}))
+        assert not other.spans_required and other.multiplier_bound is None
+
+
 def test_the_options_a_method_cannot_combine_are_its_own_check():
     with pytest.raises(ConfigError, match="rlsd.thought_open/thought_close: both tags"):
         load_config(None, {"rlsd.thought_only": "true", "rlsd.thought_close": ""})
@@ -115,7 +128,17 @@ def test_the_trl_bridge_builds_the_same_rlsd_object(tmp_path):
     assert defaults == method_for(load_config(None, {}))  # the same defaults as rlsd's loop
 
 
-@pytest.mark.parametrize("path", ["rlsd/config.py", "rlsd/export.py", "rlsd/integrations/trl.py"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "rlsd/config.py",
+        "rlsd/export.py",
+        "rlsd/integrations/trl.py",
+        "rlsd/update.py",
+        "rlsd/diagnostics.py",
+        "rlsd/report/html.py",
+    ],
+)
 def test_the_checks_the_card_and_the_bridge_ask_the_method_not_its_section(path):
     source = (ROOT / path).read_text()
     for leak in ("cfg.rlsd", "cfg.opsd", '"rlsd.", "opsd."', "rlsd_token_advantages", "lambda_at"):

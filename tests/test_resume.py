@@ -282,7 +282,7 @@ def test_long_prompts_error_or_skip(tiny_overrides, tmp_path):
 
 def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     from rlsd.run import truncate_log
-    from rlsd.tracking import read_jsonl
+    from rlsd.runfiles import read_jsonl
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')
@@ -300,7 +300,7 @@ def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
 
 
 def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
-    from rlsd.tracking import write_atomic
+    from rlsd.runfiles import write_atomic
 
     target = tmp_path / "passk.json"
     write_atomic(target, '{"k": 4}')

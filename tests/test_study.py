@@ -23,8 +23,8 @@ from rlsd.report.study import (
     summarize,
 )
 from rlsd.report.study_markdown import _changes, ablation_rows
+from rlsd.runfiles import read_jsonl
 from rlsd.study import describe, grid, load_study, run_study, seconds_left
-from rlsd.tracking import read_jsonl
 
 from .conftest import TESTS_DIR
 

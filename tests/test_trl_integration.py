@@ -29,7 +29,7 @@ from rlsd.integrations.trl import RLSDConfig, RLSDDataError, RLSDGRPOTrainer
 from rlsd.integrations.trl_memory import memory_key
 from rlsd.integrations.trl_teacher import TRL_TEACHER_TEMPLATE
 from rlsd.report.html import write_report
-from rlsd.tracking import read_jsonl
+from rlsd.runfiles import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [("Calculate 12 + 7.", "12 + 7 = 19. Answer: 19"), ("What is 3 - 5?", "Answer: -2")]

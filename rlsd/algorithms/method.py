@@ -102,6 +102,18 @@ class Method:
         """True when its token credit is the sequence advantage times a multiplier m_t."""
         return False
 
+    @property
+    def spans_required(self) -> bool:
+        """True when its credit acts only inside the reasoning span, so a step whose
+        completions open none trains as plain GRPO (the run's health check counts them)."""
+        return False
+
+    @property
+    def multiplier_bound(self) -> float | None:
+        """For a reweighting method, the most a token's multiplier m_t can move from 1 (the
+        credit heat map's full colour); None otherwise."""
+        return None
+
     def option_problem(self, changed: set[str]) -> str | None:
         """Why its options cannot run together (a message naming the field), or None.
         `changed`: the dotted config keys the user set away from their defaults."""
@@ -188,6 +200,14 @@ class RLSD(Method):
     @property
     def span_tags(self) -> tuple[str, str]:
         return self.thought_open, self.thought_close
+
+    @property
+    def spans_required(self) -> bool:
+        return self.thought_only
+
+    @property
+    def multiplier_bound(self) -> float:
+        return self.lam * self.eps_w
 
     def option_problem(self, changed: set[str]) -> str | None:
         if self.thought_only and not (self.thought_open and self.thought_close):

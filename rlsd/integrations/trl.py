@@ -71,7 +71,7 @@ from ..algorithms.spans import reasoning_span_mask, span_split, token_pieces  # 
 from ..config import AlgorithmConfig, Config, ConfigError, RlsdConfig  # noqa: E402
 from ..context import Context, ContextMemory, choose_contexts, context_metrics  # noqa: E402
 from ..preflight import ALIGNMENT_SAMPLE, PROBE, generation_header  # noqa: E402
-from ..tracking import JsonlWriter  # noqa: E402
+from ..runfiles import JsonlWriter  # noqa: E402
 from .trl_memory import (  # noqa: E402
     Rollout,
     memory_key,

@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from ..config import ConfigError, load_config, to_yaml
 from ..context import SOURCES, Context
-from ..tracking import JsonlWriter
+from ..runfiles import JsonlWriter
 
 # As rlsd's own teacher template (rlsd/sections.py), less its answer-format line: the user's
 # prompt carries its own instructions.

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, load_config, to_dict
-from ..tracking import flat_config, read_jsonl
+from ..runfiles import read_jsonl
+from ..tracking import flat_config
 from .evals import checkpoint_evals, latest_held_out, training_evals
 from .plots import is_raw, label_panel, moving_average, panel_grid
 

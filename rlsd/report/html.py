@@ -22,7 +22,7 @@ from typing import Any
 
 from ..algorithms.method import method_for
 from ..config import load_config, to_yaml
-from ..tracking import read_jsonl
+from ..runfiles import read_jsonl
 from .compare import FINAL_WINDOW
 from .evals import (
     checkpoint_evals,
@@ -105,8 +105,9 @@ def credit_scales(cfg: Any, samples: list[dict]) -> dict[str, tuple[float, float
     """(centre, full-colour distance) per credit key: the multiplier around 1 at its clip range
     lambda * eps_w; the advantage around 0 at the largest |A_t| logged."""
     scales = {}
-    if method_for(cfg).reweights:
-        scales["credit_multiplier"] = (1.0, cfg.rlsd.lambda_ * cfg.rlsd.eps_w)
+    bound = method_for(cfg).multiplier_bound
+    if bound is not None:
+        scales["credit_multiplier"] = (1.0, bound)
     biggest = max((abs(v) for s in samples for v in s.get("token_advantage", [])), default=0.0)
     scales["token_advantage"] = (0.0, biggest or 1.0)
     return scales
