@@ -21,11 +21,11 @@ from typing import Any
 import yaml
 
 from .algorithms.registry import methods
-from .context import SOURCES as CONTEXT_SOURCES
 from .sections import (  # noqa: F401 (re-exported: import the schema from here)
     AGGREGATIONS,
     ANSWER_LINE,
     ARITHMETIC,
+    CONTEXT_SOURCES,
     STUDENT_TEMPLATE,
     TEACHER_TEMPLATE,
     TRACKERS,

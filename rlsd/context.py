@@ -24,7 +24,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-SOURCES = ("reference", "sibling", "memory")
+from .sections_training import CONTEXT_SOURCES
+
+SOURCES = CONTEXT_SOURCES  # the schema names them (teacher.context); their meaning is here
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any
 from .algorithms.registry import method_sections
 from .sections_training import (  # noqa: F401 (re-exported with the rest of the schema)
     AGGREGATIONS,
+    CONTEXT_SOURCES,
     TRACKERS,
     AlgorithmConfig,
     OpsdConfig,

@@ -10,6 +10,7 @@ from typing import Any
 
 from .algorithms.registry import AGGREGATIONS, BASELINES, STD_ESTIMATORS, methods
 
+CONTEXT_SOURCES = ("reference", "sibling", "memory")  # teacher.context: see context.py
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module
 
 
