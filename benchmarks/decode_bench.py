@@ -18,7 +18,7 @@ Results go to benchmarks/results/decode-<machine>-<date>.md.
 
 With `--sampler` the own decoder runs twice per round, drawing each token with
 `torch.multinomial` (an exponential number per vocabulary entry) and with rlsd's inverse-CDF
-draw (`rlsd.decode.sample_rows`, one uniform number per row); results go to
+draw (`rlsd.engine.decode.sample_rows`, one uniform number per row); results go to
 benchmarks/results/decode-sampler-<machine>-<date>.md.
 """
 
@@ -42,10 +42,10 @@ def run(args: argparse.Namespace) -> str:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from rlsd.config import load_config
-    from rlsd.data import PromptRenderer, load_records
-    from rlsd.models import load_model, pick_device, pick_dtype, stop_token_ids
-    from rlsd.tracking import quiet_libraries
+    from rlsd.engine.data import PromptRenderer, load_records
+    from rlsd.engine.models import load_model, pick_device, pick_dtype, stop_token_ids
+    from rlsd.schema.config import load_config
+    from rlsd.step.tracking import quiet_libraries
 
     quiet_libraries(debug=False)
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -105,7 +105,7 @@ def measure(lm, prompts, rollout, named, args, shape) -> dict[str, list[tuple[fl
 
     import torch
 
-    from rlsd.rollout import sample_completions
+    from rlsd.engine.rollout import sample_completions
 
     group, max_new, pad_id, stops, device = shape
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in named}
@@ -151,7 +151,8 @@ def multinomial_draws() -> Any:
     import torch
 
     return patch(
-        "rlsd.decode.sample_rows", lambda probs: torch.multinomial(probs.float(), 1).squeeze(-1)
+        "rlsd.engine.decode.sample_rows",
+        lambda probs: torch.multinomial(probs.float(), 1).squeeze(-1),
     )
 
 

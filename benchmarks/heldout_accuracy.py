@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rlsd.config import load_config
-from rlsd.data import load_records
-from rlsd.evaluate import greedy_accuracy, heldout_records
-from rlsd.models import load_model, pick_device, pick_dtype, stop_token_ids
+from rlsd.engine.data import load_records
+from rlsd.engine.models import load_model, pick_device, pick_dtype, stop_token_ids
+from rlsd.schema.config import load_config
+from rlsd.step.evaluate import greedy_accuracy, heldout_records
 
 
 def main() -> None:

@@ -3,15 +3,14 @@
     python benchmarks/logprob_bench.py [--rows 2048] [--vocab 49152] [--hidden 576]
 
 Both compute log P(target) for `rows` completion tokens from hidden states (rows, hidden) and an
-lm-head weight (vocab, hidden) at SmolLM2's sizes, forward and backward, each in a fresh
-subprocess. The naive path materialises the (rows, vocab) logits and their log-softmax (and
-keeps them for the backward pass); the chunked path (`rlsd.logprobs.gather_logprobs`) holds one
-chunk of logits at a time and recomputes it in the backward pass. Peak memory is the growth of
-the process's peak resident set (VmHWM) over the run, with glibc's mmap threshold pinned so that
-freed tensors leave the resident set. Also checks that both give the same values and gradients.
-Writes benchmarks/results/logprob-<name>-<date>.md and prints the ratio against issue 5's goal
-(chunked <= 0.3 x naive at vocabulary 49k).
-"""
+lm-head weight (vocab, hidden) at SmolLM2's sizes, forward and backward, each in a fresh subprocess.
+The naive path materialises the (rows, vocab) logits and their log-softmax (and keeps them for the
+backward pass); the chunked path (`rlsd.engine.logprobs.gather_logprobs`) holds one chunk of logits
+at a time and recomputes it in the backward pass. Peak memory is the growth of the process's peak
+resident set (VmHWM) over the run, with glibc's mmap threshold pinned so that freed tensors leave
+the resident set. Also checks that both give the same values and gradients. Writes
+benchmarks/results/logprob-<name>-<date>.md and prints the ratio against issue 5's goal (chunked <=
+0.3 x naive at vocabulary 49k)."""
 
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ def status(key: str) -> float:
 def child(mode: str, rows: int, hidden: int, vocab: int, chunk: int) -> dict:
     import torch
 
-    from rlsd.logprobs import gather_logprobs
+    from rlsd.engine.logprobs import gather_logprobs
 
     torch.manual_seed(0)
     h = torch.randn(rows, hidden, requires_grad=True)

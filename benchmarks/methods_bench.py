@@ -31,9 +31,9 @@ def child(method: str, steps: int, extra: dict[str, str]) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from rlsd import trainer
-    from rlsd.config import load_config
-    from rlsd.tracking import quiet_libraries
+    from rlsd.schema.config import load_config
+    from rlsd.step import trainer
+    from rlsd.step.tracking import quiet_libraries
 
     quiet_libraries(debug=False)
     overrides = {

@@ -1,6 +1,6 @@
 """The shared-prompt layouts against scoring every row whole, phase by phase: `cache` (each
-prompt runs once and the padded completions reuse its keys and values, rlsd/prefix.py),
-`packed` (each prompt's completions packed behind it in one row, rlsd/packing.py) and `auto`
+prompt runs once and the padded completions reuse its keys and values, rlsd/engine/prefix.py),
+`packed` (each prompt's completions packed behind it in one row, rlsd/engine/packing.py) and `auto`
 (what rlsd does: packed where its estimated cost is lower, else cache).
 
     python benchmarks/prefix_bench.py [--reps 3] [--lora true]   # SmolLM2-135M (minutes)
@@ -35,7 +35,7 @@ LENGTHS = [64, 12, 30, 8, 22, 64, 17, 9, 40, 14, 26, 11, 35, 19, 7, 28]  # mean 
 def inputs(renderer, records, tokenizer, teacher: bool):
     import torch
 
-    from rlsd.rollout import Batch, left_pad
+    from rlsd.engine.rollout import Batch, left_pad
 
     pad = tokenizer.pad_token_id
     ids = [renderer.teacher_ids(r) if teacher else renderer.student_ids(r) for r in records[:4]]
@@ -52,7 +52,7 @@ LAYOUTS = ("unshared", "cache", "packed", "auto")
 def policy_pass(scorer, batch, parts: list[list[int]], layout: str) -> float:
     import torch
 
-    from rlsd.update import _scoring_inputs
+    from rlsd.step.update import _scoring_inputs
 
     share = layout != "unshared"
     scorer.layout = layout if share else "auto"
@@ -101,11 +101,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from rlsd.config import load_config
-    from rlsd.data import PromptRenderer, load_records
-    from rlsd.logprobs import TokenScorer
-    from rlsd.models import load_model
-    from rlsd.teacher import Teacher
+    from rlsd.engine.data import PromptRenderer, load_records
+    from rlsd.engine.logprobs import TokenScorer
+    from rlsd.engine.models import load_model
+    from rlsd.engine.teacher import Teacher
+    from rlsd.schema.config import load_config
 
     model = "smollm2-135m-instruct"
     if args.smoke:

@@ -20,9 +20,9 @@ and differ only in what they compute; the work per step is unchanged by the lear
 - `*-noshare`: the same with `train.share_prefix: false`, every row scoring its whole
   [prompt ; completion] (the path before issue 24), beside the shared-prefix default;
 - `*-cache`: the shared prompt always as its own pass whose keys and values the padded
-  completions reuse (`TokenScorer.layout = "cache"`, rlsd/prefix.py), beside the default that
+  completions reuse (`TokenScorer.layout = "cache"`, rlsd/engine/prefix.py), beside the default that
   packs each group's completions behind its prompt where that is estimated cheaper
-  (rlsd/packing.py).
+  (rlsd/engine/packing.py).
 
 Also measured: the machine's fp32 matmul rate, and from it the FLOP floor of each step (forward
 and backward over the trained tokens, the decode, the teacher forward), so the achieved GFLOP/s
@@ -127,9 +127,9 @@ def overrides_for(name: str, model: str, out: str) -> dict[str, str]:
 
 
 def child_ours(name: str, steps: int, model: str) -> dict:
-    from rlsd import trainer
-    from rlsd.config import load_config
-    from rlsd.tracking import quiet_libraries
+    from rlsd.schema.config import load_config
+    from rlsd.step import trainer
+    from rlsd.step.tracking import quiet_libraries
 
     quiet_libraries(debug=False)
     cfg = load_config(
@@ -139,7 +139,7 @@ def child_ours(name: str, steps: int, model: str) -> dict:
     import torch
 
     if name.endswith("-cache"):
-        from rlsd.logprobs import TokenScorer
+        from rlsd.engine.logprobs import TokenScorer
 
         TokenScorer.layout = "cache"
 
@@ -169,10 +169,10 @@ def child_trl(steps: int, model: str, name: str = "trl-grpo") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlsd.config import load_config
-    from rlsd.data import PromptRenderer, load_records
-    from rlsd.models import lora_config, resolve_model_path
-    from rlsd.rewards import build_reward
+    from rlsd.engine.data import PromptRenderer, load_records
+    from rlsd.engine.models import lora_config, resolve_model_path
+    from rlsd.engine.rewards import build_reward
+    from rlsd.schema.config import load_config
 
     cfg = load_config(
         ROOT / "configs" / "quickstart.yaml", overrides_for(name, model, tempfile.mkdtemp())

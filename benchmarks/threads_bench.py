@@ -43,9 +43,9 @@ def child(threads: int, steps: int) -> dict:
     """In a subprocess: median seconds per step and per decode over `steps` timed steps."""
     import torch
 
-    from rlsd import trainer
-    from rlsd.config import load_config
-    from rlsd.tracking import quiet_libraries
+    from rlsd.schema.config import load_config
+    from rlsd.step import trainer
+    from rlsd.step.tracking import quiet_libraries
 
     quiet_libraries(debug=False)
     over = {**OVERRIDES, "model.threads": str(threads), "output.dir": tempfile.mkdtemp()}

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 def policy_pass(scorer, batch, order, cut: bool) -> float:
     import torch
 
-    from rlsd.teacher import used_width
-    from rlsd.update import _scoring_inputs
+    from rlsd.engine.teacher import used_width
+    from rlsd.step.update import _scoring_inputs
 
     start = time.perf_counter()
     for s in range(0, len(order), 8):
@@ -48,15 +48,15 @@ def teacher_pass(teacher, batch, order, cut: bool) -> float:
     every pass runs the batch's whole width."""
     import torch
 
-    import rlsd.teacher
+    import rlsd.engine.teacher
     from benchmarks.prefix_bench import teacher_pass as timed
 
-    real = rlsd.teacher.used_width
-    rlsd.teacher.used_width = real if cut else (lambda mask: mask.shape[1])
+    real = rlsd.engine.teacher.used_width
+    rlsd.engine.teacher.used_width = real if cut else (lambda mask: mask.shape[1])
     try:
         return timed(teacher, batch.select(torch.tensor(order)), True)
     finally:
-        rlsd.teacher.used_width = real
+        rlsd.engine.teacher.used_width = real
 
 
 def main() -> None:
@@ -68,11 +68,11 @@ def main() -> None:
     import torch
 
     from benchmarks.prefix_bench import LENGTHS, inputs, interleaved
-    from rlsd.config import load_config
-    from rlsd.data import PromptRenderer, load_records
-    from rlsd.logprobs import TokenScorer
-    from rlsd.models import load_model
-    from rlsd.teacher import Teacher
+    from rlsd.engine.data import PromptRenderer, load_records
+    from rlsd.engine.logprobs import TokenScorer
+    from rlsd.engine.models import load_model
+    from rlsd.engine.teacher import Teacher
+    from rlsd.schema.config import load_config
 
     model = "smollm2-135m-instruct"
     if args.smoke:

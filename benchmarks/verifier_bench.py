@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rlsd.config import RewardConfig, load_config  # noqa: E402
-from rlsd.data import humaneval_records, load_records  # noqa: E402
-from rlsd.rewards import RewardFn  # noqa: E402
+from rlsd.engine.data import humaneval_records, load_records  # noqa: E402
+from rlsd.engine.rewards import RewardFn  # noqa: E402
+from rlsd.schema.config import RewardConfig, load_config  # noqa: E402
 
 OLD_WORKERS = 32  # reward.workers' default before the worker processes (threads per wave)
 

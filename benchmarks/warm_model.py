@@ -46,7 +46,7 @@ def merge(adapter: Path, base: str, out: Path) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlsd.models import resolve_model_path
+    from rlsd.engine.models import resolve_model_path
 
     base_dir = resolve_model_path(base)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

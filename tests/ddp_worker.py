@@ -1,7 +1,7 @@
 """Launched by tests/test_distributed.py as one of several processes (accelerate launch).
 
 ddp_worker.py train OVERRIDES.json OUT.json
-    the real `rlsd.trainer.train`, with a digest of the trainable weights gathered from every
+    the real `rlsd.step.trainer.train`, with a digest of the trainable weights gathered from every
     process after each step (they must be identical everywhere)
 ddp_worker.py equiv OVERRIDES.json OUT.safetensors
     one update on a fixed batch of B prompts, split over the processes; the main process
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from rlsd import trainer
-from rlsd.config import load_config
-from rlsd.data import Record
-from rlsd.distributed import leave, shard, world
-from rlsd.records import Rollout
-from rlsd.rollout import Batch, left_pad
+from rlsd.engine.data import Record
+from rlsd.engine.distributed import leave, shard, world
+from rlsd.engine.rollout import Batch, left_pad
+from rlsd.schema.config import load_config
+from rlsd.step import trainer
+from rlsd.step.records import Rollout
 
 
 def trainable(run) -> dict[str, torch.Tensor]:
@@ -143,4 +143,4 @@ if __name__ == "__main__":
         "equiv-idle": lambda o, p: equiv_mode(o, p, idle_half=True),
     }
     modes[mode](overrides, out)
-    leave(0)  # the process group ended, then out without finalization (rlsd.distributed)
+    leave(0)  # the process group ended, then out without finalization (rlsd.engine.distributed)

@@ -1,7 +1,7 @@
 """Launched by tests/test_fsdp.py, as one of 2 processes under torchrun or as 1 plain process.
 
 fsdp_worker.py train SPEC.json OUT.json
-    the real `rlsd.trainer.train`; after each step the whole trainable weights (gathered from
+    the real `rlsd.step.trainer.train`; after each step the whole trainable weights (gathered from
     the shards) are digested, and each process's shard shapes recorded; the main process
     writes OUT.json and the last step's whole weights next to it (OUT.safetensors)
 fsdp_worker.py equiv SPEC.json OUT.safetensors
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from rlsd import trainer
-from rlsd.config import load_config
-from rlsd.distributed import leave
+from rlsd.engine.distributed import leave
+from rlsd.schema.config import load_config
+from rlsd.step import trainer
 from tests.ddp_worker import capture_gradients, learn_on_shard
 
 
@@ -173,4 +173,4 @@ if __name__ == "__main__":
     mode, spec, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     torch.set_num_threads(1)
     {"train": train_mode, "equiv": equiv_mode}[mode](spec, out)
-    leave(0)  # the process group ended, then out without finalization (rlsd.distributed)
+    leave(0)  # the process group ended, then out without finalization (rlsd.engine.distributed)

@@ -4,10 +4,10 @@ summary line per step and verifier, never one per completion."""
 
 import logging
 
-from rlsd.cli import main
-from rlsd.config import RewardConfig, load_config
-from rlsd.data import load_records
-from rlsd.rewards import build_reward
+from rlsd.commands.cli import main
+from rlsd.engine.data import load_records
+from rlsd.engine.rewards import build_reward
+from rlsd.schema.config import RewardConfig, load_config
 
 from .conftest import TESTS_DIR
 
@@ -84,7 +84,7 @@ def test_failures_are_kept_per_verifier_in_threads_and_workers():
 
 
 def test_training_logs_one_summary_line_per_step_for_a_raising_verifier(tiny_overrides, caplog):
-    from rlsd.trainer import train
+    from rlsd.step.trainer import train
 
     crashing = f"{TESTS_DIR / 'rewards_for_tests.py'}:crashing_reward"
     overrides = {"reward.verifiers": crashing, "reward.max_error_steps": "0"}
@@ -109,7 +109,7 @@ def grade(prompts, completions, **kwargs):
 def test_check_reward_gives_verifiers_the_prompt_training_gives_them(tmp_path, capsys):
     """The student's rendered data.prompt_template (the record's prompt plus the answer-line
     request), as training and evaluation pass it, not the record's raw prompt."""
-    from rlsd.data import compile_templates, render_user_text
+    from rlsd.engine.data import compile_templates, render_user_text
 
     cfg = load_config(None, {})
     record = load_records(cfg.data)[0]

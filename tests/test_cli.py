@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsd.cli import main, split_overrides
+from rlsd.commands.cli import main, split_overrides
 
 
 def argv(overrides: dict[str, str]) -> list[str]:
@@ -110,7 +110,7 @@ def test_bad_data_row_names_file_and_line(tiny_overrides, tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tiny_overrides):
-    from rlsd.config import ConfigError
+    from rlsd.schema.config import ConfigError
 
     with pytest.raises(ConfigError):
         main(["train", "--debug", *argv(tiny_overrides), "--train.steps", "0"])
@@ -131,7 +131,7 @@ def test_tasks_and_help_name_every_source_and_verifier(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
     assert all(f"  {source} " in out for source in ("reasoning_gym", "humaneval", "file"))
-    from rlsd.config import help_rows
+    from rlsd.schema.config import help_rows
 
     verifiers = next(text for key, _, text in help_rows() if key == "reward.verifiers")
     assert "code" in verifiers and "reasoning_gym" in verifiers

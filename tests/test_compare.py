@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsd.cli import main
-from rlsd.config import load_config, to_yaml
+from rlsd.commands.cli import main
 from rlsd.report.compare import (
     MAX_LABEL,
     band,
@@ -19,6 +18,7 @@ from rlsd.report.compare import (
     summary,
     time_to_target,
 )
+from rlsd.schema.config import load_config, to_yaml
 
 THREE_FIELDS = {  # the quick start's defaults are 64, 4 and 8
     "rollout.max_new_tokens": "128",

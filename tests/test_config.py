@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsd.config import Config, ConfigError, load_config, to_dict
+from rlsd.schema.config import Config, ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).parent.parent
 
@@ -69,7 +69,7 @@ def test_bad_combinations_are_refused():
 
 @pytest.mark.parametrize("method", ["grpo", "rlsd", "opsd", "grpo_opsd"])
 def test_saved_config_reloads_to_the_same_config(tmp_path, method):
-    from rlsd.config import to_yaml
+    from rlsd.schema.config import to_yaml
 
     cfg = load_config(None, {"algorithm.name": method, "train.lr": "3e-5"})
     path = tmp_path / "config.yaml"

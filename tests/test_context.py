@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rlsd.context import (
+from rlsd.engine.context import (
     Context,
     ContextMemory,
     choose_contexts,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsd.config import ConfigError, DataConfig, load_config
-from rlsd.data import PromptRenderer, Record
-from rlsd.preflight import check_teacher_prompts
-from rlsd.trainer import train
+from rlsd.engine.data import PromptRenderer, Record
+from rlsd.engine.preflight import check_teacher_prompts
+from rlsd.schema.config import ConfigError, DataConfig, load_config
+from rlsd.step.trainer import train
 
 from .conftest import build_tokenizer
 from .test_resume import metrics, weights

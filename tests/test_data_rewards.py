@@ -4,11 +4,18 @@ import json
 
 import pytest
 
-from rlsd.config import ConfigError, DataConfig, RewardConfig
-from rlsd.data import DataError, PromptRenderer, PromptStream, Record, file_records, load_records
-from rlsd.preflight import check_teacher_prompts
-from rlsd.rewards import build_reward, extract_after_marker, extract_last_number
-from rlsd.rewards.builtin import answer_format, exact, numeric, reasoning_gym_score
+from rlsd.engine.data import (
+    DataError,
+    PromptRenderer,
+    PromptStream,
+    Record,
+    file_records,
+    load_records,
+)
+from rlsd.engine.preflight import check_teacher_prompts
+from rlsd.engine.rewards import build_reward, extract_after_marker, extract_last_number
+from rlsd.engine.rewards.builtin import answer_format, exact, numeric, reasoning_gym_score
+from rlsd.schema.config import ConfigError, DataConfig, RewardConfig
 
 from .conftest import TESTS_DIR, build_tokenizer
 
@@ -64,7 +71,7 @@ def test_bad_files_name_file_and_line(tmp_path, name, content, message):
 
 def _cli_error(overrides: dict, capsys) -> str:
     """Train through the command line, expecting one error line and exit code 2."""
-    from rlsd.cli import main
+    from rlsd.commands.cli import main
 
     from .test_cli import argv
 
@@ -241,7 +248,7 @@ def test_reasoning_gym_mix_with_weights():
 
 
 def test_mix_validation():
-    from rlsd.config import load_config
+    from rlsd.schema.config import load_config
 
     with pytest.raises(ConfigError, match="data.mix: the weight of 'gcd' must be a positive"):
         load_config(None, {"data.mix": "{gcd: 0}"})
@@ -250,7 +257,7 @@ def test_mix_validation():
 
 
 def test_heldout_split_is_seeded_and_disjoint():
-    from rlsd.data import split_heldout
+    from rlsd.engine.data import split_heldout
 
     records = [Record(str(i), str(i)) for i in range(50)]
     train, held = split_heldout(records, 10, seed=3)

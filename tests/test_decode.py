@@ -4,8 +4,8 @@ that recomputes every sequence (same random draws), and the filters equal transf
 import pytest
 import torch
 
-from rlsd.decode import decode, filter_logits, next_tokens, sample_rows
-from rlsd.rollout import left_pad
+from rlsd.engine.decode import decode, filter_logits, next_tokens, sample_rows
+from rlsd.engine.rollout import left_pad
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,8 @@ def test_filters_equal_transformers_processors():
 @pytest.mark.parametrize("decoder", ["own", "generate"])
 def test_top_k_zero_samples_the_whole_vocabulary(lm, decoder):
     """top_k 0 means no top-k filter in both decoders (generate's default would be 50)."""
-    from rlsd.config import RolloutConfig
-    from rlsd.rollout import sample_completions
+    from rlsd.engine.rollout import sample_completions
+    from rlsd.schema.config import RolloutConfig
 
     model, tok = lm
     prompt = tok("Calculate 12 + 7.")["input_ids"]

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlsd import decode_static as static_module
-from rlsd.config import ConfigError, load_config
-from rlsd.decode import decode
-from rlsd.decode_static import bucket_for, buckets, decode_static
-from rlsd.rollout import left_pad
+from rlsd.engine import decode_static as static_module
+from rlsd.engine.decode import decode
+from rlsd.engine.decode_static import bucket_for, buckets, decode_static
+from rlsd.engine.rollout import left_pad
+from rlsd.schema.config import ConfigError, load_config
 
 TEXTS = [
     "Calculate 12 + 7.",
@@ -123,7 +123,7 @@ def test_graph_is_refused_on_the_cpu_device():
 
 
 def test_a_training_step_runs_with_the_static_decoder(tiny_overrides, monkeypatch):
-    from rlsd.trainer import setup, train_step
+    from rlsd.step.trainer import setup, train_step
 
     calls = []
     real = static_module.decode_static
@@ -132,7 +132,7 @@ def test_a_training_step_runs_with_the_static_decoder(tiny_overrides, monkeypatc
         calls.append(kwargs.get("graphs"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("rlsd.rollout.decode_static", counted)
+    monkeypatch.setattr("rlsd.engine.rollout.decode_static", counted)
     run = setup(load_config(None, {**tiny_overrides, "rollout.decoder": "static"}))
     metrics = train_step(run, 1)
     assert calls and not any(calls)  # the static decoder, without graphs

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlsd.distributed import reduce_metrics, shard
+from rlsd.engine.distributed import reduce_metrics, shard
 
 from .conftest import TESTS_DIR
 
@@ -223,7 +223,13 @@ def test_prompts_must_split_evenly(tiny_model_dir, tmp_path):
     (tmp_path / "odd.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [*LAUNCH, "-m", "rlsd.cli", "train", *[x for k, v in spec.items() for x in (f"--{k}", v)]],
+        [
+            *LAUNCH,
+            "-m",
+            "rlsd.commands.cli",
+            "train",
+            *[x for k, v in spec.items() for x in (f"--{k}", v)],
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -237,7 +243,7 @@ def test_prompts_must_split_evenly(tiny_model_dir, tmp_path):
 ENDS_ITS_GROUP = """
 import sys, tempfile
 import torch.distributed as dist
-from rlsd.cli import main
+from rlsd.commands.cli import main
 
 for argv in ({argv_ok}, {argv_bad}):
     store = dist.FileStore(tempfile.mktemp(), 1)
@@ -265,7 +271,7 @@ def test_a_command_ends_the_process_group_it_ran_in(tmp_path):
 LEAVES = """
 import atexit, sys, tempfile
 import torch.distributed as dist
-from rlsd.cli import run
+from rlsd.commands.cli import run
 
 dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1)
 atexit.register(lambda: print("finalized"))  # skipped when the process leaves by os._exit

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from rlsd.config import load_config
-from rlsd.data import Record
-from rlsd.evaluate import greedy_accuracy, heldout_records
-from rlsd.models import load_model, stop_token_ids
+from rlsd.engine.data import Record
+from rlsd.engine.models import load_model, stop_token_ids
+from rlsd.schema.config import load_config
+from rlsd.step.evaluate import greedy_accuracy, heldout_records
 
 
 def test_heldout_records_exclude_training_questions():
@@ -45,7 +45,7 @@ def test_evaluation_decodes_as_many_sequences_as_a_training_step_when_that_is_mo
 ):
     """64 sequences a decode, or a step's prompts x generations when larger; pass@k decodes
     k sequences a prompt (rollout.batch_size splits a decode further, inside the sampler)."""
-    from rlsd import evaluate as ev
+    from rlsd.step import evaluate as ev
 
     sizes: list[int] = []
     real = ev.sample_completions
@@ -71,7 +71,7 @@ def test_evaluation_decodes_as_many_sequences_as_a_training_step_when_that_is_mo
 
 
 def test_pass_at_k_by_hand():
-    from rlsd.evaluate import pass_at_k
+    from rlsd.step.evaluate import pass_at_k
 
     assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
@@ -81,7 +81,7 @@ def test_pass_at_k_by_hand():
 
 
 def test_majority_vote_with_ties():
-    from rlsd.evaluate import majority_index
+    from rlsd.step.evaluate import majority_index
 
     assert majority_index(["3", "4", "4", "3", "5"]) == 0  # 3 and 4 tie: 3 was seen first
     assert majority_index([None, "7", "8", "8"]) == 2
@@ -92,7 +92,7 @@ def test_eval_command_on_a_run(tiny_overrides, capsys):
     import json
     from pathlib import Path
 
-    from rlsd.cli import main
+    from rlsd.commands.cli import main
 
     from .test_cli import argv
 
@@ -112,8 +112,8 @@ def test_eval_command_on_a_run(tiny_overrides, capsys):
 def test_evaluation_during_training_is_logged(tiny_overrides):
     import json
 
-    from rlsd.config import load_config
-    from rlsd.trainer import train
+    from rlsd.schema.config import load_config
+    from rlsd.step.trainer import train
 
     run_dir = train(
         load_config(

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsd.cli import main
-from rlsd.config import load_config
-from rlsd.evaluate import load_for_eval
-from rlsd.logprobs import naive_logprobs
-from rlsd.trainer import train
+from rlsd.commands.cli import main
+from rlsd.engine.logprobs import naive_logprobs
+from rlsd.schema.config import load_config
+from rlsd.step.evaluate import load_for_eval
+from rlsd.step.trainer import train
 
 
 def logprobs_of(model, ids: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from rlsd.algorithms import (
     rlsd_token_advantages,
     sampled_forward_token_advantages,
 )
-from rlsd.config import Config, ConfigError, load_config
+from rlsd.schema.config import Config, ConfigError, load_config
 
 
 def loss_and_grad(ratio, adv, dual_clip):

@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlsd.checkpoint import load_trainable
-from rlsd.cli import main
-from rlsd.config import ConfigError, ModelConfig, load_config
-from rlsd.models import load_model
+from rlsd.commands.cli import main
+from rlsd.engine.checkpoint import load_trainable
+from rlsd.engine.models import load_model
+from rlsd.schema.config import ConfigError, ModelConfig, load_config
 
 from .conftest import TESTS_DIR, build_model_dir
 from .test_distributed import base
@@ -374,7 +374,7 @@ def test_the_fsdp2_launcher_files_start_processes_for_rlsds_own_sharding(name, p
     run.SHARDED), and their command turns train.sharding fsdp on."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from rlsd.run import SHARDED
+    from rlsd.step.run import SHARDED
 
     path = ROOT / "configs" / "accelerate" / f"{name}.yaml"
     launcher = load_config_from_file(str(path))

@@ -6,8 +6,8 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlsd.config import ConfigError, load_config
-from rlsd.data import DataError, file_records
+from rlsd.engine.data import DataError, file_records
+from rlsd.schema.config import ConfigError, load_config
 
 SCALARS = st.one_of(
     st.none(),
@@ -143,7 +143,7 @@ LOG_LINES = st.one_of(
 def test_run_logs_give_records_with_steps_or_a_line_numbered_error(tmp_path, lines, newline):
     """metrics.jsonl as a kill, a disk or a person may leave it: only a ConfigError naming the
     file and line, or records that all have an integer step and numeric metrics."""
-    from rlsd.runfiles import read_jsonl
+    from rlsd.engine.runfiles import read_jsonl
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b"\n".join(lines) + (b"\n" if newline else b""))
@@ -168,7 +168,7 @@ def test_run_logs_give_records_with_steps_or_a_line_numbered_error(tmp_path, lin
 def test_any_checksums_file_is_verified_or_called_damaged(tmp_path, content):
     """Whatever checksums.json holds, verify() names a problem or passes; it never raises, and
     it passes only when every file is listed with its true SHA-256."""
-    from rlsd.checkpoint import file_sha256, verify
+    from rlsd.engine.checkpoint import file_sha256, verify
 
     ckpt = tmp_path / "checkpoint-1"
     ckpt.mkdir(exist_ok=True)

@@ -7,10 +7,10 @@ import textwrap
 
 import torch
 
-from rlsd.config import ModelConfig
-from rlsd.logprobs import TokenScorer, naive_logprobs, pads_to_the_right
-from rlsd.models import load_model
-from rlsd.rollout import completion_mask_from, join, left_pad
+from rlsd.engine.logprobs import TokenScorer, naive_logprobs, pads_to_the_right
+from rlsd.engine.models import load_model
+from rlsd.engine.rollout import completion_mask_from, join, left_pad
+from rlsd.schema.config import ModelConfig
 
 
 def scoring_inputs(tokenizer, gen):
@@ -76,7 +76,7 @@ def test_lora_scorer_matches_naive(tiny_model_dir):
 
 PEAK_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from rlsd.logprobs import gather_logprobs
+    from rlsd.engine.logprobs import gather_logprobs
 
     def status(key):  # MiB from /proc/self/status
         for line in open("/proc/self/status"):

@@ -14,8 +14,8 @@ import torch
 
 from rlsd.algorithms import METHODS, method_for
 from rlsd.algorithms.method import GRPO_OPSD, OPD, OPSD, RLSD, Method
-from rlsd.config import Config, ConfigError, help_rows, load_config, opt, to_yaml
-from rlsd.export import model_card
+from rlsd.commands.export import model_card
+from rlsd.schema.config import Config, ConfigError, help_rows, load_config, opt, to_yaml
 
 ROOT = Path(__file__).parent.parent
 
@@ -24,8 +24,8 @@ def test_the_config_schema_imports_without_torch():
     """The schema (and the choices it offers) loads without torch: the method names, their
     help and their checks are asked for lazily, when a config is validated."""
     code = (
-        "import sys, rlsd.config; assert 'torch' not in sys.modules, 'torch'; "
-        "c = rlsd.config.Config(); assert 'torch' not in sys.modules, 'Config()'"
+        "import sys, rlsd.schema.config; assert 'torch' not in sys.modules, 'torch'; "
+        "c = rlsd.schema.config.Config(); assert 'torch' not in sys.modules, 'Config()'"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -131,11 +131,11 @@ def test_the_trl_bridge_builds_the_same_rlsd_object(tmp_path):
 @pytest.mark.parametrize(
     "path",
     [
-        "rlsd/config.py",
-        "rlsd/export.py",
+        "rlsd/schema/config.py",
+        "rlsd/commands/export.py",
         "rlsd/integrations/trl.py",
-        "rlsd/update.py",
-        "rlsd/diagnostics.py",
+        "rlsd/step/update.py",
+        "rlsd/step/diagnostics.py",
         "rlsd/report/html.py",
     ],
 )
@@ -232,7 +232,7 @@ def test_a_new_method_owns_its_section_in_the_config(toy):
 
 
 def test_a_new_method_is_in_the_help_and_the_choices(toy):
-    from rlsd.parser import fields_help
+    from rlsd.commands.parser import fields_help
 
     rows = {key: (default, text) for key, default, text in help_rows()}
     assert rows["toy_rlsd.gain"] == ("2.0", "Scale of RLSD's token credit (a toy option).")
@@ -249,7 +249,7 @@ def test_a_new_method_is_in_the_help_and_the_choices(toy):
 def test_a_new_method_trains_with_its_own_credit_and_saves_its_section(toy, tiny_overrides):
     """Its token_advantages is the credit the update uses (the logged credit of every trained
     row is what it returned), and the run's saved config holds its section."""
-    from rlsd.trainer import train
+    from rlsd.step.trainer import train
 
     overrides = {
         **tiny_overrides,

@@ -17,7 +17,7 @@ from rlsd.algorithms import (
     reweighted_tokens,
     rlsd_token_advantages,
 )
-from rlsd.config import ConfigError, load_config
+from rlsd.schema.config import ConfigError, load_config
 
 from .test_algorithms import naive_rlsd, rlsd_case
 
@@ -210,7 +210,7 @@ def test_method_options_are_refused_for_other_methods():
 
 
 def test_k3_kl_by_hand():
-    from rlsd.update import k3_kl
+    from rlsd.step.update import k3_kl
 
     logps = torch.tensor([[-1.0, -2.0]])
     ref = torch.tensor([[-1.0, -1.0]])
@@ -229,7 +229,7 @@ def _count_forwards(run):
 
 
 def test_one_pass_runs_no_extra_forward_and_epochs_reuse_old_logps(tiny_overrides):
-    from rlsd.trainer import setup, train_step
+    from rlsd.step.trainer import setup, train_step
 
     base = {**tiny_overrides, "algorithm.name": "grpo", "algorithm.kl_coef": "0.1"}
     run = setup(load_config(None, {**base, "output.run_name": "one"}))
@@ -320,9 +320,9 @@ def test_sampled_forward_kl_gradient_matches_by_enumeration():
 
 def test_scorer_exact_kl_matches_full_logits(tiny_model_dir):
     from rlsd.algorithms import token_divergence
-    from rlsd.config import ModelConfig
-    from rlsd.logprobs import TokenScorer, position_ids_for
-    from rlsd.models import load_model
+    from rlsd.engine.logprobs import TokenScorer, position_ids_for
+    from rlsd.engine.models import load_model
+    from rlsd.schema.config import ModelConfig
 
     from .test_logprobs import scoring_inputs
 
@@ -360,7 +360,7 @@ def test_scorer_exact_kl_matches_full_logits(tiny_model_dir):
     ],
 )
 def test_divergence_modes_train(tiny_overrides, extra):
-    from rlsd.trainer import setup, train_step
+    from rlsd.step.trainer import setup, train_step
 
     run = setup(load_config(None, {**tiny_overrides, **extra}))
     before = {n: p.detach().clone() for n, p in run.scorer.named_parameters() if p.requires_grad}

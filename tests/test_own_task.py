@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlsd.checkpoint import check_resumable
-from rlsd.cli import main
-from rlsd.config import FILE_FIELDS, REASONING_GYM_FIELDS, ConfigError, load_config, to_yaml
-from rlsd.data import DataConfig, PromptRenderer, Record, load_records
-from rlsd.export import model_card
-from rlsd.rewards import build_reward, load_callable
-from rlsd.trainer import train
+from rlsd.commands.cli import main
+from rlsd.commands.export import model_card
+from rlsd.engine.checkpoint import check_resumable
+from rlsd.engine.data import DataConfig, PromptRenderer, Record, load_records
+from rlsd.engine.rewards import build_reward, load_callable
+from rlsd.schema.config import FILE_FIELDS, REASONING_GYM_FIELDS, ConfigError, load_config, to_yaml
+from rlsd.step.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "own-task.yaml"
@@ -155,11 +155,11 @@ def test_a_model_without_chat_template_gets_a_one_line_notice(tiny_model_dir, ca
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    with caplog.at_level(logging.WARNING, logger="rlsd.data"):
+    with caplog.at_level(logging.WARNING, logger="rlsd.engine.data"):
         PromptRenderer(DataConfig(), tok)
     assert not caplog.records  # the tiny tokenizer has a chat template: nothing to say
     tok.chat_template = None
-    with caplog.at_level(logging.WARNING, logger="rlsd.data"):
+    with caplog.at_level(logging.WARNING, logger="rlsd.engine.data"):
         renderer = PromptRenderer(DataConfig(system_prompt="Be brief."), tok)
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "\n" not in said[0], said

@@ -1,4 +1,4 @@
-"""The packed layout (rlsd/packing.py) piece by piece, by hand: where each token goes, the
+"""The packed layout (rlsd/engine/packing.py) piece by piece, by hand: where each token goes, the
 mask, the cost estimate, when it declines; and that it equals scoring every row whole under
 eager attention and gradient checkpointing of either kind (float64). The sdpa values and
 gradients, with and without LoRA and KL, are tested beside the cache layout in
@@ -10,9 +10,9 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from rlsd.logprobs import TokenScorer
-from rlsd.models import base_model
-from rlsd.packing import (
+from rlsd.engine.logprobs import TokenScorer
+from rlsd.engine.models import base_model
+from rlsd.engine.packing import (
     MAX_MASK_ELEMENTS,
     contiguous_lengths,
     layer_costs,
@@ -108,7 +108,7 @@ def test_packing_never_builds_a_mask_over_the_bound():
     segment[0, -1000:] = torch.arange(1, 1001)
     args = dict(prompt_width=s - 1000, width=64, rows=1000)
     assert not packing_pays(config(), segment, **args)
-    with patch("rlsd.packing.MAX_MASK_ELEMENTS", s * s):
+    with patch("rlsd.engine.packing.MAX_MASK_ELEMENTS", s * s):
         assert packing_pays(config(), segment, **args)
 
 

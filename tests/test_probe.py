@@ -6,8 +6,15 @@ import json
 import pytest
 import torch
 
-from rlsd.cli import main
-from rlsd.probe import auc, context_stats, first_wrong_step, groups_line, verdict, wrong_step_hits
+from rlsd.commands.cli import main
+from rlsd.commands.probe import (
+    auc,
+    context_stats,
+    first_wrong_step,
+    groups_line,
+    verdict,
+    wrong_step_hits,
+)
 
 from .test_cli import argv
 
@@ -128,11 +135,11 @@ def test_probe_command_end_to_end(tiny_overrides, tmp_path, capsys):
 def test_probe_scores_each_prompt_once_with_the_same_values(tiny_model_dir):
     """`logps_after` with `share_prefix` (the probe follows train.share_prefix) runs each
     distinct prompt once and gives the log-probs of scoring every row whole."""
-    from rlsd.config import ModelConfig
-    from rlsd.logprobs import TokenScorer
-    from rlsd.models import load_model
-    from rlsd.probe import logps_after
-    from rlsd.rollout import Batch, completion_mask_from, left_pad
+    from rlsd.commands.probe import logps_after
+    from rlsd.engine.logprobs import TokenScorer
+    from rlsd.engine.models import load_model
+    from rlsd.engine.rollout import Batch, completion_mask_from, left_pad
+    from rlsd.schema.config import ModelConfig
 
     model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), lora=False), torch.float64)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from rlsd.algorithms import method_for
-from rlsd.config import load_config
-from rlsd.progress import StepDisplay, Watch
-from rlsd.trainer import TrainingStopped, train
+from rlsd.schema.config import load_config
+from rlsd.step.progress import StepDisplay, Watch
+from rlsd.step.trainer import TrainingStopped, train
 
 from .conftest import TESTS_DIR
 
@@ -104,7 +104,7 @@ def test_a_busy_cpu_gets_a_hint_about_threads(monkeypatch, caplog):
 
     import torch
 
-    from rlsd.models import busy_cpu_hint, set_threads
+    from rlsd.engine.models import busy_cpu_hint, set_threads
 
     assert busy_cpu_hint(0.9, 2, 2) is None  # not busy
     assert busy_cpu_hint(3.0, 2, 1) is None  # one thread already

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from rlsd.cli import main
-from rlsd.config import load_config, to_yaml
+from rlsd.commands.cli import main
 from rlsd.report.html import token_color, write_report
 from rlsd.report.plots import curves_figure
+from rlsd.schema.config import load_config, to_yaml
 
 from .test_cli import argv
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsd.cli import main
+from rlsd.commands.cli import main
 from rlsd.report.browser import find_browser, rendered_dom, run_headless
 
 from .test_cli import argv

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsd.cli import main
-from rlsd.config import ConfigError, load_config
-from rlsd.trainer import TrainingStopped, setup, train
+from rlsd.commands.cli import main
+from rlsd.schema.config import ConfigError, load_config
+from rlsd.step.trainer import TrainingStopped, setup, train
 
 from .test_cli import argv
 
@@ -94,7 +94,7 @@ def test_keep_last_deletes_old_checkpoints(tiny_overrides):
 
 
 def test_nonfinite_gradients_are_skipped_then_stop_with_a_checkpoint(tiny_overrides, monkeypatch):
-    from rlsd import trainer
+    from rlsd.step import trainer
 
     real = trainer.group_advantages
     monkeypatch.setattr(
@@ -206,7 +206,7 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tiny_
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_overrides, damage):
-    from rlsd.checkpoint import latest_checkpoint
+    from rlsd.engine.checkpoint import latest_checkpoint
 
     base = {**tiny_overrides, "train.steps": "3", "output.save_every": "1"}
     run_dir = train(load_config(None, base))
@@ -226,7 +226,7 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_overrid
 def test_out_of_memory_is_reported_with_sizes_and_keeps_the_checkpoint(
     tiny_overrides, monkeypatch, capsys
 ):
-    from rlsd import trainer
+    from rlsd.step import trainer
 
     real = trainer.sample_completions
     calls = []
@@ -272,7 +272,7 @@ def test_long_prompts_error_or_skip(tiny_overrides, tmp_path):
         "data.path": str(data),
         "data.max_prompt_tokens": "200",
     }
-    from rlsd.data import DataError
+    from rlsd.engine.data import DataError
 
     with pytest.raises(DataError, match="record 1: prompt of .* tokens exceeds"):
         setup(load_config(None, base))
@@ -281,8 +281,8 @@ def test_long_prompts_error_or_skip(tiny_overrides, tmp_path):
 
 
 def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
-    from rlsd.run import truncate_log
-    from rlsd.runfiles import read_jsonl
+    from rlsd.engine.runfiles import read_jsonl
+    from rlsd.step.run import truncate_log
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')
@@ -300,7 +300,7 @@ def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
 
 
 def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
-    from rlsd.runfiles import write_atomic
+    from rlsd.engine.runfiles import write_atomic
 
     target = tmp_path / "passk.json"
     write_atomic(target, '{"k": 4}')
@@ -317,7 +317,7 @@ def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeyp
 
 def _rehash(ckpt: Path) -> None:
     """Rewrite checksums.json to match the files as they are: damage checksums cannot see."""
-    from rlsd.checkpoint import file_sha256
+    from rlsd.engine.checkpoint import file_sha256
 
     files = [p for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != "checksums.json"]
     (ckpt / "checksums.json").write_text(json.dumps({p.name: file_sha256(p) for p in files}))
@@ -351,7 +351,7 @@ CHECKSUM_DAMAGE = {
 def test_a_checkpoint_with_a_missing_or_mismatched_checksum_file_is_skipped(tiny_overrides, caplog):
     """Each way checksums.json can be missing or disagree with the files makes the checkpoint
     damaged (skipped with a warning); resuming redoes its steps exactly."""
-    from rlsd.checkpoint import latest_checkpoint, verify
+    from rlsd.engine.checkpoint import latest_checkpoint, verify
 
     run_dir = train(
         load_config(None, {**tiny_overrides, "train.steps": "3", "output.save_every": "1"})
@@ -483,17 +483,17 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(tiny_overrides, tm
     marker = tmp_path / "loading"
     script = (
         "import sys, time\n"
-        "import rlsd.run\n"
+        "import rlsd.step.run\n"
         "def slow(*a, **k):\n"
         f"    open({str(marker)!r}, 'w').close()\n"
         "    time.sleep(120)\n"
-        "rlsd.run.load_model = slow\n"
+        "rlsd.step.run.load_model = slow\n"
         "import faulthandler, signal\n"
         "faulthandler.register(signal.SIGUSR1)\n"  # a hang below prints where it is
         # a background job of a shell starts with SIGINT ignored, and Python then installs no
         # handler: restore Python's own, as a terminal run has it
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from rlsd.cli import main\n"
+        "from rlsd.commands.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     proc = subprocess.Popen(

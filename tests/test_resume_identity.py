@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlsd.cli import main
+from rlsd.commands.cli import main
 
 from .test_cli import argv
 from .test_resume import _wait_for_lines, metrics

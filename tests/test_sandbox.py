@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from rlsd.rewards import sandbox, sandbox_launcher
-from rlsd.rewards.builtin import code, code_program, completion_code
-from rlsd.rewards.sandbox import CodeTests, Limits, run_python, run_tests
+from rlsd.engine.rewards import sandbox, sandbox_launcher
+from rlsd.engine.rewards.builtin import code, code_program, completion_code
+from rlsd.engine.rewards.sandbox import CodeTests, Limits, run_python, run_tests
 
 PROBLEM = sandbox.sandbox_problem("bubblewrap")
 if PROBLEM is not None and os.environ.get("RLSD_REQUIRE_SANDBOX") == "1":
@@ -123,7 +123,7 @@ def test_code_extraction_and_programs():
 
 @needs_bubblewrap
 def test_code_verifier_on_humaneval():
-    from rlsd.data import humaneval_records
+    from rlsd.engine.data import humaneval_records
 
     records = humaneval_records()
     assert len(records) == 164 and records[0].metadata["task_id"] == "HumanEval/0"
@@ -138,8 +138,8 @@ def test_code_verifier_on_humaneval():
 
 @needs_bubblewrap
 def test_humaneval_recipe_trains_a_step_on_a_tiny_model(tiny_overrides):
-    from rlsd.config import load_config
-    from rlsd.trainer import setup, train_step
+    from rlsd.schema.config import load_config
+    from rlsd.step.trainer import setup, train_step
 
     overrides = {k: v for k, v in tiny_overrides.items() if k != "reward.verifiers"}
     cfg = load_config(
@@ -239,9 +239,9 @@ def test_the_limits_reach_the_sandbox():
 
 
 def test_code_rewards_are_refused_without_bubblewrap(monkeypatch, capsys):
-    from rlsd.cli import main
-    from rlsd.config import ConfigError, load_config
-    from rlsd.rewards import build_reward
+    from rlsd.commands.cli import main
+    from rlsd.engine.rewards import build_reward
+    from rlsd.schema.config import ConfigError, load_config
 
     sandbox._setup.cache_clear()
     monkeypatch.setattr(shutil, "which", lambda name: None)
@@ -276,7 +276,7 @@ def test_bubblewrap_that_cannot_start_is_refused_with_the_reason(monkeypatch):
 def test_the_opt_out_runs_without_a_sandbox_and_says_so(caplog):
     sandbox._setup.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="rlsd.rewards.sandbox"):
+        with caplog.at_level(logging.WARNING, logger="rlsd.engine.rewards.sandbox"):
             assert sandbox.sandbox_problem("none") is None
         assert any("WITHOUT a sandbox" in r.getMessage() for r in caplog.records)
         result = run_python("import os\nprint(os.getuid(), os.getcwd())", sandbox="none")

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from rlsd.rewards import sandbox
-from rlsd.rewards.builtin import code, code_program
-from rlsd.rewards.sandbox import run_python
+from rlsd.engine.rewards import sandbox
+from rlsd.engine.rewards.builtin import code, code_program
+from rlsd.engine.rewards.sandbox import run_python
 
 REPO = Path(__file__).resolve().parent.parent
 PROBLEM = sandbox.sandbox_problem("bubblewrap")
@@ -174,7 +174,7 @@ def test_a_sandbox_dies_with_a_trainer_killed_by_sigkill(tag, tmp_path):
     script = tmp_path / "trainer.py"
     daemon = f"import os, sys\nos.execv(sys.executable, {DAEMON.format(tag=tag)})"
     script.write_text(
-        f"from rlsd.rewards.sandbox import run_python\nrun_python({daemon!r}, timeout=60)\n"
+        f"from rlsd.engine.rewards.sandbox import run_python\nrun_python({daemon!r}, timeout=60)\n"
     )
     trainer = subprocess.Popen([sys.executable, str(script)], cwd=REPO)
     try:

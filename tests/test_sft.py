@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsd.cli import main
-from rlsd.config import DataConfig, load_config
-from rlsd.data import PromptRenderer, Record
-from rlsd.logprobs import TokenScorer
-from rlsd.sft import sft, sft_examples, sft_step
+from rlsd.commands.cli import main
+from rlsd.commands.sft import sft, sft_examples, sft_step
+from rlsd.engine.data import PromptRenderer, Record
+from rlsd.engine.logprobs import TokenScorer
+from rlsd.schema.config import DataConfig, load_config
 
 from .conftest import build_tokenizer
 from .test_cli import argv
@@ -58,8 +58,8 @@ def naive_cross_entropy(lm, batch, pad):
 
 
 def test_loss_is_the_token_mean_cross_entropy_and_micro_batches_agree(tiny_model_dir):
-    from rlsd.config import ModelConfig
-    from rlsd.models import load_model
+    from rlsd.engine.models import load_model
+    from rlsd.schema.config import ModelConfig
 
     tok = build_tokenizer()
     renderer = PromptRenderer(DataConfig(), tok)

@@ -1,6 +1,6 @@
 """The shared-prompt layouts: each distinct prompt runs once, either as its own pass whose keys
-and values the padded completions reuse (`cache`, rlsd/prefix.py) or with its completions
-packed behind it in one row (`packed`, rlsd/packing.py). The log-probs, distributions and
+and values the padded completions reuse (`cache`, rlsd/engine/prefix.py) or with its completions
+packed behind it in one row (`packed`, rlsd/engine/packing.py). The log-probs, distributions and
 gradients equal those of scoring every row whole (float64, tight tolerance); the teacher pass
 shares only identical teacher prompts; training steps match."""
 
@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from rlsd.config import ModelConfig, load_config
-from rlsd.context import Context
-from rlsd.logprobs import TokenScorer
-from rlsd.models import load_model
-from rlsd.prefix import prompt_groups, run_length, supports_shared_prefix
-from rlsd.rollout import Batch, completion_mask_from, join, left_pad
-from rlsd.trainer import setup, train
+from rlsd.engine.context import Context
+from rlsd.engine.logprobs import TokenScorer
+from rlsd.engine.models import load_model
+from rlsd.engine.prefix import prompt_groups, run_length, supports_shared_prefix
+from rlsd.engine.rollout import Batch, completion_mask_from, join, left_pad
+from rlsd.schema.config import ModelConfig, load_config
+from rlsd.step.trainer import setup, train
 
 EXACT = {"rtol": 1e-10, "atol": 1e-12}  # float64: only reassociation separates the two paths
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # unequal: left padding
@@ -193,8 +193,8 @@ def test_gradient_checkpointing_composes(tiny_model_dir, lora):
 def test_teacher_pass_shares_only_identical_teacher_prompts(tiny_overrides):
     """Reference context: the G rows of a group share one teacher prompt; sibling contexts:
     only rows shown the same sibling do. The teacher's log-probs equal the unshared pass."""
-    from rlsd.records import Contexts, Rollout
-    from rlsd.scoring import self_teacher_scores
+    from rlsd.step.records import Contexts, Rollout
+    from rlsd.step.scoring import self_teacher_scores
 
     run = setup(load_config(None, {**tiny_overrides, "teacher.context": "sibling,reference"}))
     recs, pad = run.records[:2], run.tokenizer.pad_token_id

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlsd.cli import main
+from rlsd.commands.cli import main
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ import torch
 
 from rlsd.algorithms import METHODS, method_for
 from rlsd.algorithms.method import RLSD
-from rlsd.config import ConfigError, DataConfig, load_config
-from rlsd.data import PromptRenderer, Record
-from rlsd.preflight import ALIGNMENT_SAMPLE, check_teacher_prompts
-from rlsd.trainer import TrainingStopped, Watch, setup, train, train_step
+from rlsd.engine.data import PromptRenderer, Record
+from rlsd.engine.preflight import ALIGNMENT_SAMPLE, check_teacher_prompts
+from rlsd.schema.config import ConfigError, DataConfig, load_config
+from rlsd.step.trainer import TrainingStopped, Watch, setup, train, train_step
 
 from .conftest import build_tokenizer
 
@@ -44,7 +44,7 @@ def test_preflight_checks_every_record_not_only_the_first_ones():
 def test_watch_warns_once_and_stops_after_the_configured_spanless_steps(caplog):
     cfg = load_config(None, {"rlsd.thought_only": "true", "rlsd.max_spanless_steps": "3"})
     watch = Watch(cfg, method_for(cfg))
-    with caplog.at_level(logging.WARNING, logger="rlsd.progress"):
+    with caplog.at_level(logging.WARNING, logger="rlsd.step.progress"):
         assert watch.stop_reason(1, {"rlsd/span_frac": 0.0}) is None
         assert watch.stop_reason(2, {"rlsd/span_frac": 0.5}) is None  # a span resets the count
         assert watch.stop_reason(3, {"rlsd/span_frac": 0.0}) is None
@@ -125,7 +125,12 @@ def test_each_method_is_declared_once():
         "opd": "plain",
     }
     assert [n for n, k in METHODS.items() if k.dense] == ["opsd", "grpo_opsd", "opd"]
-    for path in ("rlsd/trainer.py", "rlsd/update.py", "rlsd/run.py", "rlsd/diagnostics.py"):
+    for path in (
+        "rlsd/step/trainer.py",
+        "rlsd/step/update.py",
+        "rlsd/step/run.py",
+        "rlsd/step/diagnostics.py",
+    ):
         source = (ROOT / path).read_text()
         assert "algorithm.name ==" not in source and "algorithm.name in" not in source, path
 
@@ -148,8 +153,9 @@ def test_the_pure_functions_depend_on_nothing_above_them():
     for path in sorted((ROOT / "rlsd" / "algorithms").glob("*.py")):
         outside = {m for m in imports_of(path) if not m.startswith("rlsd.algorithms")}
         assert not outside, f"{path.name} imports {outside}"
-    assert "rlsd.cli" not in imports_of(ROOT / "rlsd" / "study.py")
-    assert imports_of(ROOT / "rlsd" / "study.py")  # the check sees its imports at all
+    study = ROOT / "rlsd" / "commands" / "study.py"
+    assert "rlsd.commands.cli" not in imports_of(study)
+    assert imports_of(study)  # the check sees its imports at all
 
 
 @pytest.mark.parametrize("study_file", ["configs/study-arith.yaml", "configs/study-gpu.yaml"])
@@ -157,8 +163,8 @@ def test_the_committed_study_runs_still_resume_under_their_study_file(study_file
     """The defaults changed (unbiased std, dual clip): every committed run's saved config, read
     with the old defaults for the fields it lacks, equals what its study file now builds, so
     rerunning the study skips or resumes those runs and computes exactly what they computed."""
-    from rlsd.checkpoint import check_resumable
-    from rlsd.study import grid, load_study, run_dir
+    from rlsd.commands.study import grid, load_study, run_dir
+    from rlsd.engine.checkpoint import check_resumable
 
     study = load_study(ROOT / study_file)
     checked = 0
@@ -175,7 +181,7 @@ def test_the_committed_study_runs_still_resume_under_their_study_file(study_file
 
 
 def test_a_saved_config_written_before_a_default_changed_keeps_the_old_behaviour(tmp_path):
-    from rlsd.config import to_yaml
+    from rlsd.schema.config import to_yaml
 
     cfg = load_config(None, {})
     text = to_yaml(cfg).replace("  std: unbiased\n", "").replace("  dual_clip: 3.0\n", "")
@@ -194,7 +200,7 @@ def test_a_saved_config_written_before_a_default_changed_keeps_the_old_behaviour
 def test_every_run_of_a_committed_study_file_builds_a_valid_config(study_file):
     """A typo in an arm or ablation (an unknown field, a bad value) would stop a study hours in,
     when that run starts: every cell's overrides must build a config now."""
-    from rlsd.study import grid, load_study
+    from rlsd.commands.study import grid, load_study
 
     study = load_study(ROOT / "configs" / study_file)
     cells = grid(study)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlsd.cli import main
-from rlsd.config import ConfigError
+from rlsd.commands.cli import main
+from rlsd.commands.study import describe, grid, load_study, run_study, seconds_left
+from rlsd.engine.runfiles import read_jsonl
 from rlsd.report.study import (
     ablation_summary,
     arm_evals,
@@ -23,8 +24,7 @@ from rlsd.report.study import (
     summarize,
 )
 from rlsd.report.study_markdown import _changes, ablation_rows
-from rlsd.runfiles import read_jsonl
-from rlsd.study import describe, grid, load_study, run_study, seconds_left
+from rlsd.schema.config import ConfigError
 
 from .conftest import TESTS_DIR
 
@@ -494,7 +494,7 @@ def test_peak_memory_counts_only_what_runs_measured_for_themselves():
 
 
 def test_a_stopped_study_says_how_to_go_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from rlsd import trainer
+    from rlsd.step import trainer
 
     def stopped(cfg, resume=True):
         raise trainer.TrainingStopped(
@@ -595,7 +595,7 @@ def test_sigterm_stops_every_parallel_run_with_a_checkpoint_and_a_rerun_resumes(
     path = write_study(tmp_path, tiny_model_dir, pass_k=0, seeds=[0], steps=400, eval_every=400)
     runs = [tmp_path / "study" / "arith" / f"{arm}-seed0" for arm in ("grpo", "rlsd")]
     study = subprocess.Popen(
-        [sys.executable, "-m", "rlsd.cli", "study", str(path), "--jobs", "2"],
+        [sys.executable, "-m", "rlsd.commands.cli", "study", str(path), "--jobs", "2"],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path.cwd())},

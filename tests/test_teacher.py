@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rlsd.config import load_config
-from rlsd.trainer import setup, train_step
+from rlsd.schema.config import load_config
+from rlsd.step.trainer import setup, train_step
 
 
 def teacher_logps(run, batch):
@@ -14,7 +14,7 @@ def teacher_logps(run, batch):
 
 
 def probe_batch(run):
-    from rlsd.rollout import Batch, completion_mask_from, left_pad
+    from rlsd.engine.rollout import Batch, completion_mask_from, left_pad
 
     p_ids, p_mask = left_pad(
         [run.renderer.teacher_ids(r) for r in run.records[:2]], run.tokenizer.pad_token_id
@@ -64,7 +64,7 @@ def test_frozen_full_finetune_teacher_keeps_a_copy(tiny_overrides):
 
 
 def _joined(batch):
-    from rlsd.rollout import join
+    from rlsd.engine.rollout import join
 
     return join(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
 
@@ -101,7 +101,7 @@ def test_sync_teacher_changes_exactly_every_n_steps(tiny_overrides, lora):
 
 
 def test_external_teacher_with_another_tokenizer_is_refused(tiny_overrides, tmp_path):
-    from rlsd.config import ConfigError
+    from rlsd.schema.config import ConfigError
 
     from .conftest import build_model_dir
 
@@ -136,8 +136,8 @@ def test_opd_scores_with_the_external_model_on_the_plain_prompt(tiny_overrides, 
     )
     metrics = train_step(run, 1)
     assert metrics["opsd/reverse_kl"] != 0 and metrics["train/skipped_update"] == 0
-    from rlsd.logprobs import TokenScorer
-    from rlsd.rollout import left_pad
+    from rlsd.engine.logprobs import TokenScorer
+    from rlsd.engine.rollout import left_pad
 
     batch = probe_batch(run)
     p_ids, p_mask = left_pad(
@@ -152,9 +152,9 @@ def test_passes_run_only_as_far_as_their_longest_completion(tiny_overrides):
     """The teacher pass, the old log-probs and the update's micro-batches cut a pass's
     completions at its longest one (the columns after it are padding in every row) and give
     the values of scoring the whole width, zeros at the padding included."""
-    from rlsd.rollout import Batch, completion_mask_from
-    from rlsd.teacher import trim_right, used_width, widen
-    from rlsd.update import current_logps
+    from rlsd.engine.rollout import Batch, completion_mask_from
+    from rlsd.engine.teacher import trim_right, used_width, widen
+    from rlsd.step.update import current_logps
 
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
     assert used_width(mask) == 2 and used_width(torch.zeros(2, 4, dtype=torch.bool)) == 1
@@ -185,7 +185,7 @@ def test_passes_run_only_as_far_as_their_longest_completion(tiny_overrides):
 def stopping_early(*args, **kwargs):
     """The rollout, with row i's completion cut after 1 + (3 i mod 11) tokens (the tiny random
     model never stops by itself): completions of many lengths."""
-    from rlsd.rollout import Batch, sample_completions
+    from rlsd.engine.rollout import Batch, sample_completions
 
     batch = sample_completions(*args, **kwargs)
     width = batch.completion_ids.shape[1]
@@ -198,20 +198,20 @@ def stopping_early(*args, **kwargs):
 def _steps(overrides: dict, monkeypatch, trim: bool) -> tuple[list[dict], dict, list[bool]]:
     """Two training steps; with `trim` off every pass runs the batch's whole width. Also
     returns, per pass that could be cut, whether it was."""
-    import rlsd.teacher
-    import rlsd.trainer
-    import rlsd.update
+    import rlsd.engine.teacher
+    import rlsd.step.trainer
+    import rlsd.step.update
 
-    real, cuts = rlsd.teacher.used_width, []
+    real, cuts = rlsd.engine.teacher.used_width, []
 
     def recorded(mask):
         width = real(mask) if trim else mask.shape[1]
         cuts.append(width < mask.shape[1])
         return width
 
-    for module in (rlsd.teacher, rlsd.update):
+    for module in (rlsd.engine.teacher, rlsd.step.update):
         monkeypatch.setattr(module, "used_width", recorded)
-    monkeypatch.setattr(rlsd.trainer, "sample_completions", stopping_early)
+    monkeypatch.setattr(rlsd.step.trainer, "sample_completions", stopping_early)
     run = setup(load_config(None, overrides))
     metrics = [train_step(run, step) for step in (1, 2)]
     monkeypatch.undo()

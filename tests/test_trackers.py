@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsd import sections, tracking
-from rlsd.config import ConfigError, load_config
-from rlsd.trainer import train
+from rlsd.schema import sections
+from rlsd.schema.config import ConfigError, load_config
+from rlsd.step import tracking
+from rlsd.step.trainer import train
 
 
 def trained(tiny_overrides, trackers: str) -> tuple[Path, list[dict]]:

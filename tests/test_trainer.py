@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from rlsd.config import load_config
-from rlsd.records import Rows
-from rlsd.rollout import Batch
-from rlsd.trainer import setup, train
-from rlsd.update import policy_update
+from rlsd.engine.rollout import Batch
+from rlsd.schema.config import load_config
+from rlsd.step.records import Rows
+from rlsd.step.trainer import setup, train
+from rlsd.step.update import policy_update
 
 PERF = ("perf/",)
 
@@ -61,7 +61,7 @@ def test_two_steps_train_and_write_outputs(tiny_overrides, method):
 
 
 def test_parameters_change_and_loss_is_finite(tiny_overrides):
-    from rlsd.trainer import train_step
+    from rlsd.step.trainer import train_step
 
     run = setup(load_config(None, tiny_overrides))
     before = trainable(run)
@@ -134,8 +134,8 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_overrides):
 
 @pytest.mark.parametrize("thought_only", ["false", "true"])
 def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatch, thought_only):
-    from rlsd import trainer
-    from rlsd.rollout import completion_mask_from, left_pad
+    from rlsd.engine.rollout import completion_mask_from, left_pad
+    from rlsd.step import trainer
 
     cfg = load_config(
         None,
@@ -185,8 +185,8 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_overrides, tmp_path, 
     """Recomputing activations changes memory, not the update: the same weights after 2 steps."""
     from safetensors.torch import load_file
 
-    from rlsd.config import load_config
-    from rlsd.trainer import train
+    from rlsd.schema.config import load_config
+    from rlsd.step.trainer import train
 
     name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
     weights = []
@@ -229,7 +229,7 @@ def test_answer_tokens_cover_the_final_answer(tiny_model_dir, extract, tail):
     from transformers import AutoTokenizer
 
     from rlsd.algorithms import method_for
-    from rlsd.diagnostics import completion_spans
+    from rlsd.step.diagnostics import completion_spans
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = load_config(None, {"reward.extract": extract})

@@ -22,14 +22,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from rlsd.algorithms.rlsd import rlsd_token_advantages
-from rlsd.config import ConfigError
-from rlsd.context import Context
+from rlsd.engine.context import Context
+from rlsd.engine.runfiles import read_jsonl
 from rlsd.integrations import trl as rlsd_trl
 from rlsd.integrations.trl import RLSDConfig, RLSDDataError, RLSDGRPOTrainer
 from rlsd.integrations.trl_memory import memory_key
 from rlsd.integrations.trl_teacher import TRL_TEACHER_TEMPLATE
 from rlsd.report.html import write_report
-from rlsd.runfiles import read_jsonl
+from rlsd.schema.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [("Calculate 12 + 7.", "12 + 7 = 19. Answer: 19"), ("What is 3 - 5?", "Answer: -2")]

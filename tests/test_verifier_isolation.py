@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rlsd.config import RewardConfig
-from rlsd.rewards import build_reward
-from rlsd.rewards.isolation import VerifierPool, as_score, isolated, wait_gone, worker_report
+from rlsd.engine.rewards import build_reward
+from rlsd.engine.rewards.isolation import VerifierPool, as_score, isolated, wait_gone, worker_report
+from rlsd.schema.config import RewardConfig
 
 from .conftest import TESTS_DIR
 
@@ -313,7 +313,7 @@ PATHOLOGICAL = [  # 20,000-character replies (the tail builtin.MAX_CHARS keeps)
 
 @pytest.mark.parametrize("extract", ["marker", "boxed", "answer_tag", "last_number", "none"])
 def test_in_process_verifiers_are_linear_on_pathological_replies(extract):
-    from rlsd.rewards.builtin import answer_format, choice, exact, numeric
+    from rlsd.engine.rewards.builtin import answer_format, choice, exact, numeric
 
     start = time.perf_counter()
     for text in PATHOLOGICAL:
@@ -340,8 +340,8 @@ def test_a_killed_trainer_leaves_no_worker_and_its_directory_is_removed_later(
     script = tmp_path / "trainer.py"
     script.write_text(
         "import sys, time\n"
-        "from rlsd.config import RewardConfig\n"
-        "from rlsd.rewards import build_reward\n"
+        "from rlsd.schema.config import RewardConfig\n"
+        "from rlsd.engine.rewards import build_reward\n"
         f"fn = build_reward(RewardConfig(verifiers=['{HELPERS}:my_pid'], workers=2))\n"
         "fn(['p'], ['x'], {'answer': ['1']})\n"  # no __main__ guard: workers must not re-run it
         "print(fn.pools['c']._root, *fn.pools['c'].worker_pids(), flush=True)\n"
@@ -462,7 +462,7 @@ def test_without_isolate_completions_the_worker_scores_them_itself():
 def test_each_completion_gets_a_fresh_confined_worker(worker_items, fresh):
     """A completion that patches a scorer which evals it changes only its own worker's memory:
     with reward.worker_items 1 no later completion is scored by that process."""
-    from rlsd.config import load_config
+    from rlsd.schema.config import load_config
 
     cfg = load_config(
         None,

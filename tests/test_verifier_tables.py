@@ -5,8 +5,8 @@ nested boxes, missing tags)."""
 
 import pytest
 
-from rlsd.data import DataConfig, load_records
-from rlsd.rewards.builtin import (
+from rlsd.engine.data import DataConfig, load_records
+from rlsd.engine.rewards.builtin import (
     answer_format,
     choice,
     code,

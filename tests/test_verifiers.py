@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from rlsd.config import RewardConfig, load_config
-from rlsd.rewards import build_reward, extract_answer
-from rlsd.rewards.builtin import choice, exact, math, numeric, regex
+from rlsd.engine.rewards import build_reward, extract_answer
+from rlsd.engine.rewards.builtin import choice, exact, math, numeric, regex
+from rlsd.schema.config import RewardConfig, load_config
 
 from .conftest import TESTS_DIR
 
@@ -168,7 +168,7 @@ def test_slow_verifiers_run_concurrently():
 
 
 def test_training_survives_a_flaky_and_a_hung_verifier(tiny_overrides):
-    from rlsd.trainer import train
+    from rlsd.step.trainer import train
 
     verifiers = ",".join(
         f"{TESTS_DIR / 'rewards_for_tests.py'}:{v}" for v in ("flaky_reward", "sleepy_reward")
@@ -188,7 +188,7 @@ def test_training_survives_a_flaky_and_a_hung_verifier(tiny_overrides):
     "task", ["basic_arithmetic", "chain_sum", "spell_backward", "gsm_symbolic"]
 )
 def test_check_reward_accepts_the_references(task, capsys):
-    from rlsd.cli import main
+    from rlsd.commands.cli import main
 
     params = [] if task == "basic_arithmetic" else ["--data.task_params", "{}"]
     code = main(
@@ -209,7 +209,7 @@ def test_check_reward_accepts_the_references(task, capsys):
 
 @pytest.mark.parametrize("extract", ["marker", "boxed", "answer_tag"])
 def test_check_reward_writes_references_where_the_extraction_looks(extract):
-    from rlsd.rewards.check import check_references
+    from rlsd.commands.check_reward import check_references
 
     cfg = load_config(
         None, {"reward.verifiers": "numeric", "reward.extract": extract, "data.size": "50"}
@@ -219,7 +219,7 @@ def test_check_reward_writes_references_where_the_extraction_looks(extract):
 
 
 def test_check_reward_flags_a_misconfigured_verifier(capsys):
-    from rlsd.cli import main
+    from rlsd.commands.cli import main
 
     code = main(
         [
@@ -239,8 +239,8 @@ def test_check_reward_flags_a_misconfigured_verifier(capsys):
 
 
 def test_tasks_lists_sources_and_every_verifier(capsys):
-    from rlsd.cli import main
-    from rlsd.rewards import BUILTIN
+    from rlsd.commands.cli import main
+    from rlsd.engine.rewards import BUILTIN
 
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
@@ -250,7 +250,7 @@ def test_tasks_lists_sources_and_every_verifier(capsys):
 
 
 def test_check_reward_accepts_every_humaneval_reference():
-    from rlsd.rewards.check import check_references
+    from rlsd.commands.check_reward import check_references
 
     result = check_references(load_config("configs/humaneval.yaml"))
     assert (result.total, result.accepted) == (164, 164)

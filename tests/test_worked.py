@@ -8,10 +8,10 @@ from fractions import Fraction
 import pytest
 import reasoning_gym
 
-from rlsd.config import ConfigError, load_config
-from rlsd.data import load_records
-from rlsd.rewards.builtin import exact, extract_answer
-from rlsd.tasks.worked import Unsupported, arithmetic_solution, worked_solution
+from rlsd.engine.data import load_records
+from rlsd.engine.rewards.builtin import exact, extract_answer
+from rlsd.engine.tasks.worked import Unsupported, arithmetic_solution, worked_solution
+from rlsd.schema.config import ConfigError, load_config
 
 FAMILIES = [
     ("chain_sum", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}),

@@ -10,9 +10,9 @@ A method declares (class attributes)
 - `options`: the config keys it reads (dotted, or a section prefix such as "rlsd."); a key of a
   section some method reads is refused under every method that does not list it;
 - `config_section`: for a method defined outside rlsd (a plugin, a test) with options of its
-  own, the dataclass of its section (fields declared with `rlsd.config.opt`): every config then
-  holds it under the method's name (`sections.section_types`); rlsd's own methods read the
-  sections declared in `sections_training.py`;
+  own, the dataclass of its section (fields declared with `rlsd.schema.config.opt`): every
+  config then holds it under the method's name (`sections.section_types`); rlsd's own methods
+  read the sections declared in `sections_training.py`;
 and answers (its object, built from its config section by `from_config`)
 - `support`: what the teacher returns besides the sampled tokens' log-probs: None (nothing),
   0 (its whole distribution) or k (its top k), for the exact divergences;

@@ -6,7 +6,7 @@
   `Method` that sets its own `name` registers itself when its class is defined, so adding a
   method never means editing a second table. The dict is the one `method.METHODS` re-exports.
 
-This module imports nothing (torch included), so `rlsd.config` can import it at no cost. The
+This module imports nothing (torch included), so `rlsd.schema.config` can import it at no cost. The
 registry holds the built-in methods only once `method.py` has been imported: `methods()`
 imports it first, which is what the config's choices, help and validation call (they then
 load torch, lazily). `method_sections()` reads the registry as it stands, since a method that

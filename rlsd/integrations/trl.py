@@ -68,10 +68,10 @@ from trl.trainer.utils import pad, use_adapter  # noqa: E402
 
 from ..algorithms.method import RLSD, method_for  # noqa: E402
 from ..algorithms.spans import reasoning_span_mask, span_split, token_pieces  # noqa: E402
-from ..config import AlgorithmConfig, Config, ConfigError, RlsdConfig  # noqa: E402
-from ..context import Context, ContextMemory, choose_contexts, context_metrics  # noqa: E402
-from ..preflight import ALIGNMENT_SAMPLE, PROBE, generation_header  # noqa: E402
-from ..runfiles import JsonlWriter  # noqa: E402
+from ..engine.context import Context, ContextMemory, choose_contexts, context_metrics  # noqa: E402
+from ..engine.preflight import ALIGNMENT_SAMPLE, PROBE, generation_header  # noqa: E402
+from ..engine.runfiles import JsonlWriter  # noqa: E402
+from ..schema.config import AlgorithmConfig, Config, ConfigError, RlsdConfig  # noqa: E402
 from .trl_memory import (  # noqa: E402
     Rollout,
     memory_key,
@@ -284,7 +284,7 @@ class RLSDGRPOTrainer(GRPOTrainer):
     def _rlsd_preflight(self) -> None:
         """On TRL's tokenizer and chat template: the columns exist; for the first rows, each
         teacher prompt differs from the student's and shows its context, and both end with
-        the chat template's assistant header (rlsd.preflight's rules)."""
+        the chat template's assistant header (rlsd.engine.preflight's rules)."""
         data = self.train_dataset
         columns = getattr(data, "column_names", None)
         if columns is None:  # an IterableDataset without known columns: checked per batch

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from ..context import ContextMemory, remember
+from ..engine.context import ContextMemory, remember
+from ..schema.config import ConfigError
 
 STATE_FILE = "rlsd_state.json"
 

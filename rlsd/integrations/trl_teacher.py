@@ -27,11 +27,11 @@ from typing import Any
 import jinja2
 from transformers import TrainerCallback
 
-from ..config import ConfigError, load_config, to_yaml
-from ..context import SOURCES, Context
-from ..runfiles import JsonlWriter
+from ..engine.context import SOURCES, Context
+from ..engine.runfiles import JsonlWriter
+from ..schema.config import ConfigError, load_config, to_yaml
 
-# As rlsd's own teacher template (rlsd/sections.py), less its answer-format line: the user's
+# As rlsd's own teacher template (rlsd/schema/sections.py), less its answer-format line: the user's
 # prompt carries its own instructions.
 TRL_TEACHER_TEMPLATE = (
     "{{ prompt }}\n\nHere is {{ 'a reference solution' if context_kind == 'reference' else "
@@ -204,7 +204,7 @@ def check_header(ids: list[int], header: list[int], which: str, index: int) -> N
 
 
 def sample_lines(batch: dict[str, Any], step: int, limit: int) -> list[dict[str, Any]]:
-    """Lines of rlsd's samples.jsonl (the fields `rlsd.trainer.write_samples` writes) for
+    """Lines of rlsd's samples.jsonl (the fields `rlsd.step.trainer.write_samples` writes) for
     the first `limit` rows (0 = all). `batch` holds per-row lists: prompt, answer, completion,
     reward, correct, advantage (the sequence's), token_ids, token_advantage, context
     (Context or None) and teacher_prompt."""

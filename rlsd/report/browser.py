@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..config import ConfigError
+from ..schema.config import ConfigError
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CONSOLE = re.compile(r":CONSOLE(?:\(\d+\)|:\d+)\] (.*)")

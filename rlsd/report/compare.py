@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, load_config, to_dict
-from ..runfiles import read_jsonl
-from ..tracking import flat_config
+from ..engine.runfiles import read_jsonl
+from ..schema.config import ConfigError, load_config, to_dict
+from ..step.tracking import flat_config
 from .evals import checkpoint_evals, latest_held_out, training_evals
 from .plots import is_raw, label_panel, moving_average, panel_grid
 

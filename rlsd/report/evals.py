@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from ..runfiles import read_jsonl
+from ..engine.runfiles import read_jsonl
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)\)?\s*$")  # `rlsd eval`: "RUN_DIR (checkpoint-N)"
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..algorithms.method import method_for
-from ..config import load_config, to_yaml
-from ..runfiles import read_jsonl
+from ..engine.runfiles import read_jsonl
+from ..schema.config import load_config, to_yaml
 from .compare import FINAL_WINDOW
 from .evals import (
     checkpoint_evals,
@@ -294,7 +294,7 @@ def write_report(run_dir: Path, tokenizer: Any = None, out: Path | None = None) 
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        from ..models import resolve_model_path
+        from ..engine.models import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(
             resolve_model_path(cfg.model.name), local_files_only=True

@@ -14,8 +14,8 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from ..runfiles import read_jsonl, write_atomic
-from ..study import Cell, Study, eval_path, finished, grid, run_dir
+from ..commands.study import Cell, Study, eval_path, finished, grid, run_dir
+from ..engine.runfiles import read_jsonl, write_atomic
 from .compare import FINAL_WINDOW, final_value, load_run, write_compare
 from .study_markdown import GROUPS, summary_markdown
 from .study_plots import ablations_png, accuracy_png, diagnostics_png

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..study import Study
+from ..commands.study import Study
 
 GROUPS = ("correct", "incorrect", "answer_tokens", "other_tokens")  # of the credit diagnostics
 
