@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 
 # The edit loop: the pure functions, config, data, verifiers and structure checks (under a minute).
 FAST_TESTS := tests/test_algorithms.py tests/test_fidelity.py tests/test_spans.py \
-	tests/test_config.py tests/test_context.py tests/test_worked.py tests/test_verifier_tables.py
+	tests/test_config.py tests/test_context.py tests/test_worked.py tests/test_verifier_tables.py \
+	tests/test_layers.py tests/test_method_home.py
 LINTED := rlsd tests benchmarks docs
 
 .PHONY: setup demo test test-fast test-slow lint format clean

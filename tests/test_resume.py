@@ -281,8 +281,8 @@ def test_long_prompts_error_or_skip(tiny_overrides, tmp_path):
 
 
 def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    from rlsd.engine.rundir import truncate_log
     from rlsd.engine.runfiles import read_jsonl
-    from rlsd.step.run import truncate_log
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')

@@ -208,3 +208,36 @@ def test_every_run_of_a_committed_study_file_builds_a_valid_config(study_file):
     for cell in cells:
         cfg = load_config(ROOT / study.base, cell.overrides)
         assert cfg.train.steps == study.steps, cell
+
+
+def test_the_step_records_are_frozen():
+    """The step's data is returned, never filled in place: every record is immutable."""
+    import dataclasses
+
+    from rlsd.step import records
+
+    kinds = [records.Rollout, records.Credit, records.Contexts, records.Teaching]
+    kinds += [records.Rows, records.Update]
+    for kind in kinds:
+        assert dataclasses.is_dataclass(kind) and kind.__dataclass_params__.frozen, kind
+    ids, mask = torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool)
+    rows = records.Rows(
+        records.Batch(ids[:, :3], mask[:, :3], ids, mask), torch.tensor([1.0, -1.0])
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rows.token_adv = torch.zeros(2, 4)
+    picked = rows.select(torch.tensor([1]))
+    assert picked.adv.tolist() == [-1.0] and rows.adv.tolist() == [1.0, -1.0]  # a new record
+    assert rows.cut(2).batch.completion_mask.shape == (2, 2)
+
+
+def test_nothing_below_the_recipe_takes_the_whole_run():
+    """Below `trainer.py`, functions take what they use (typed records, the policy, the
+    scorers, the method, the config), never an untyped `run` whose fields no import shows."""
+    from benchmarks.reading_cost import untyped_run_parameters
+
+    below = [p for p in (ROOT / "rlsd").rglob("*.py") if p.name != "trainer.py"]
+    found = [name for path in below for name in untyped_run_parameters(path)]
+    assert found == []
+    probe = ROOT / "rlsd" / "step" / "trainer.py"
+    assert untyped_run_parameters(probe) == []  # the recipe's Run is typed, not Any

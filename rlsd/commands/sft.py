@@ -123,8 +123,8 @@ def sft(cfg: Config) -> Path:
     from ..engine.checkpoint import apply_weights, load_state, save_checkpoint, set_rng_state
     from ..engine.logprobs import TokenScorer
     from ..engine.models import load_model, pick_device, pick_dtype
+    from ..engine.rundir import truncate_log
     from ..engine.runfiles import JsonlWriter
-    from ..step.run import truncate_log
 
     device = pick_device(cfg.model)
     run_dir = sft_run_dir(cfg)

@@ -14,6 +14,7 @@ started over on top of its own history.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +33,12 @@ from safetensors.torch import load_file, save_file
 
 from ..schema.config import Config, ConfigError, to_dict, unused_fields
 from .runfiles import write_atomic
+from .sharding import shard_optimizer_state
+
+if TYPE_CHECKING:  # the types restore() fills, for the reader only
+    from .context import ContextMemory
+    from .data import PromptStream
+    from .teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -378,4 +385,72 @@ def check_resumable(saved: Config, new: Config, where: str) -> None:
                     f"{key}: the run in {where} used {value!r}, now "
                     f"{new_values[section][name]!r}; resuming would not continue "
                     "the same run (only " + ", ".join(sorted(RESUME_SAFE)) + " may change)"
+                )
+
+
+def restore(
+    ckpt: Path,
+    lm: Any,
+    optimizer: Any,
+    stream: PromptStream,
+    teacher: Teacher | None,
+    lora: bool,
+    memory: ContextMemory | None = None,
+) -> int:
+    """Load a checkpoint into the freshly built run; returns the first step still to run.
+    The frozen teacher was copied from the initial weights before this, so it stays the
+    initial policy.
+
+    Everything is read and checked before the policy changes. A checkpoint that cannot be read
+    back (an unreadable or malicious optimizer or RNG file, say: `torch.load(weights_only=True)`
+    refuses it) is skipped with a warning and the previous intact one used; when none can be,
+    the run stops rather than start over at step 1 on top of its history."""
+    problems = []
+    older = intact_checkpoints(ckpt.parent, before=checkpoint_step(ckpt))  # verified lazily
+    for candidate in itertools.chain([ckpt], older):
+        try:
+            saved = load_state(candidate, lora)
+            check_optimizer_state(optimizer, saved.optimizer)
+            # replaced whole by a fallback's; laid out like the parameters (sharding.py)
+            optimizer.load_state_dict(shard_optimizer_state(optimizer, saved.optimizer))
+            if teacher is not None:  # the sync snapshot, replaced whole by a fallback's
+                teacher.load_state(saved.state.get("teacher_synced_at", 0), saved.teacher)
+            if memory is not None:
+                memory.load_state_dict(saved.state.get("context_memory", []))
+        except (DamagedCheckpoint, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            problem = str(exc) if isinstance(exc, DamagedCheckpoint) else f"{candidate}: {exc}"
+            problems.append(problem)
+            log.warning("%s; falling back to the previous checkpoint", problem)
+            continue
+        stream.load_state_dict(saved.state["data"])
+        apply_weights(lm, saved.weights, lora, candidate)
+        set_rng_state(saved.rng)  # checked when read: the last change, nothing draws after it
+        return saved.state["step"] + 1
+    raise ConfigError(
+        f"{ckpt.parent}: no checkpoint can be read back (newest: {problems[0]}); refusing to "
+        "start over at step 1 on top of the run's history. Restore a checkpoint, or move the "
+        "run directory away to start afresh"
+    )
+
+
+def check_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> None:
+    """Raise ValueError unless `saved` holds the optimizer's parameter groups, and each state
+    tensor the shape of its parameter (torch checks the counts, not the shapes)."""
+    groups, params = saved["param_groups"], [g["params"] for g in optimizer.param_groups]
+    ids = [g.get("params") if isinstance(g, dict) else None for g in groups]
+    if len(ids) != len(params) or any(
+        not isinstance(i, list) or len(i) != len(p) for i, p in zip(ids, params)
+    ):
+        raise ValueError("optimizer.pt: its parameter groups are not this run's")
+    shapes = {i: p.shape for group, ps in zip(ids, params) for i, p in zip(group, ps)}
+    for index, values in saved["state"].items():
+        if index not in shapes or not isinstance(values, dict):
+            raise ValueError(f"optimizer.pt: state of an unknown parameter {index!r}")
+        for name, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"optimizer.pt: {name!r} of parameter {index} is no tensor")
+            if value.dim() and value.shape != shapes[index]:
+                raise ValueError(
+                    f"optimizer.pt: {name!r} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, not {tuple(shapes[index])}"
                 )

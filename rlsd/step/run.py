@@ -8,12 +8,8 @@ builds the same model and restores the same checkpoint.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import shutil
-import sys
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +17,7 @@ import torch
 from accelerate import Accelerator, PartialState
 
 from ..algorithms.method import Method, method_for
-from ..engine.checkpoint import (
-    DamagedCheckpoint,
-    apply_weights,
-    check_resumable,
-    checkpoint_step,
-    intact_checkpoints,
-    load_state,
-    resume_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-)
+from ..engine.checkpoint import restore, save_checkpoint
 from ..engine.context import ContextMemory
 from ..engine.data import (
     PromptRenderer,
@@ -53,17 +39,11 @@ from ..engine.models import (
 )
 from ..engine.preflight import check_teacher_prompts
 from ..engine.rewards import build_reward
-from ..engine.runfiles import JsonlWriter, NullWriter, jsonl_lines, read_jsonl, write_atomic
-from ..engine.sharding import (
-    frozen_copies,
-    full_state,
-    is_sharded,
-    shard_frozen,
-    shard_optimizer_state,
-    shard_policy,
-)
+from ..engine.rundir import open_run_dir, run_dir_for
+from ..engine.runfiles import JsonlWriter, NullWriter, read_jsonl
+from ..engine.sharding import frozen_copies, full_state, is_sharded, shard_frozen, shard_policy
 from ..engine.teacher import Teacher
-from ..schema.config import Config, ConfigError, ModelConfig, load_config, to_dict, to_yaml
+from ..schema.config import Config, ConfigError, ModelConfig, to_dict
 from .scoring import Scorers
 from .tracking import build_trackers, flat_config, reset_peak_memory
 from .update import Policy
@@ -138,45 +118,6 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def run_dir_for(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
-    """The run directory and the checkpoint to resume from (None for a new run).
-
-    A directory that already holds a run is resumed from its latest intact checkpoint when
-    `resume` is set and the config changes nothing that matters; otherwise it is refused, never
-    overwritten. The directory is the run's identity: its location and name (output.dir,
-    output.run_name) are not compared with the saved config, so a run resumes by a relative or
-    absolute path, from any working directory, moved or copied. A generated name (empty
-    output.run_name) always starts a new run, in a directory that does not exist yet.
-    """
-    if not cfg.output.run_name:
-        return generated_run_dir(cfg), None
-    run_dir = Path(cfg.output.dir) / cfg.output.run_name
-    if not (run_dir / "config.yaml").is_file():
-        return run_dir, None
-    if not resume:
-        raise FileExistsError(
-            f"{run_dir}: already holds a run; resume it (drop --no-resume) "
-            "or choose another output.run_name"
-        )
-    check_resumable(load_config(run_dir / "config.yaml", saved=True), cfg, str(run_dir))
-    return run_dir, resume_checkpoint(run_dir)  # None: died before its first checkpoint
-
-
-def generated_run_dir(cfg: Config) -> Path:
-    """output.dir/<method>-<task>-<time>, with -2, -3... when that directory exists already
-    (two runs started in the same second never share one)."""
-    name = "{}-{}-{}".format(
-        cfg.algorithm.name,
-        cfg.data.task if cfg.data.source == "reasoning_gym" else "file",
-        datetime.now().strftime("%Y%m%d-%H%M%S"),
-    )
-    run_dir, n = Path(cfg.output.dir) / name, 1
-    while run_dir.exists() or run_dir.is_symlink():
-        n += 1
-        run_dir = Path(cfg.output.dir) / f"{name}-{n}"
-    return run_dir
 
 
 def load_external_teacher(cfg: Config, tokenizer: Any, device: torch.device) -> TokenScorer:
@@ -369,118 +310,6 @@ def setup(cfg: Config, resume: bool = True) -> Run:
         run.evals = JsonlWriter(run_dir / "evals.jsonl")
     run.history = read_jsonl(run_dir / "metrics.jsonl") if main else []  # main's bar only
     return run
-
-
-LOGS = ("metrics.jsonl", "samples.jsonl", "evals.jsonl")
-
-
-def open_run_dir(cfg: Config, run_dir: Path, start: int) -> None:
-    """Create the run directory, remove what a killed process left half-written, drop log lines
-    written after the checkpoint we resume from (they are rewritten), and save the resolved
-    config, with output.dir and output.run_name saying where the run directory is now. A run
-    with a generated name says how to resume it (the same command again starts another)."""
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    remove_leftovers(run_dir)
-    for name in LOGS:
-        truncate_log(run_dir / name, start - 1)
-    here = replace(cfg.output, dir=str(run_dir.parent), run_name=run_dir.name)
-    write_atomic(run_dir / "config.yaml", to_yaml(replace(cfg, output=here)))
-    if not cfg.output.run_name:
-        print(
-            f"rlsd: new run in {run_dir} (a generated name: the same command again starts "
-            f"another run); to continue this one: rlsd train --resume {run_dir}",
-            file=sys.stderr,
-        )
-
-
-def remove_leftovers(run_dir: Path) -> None:
-    """Delete the temporary checkpoint directories (`.checkpoint-N.*`) and files (`*.tmp`) of
-    writes that a kill interrupted: nothing reads them, and each can be as large as a model."""
-    for path in run_dir.glob(".checkpoint-*"):
-        if path.is_dir() and not path.is_symlink():
-            log.info("removing %s, left by an interrupted checkpoint", path)
-            shutil.rmtree(path, ignore_errors=True)
-    for name in ("latest", "config.yaml", *LOGS):
-        leftover = run_dir / f"{name}.tmp"
-        if leftover.is_file() and not leftover.is_symlink():
-            leftover.unlink()
-
-
-def restore(
-    ckpt: Path,
-    lm: Any,
-    optimizer: Any,
-    stream: PromptStream,
-    teacher: Teacher | None,
-    lora: bool,
-    memory: ContextMemory | None = None,
-) -> int:
-    """Load a checkpoint into the freshly built run; returns the first step still to run.
-    The frozen teacher was copied from the initial weights before this, so it stays the
-    initial policy.
-
-    Everything is read and checked before the policy changes. A checkpoint that cannot be read
-    back (an unreadable or malicious optimizer or RNG file, say: `torch.load(weights_only=True)`
-    refuses it) is skipped with a warning and the previous intact one used; when none can be,
-    the run stops rather than start over at step 1 on top of its history."""
-    problems = []
-    older = intact_checkpoints(ckpt.parent, before=checkpoint_step(ckpt))  # verified lazily
-    for candidate in itertools.chain([ckpt], older):
-        try:
-            saved = load_state(candidate, lora)
-            check_optimizer_state(optimizer, saved.optimizer)
-            # replaced whole by a fallback's; laid out like the parameters (sharding.py)
-            optimizer.load_state_dict(shard_optimizer_state(optimizer, saved.optimizer))
-            if teacher is not None:  # the sync snapshot, replaced whole by a fallback's
-                teacher.load_state(saved.state.get("teacher_synced_at", 0), saved.teacher)
-            if memory is not None:
-                memory.load_state_dict(saved.state.get("context_memory", []))
-        except (DamagedCheckpoint, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            problem = str(exc) if isinstance(exc, DamagedCheckpoint) else f"{candidate}: {exc}"
-            problems.append(problem)
-            log.warning("%s; falling back to the previous checkpoint", problem)
-            continue
-        stream.load_state_dict(saved.state["data"])
-        apply_weights(lm, saved.weights, lora, candidate)
-        set_rng_state(saved.rng)  # checked when read: the last change, nothing draws after it
-        return saved.state["step"] + 1
-    raise ConfigError(
-        f"{ckpt.parent}: no checkpoint can be read back (newest: {problems[0]}); refusing to "
-        "start over at step 1 on top of the run's history. Restore a checkpoint, or move the "
-        "run directory away to start afresh"
-    )
-
-
-def check_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> None:
-    """Raise ValueError unless `saved` holds the optimizer's parameter groups, and each state
-    tensor the shape of its parameter (torch checks the counts, not the shapes)."""
-    groups, params = saved["param_groups"], [g["params"] for g in optimizer.param_groups]
-    ids = [g.get("params") if isinstance(g, dict) else None for g in groups]
-    if len(ids) != len(params) or any(
-        not isinstance(i, list) or len(i) != len(p) for i, p in zip(ids, params)
-    ):
-        raise ValueError("optimizer.pt: its parameter groups are not this run's")
-    shapes = {i: p.shape for group, ps in zip(ids, params) for i, p in zip(group, ps)}
-    for index, values in saved["state"].items():
-        if index not in shapes or not isinstance(values, dict):
-            raise ValueError(f"optimizer.pt: state of an unknown parameter {index!r}")
-        for name, value in values.items():
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"optimizer.pt: {name!r} of parameter {index} is no tensor")
-            if value.dim() and value.shape != shapes[index]:
-                raise ValueError(
-                    f"optimizer.pt: {name!r} of parameter {index} has shape "
-                    f"{tuple(value.shape)}, not {tuple(shapes[index])}"
-                )
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep only the lines of steps <= step (atomically): a resumed run rewrites the rest. A
-    last line cut short (the process was killed while writing it) is dropped with the rest."""
-    if not path.is_file():
-        return
-    kept = [line for line, record in jsonl_lines(path) if record["step"] <= step]
-    write_atomic(path, "".join(kept))
 
 
 def save(run: Run, step: int) -> Path:
