@@ -284,3 +284,17 @@ def test_compare_refuses_a_non_run(runs, tmp_path, capsys):
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     assert main(["compare", str(tmp_path / "empty")]) == 2
     assert "no steps logged yet" in capsys.readouterr().err
+
+
+def test_flops_to_a_step_sum_the_logged_compute_or_say_none():
+    from rlsd.engine.compute import flops_to_step
+
+    rows = [
+        {"step": 1, "compute/flops": 2e12},
+        {"step": 2, "compute/flops": 3e12},
+        {"step": 3, "compute/flops": 4e12},
+    ]
+    assert flops_to_step(rows, 2) == 5e12
+    assert flops_to_step(rows, 3) == 9e12
+    older = [{"step": 1}, {"step": 2, "compute/flops": 3e12}]  # a run from before the count
+    assert flops_to_step(older, 2) is None

@@ -90,19 +90,19 @@ def worker(mode: str, overrides: dict, tmp: Path, out: Path) -> None:
 def runs(tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("ddp")
     out = {}
-    for method in ("rlsd", "grpo"):
-        result = tmp / f"{method}.json"
-        worker(
-            "train",
-            base(tiny_model_dir, tmp / "runs", method, **{"algorithm.name": method}),
-            tmp,
-            result,
-        )
-        out[method] = json.loads(result.read_text())
+    settings = {
+        "rlsd": {"algorithm.name": "rlsd"},
+        "grpo": {"algorithm.name": "grpo"},
+        "grpo-dynamic": {"algorithm.name": "grpo", "rollout.dynamic_sampling": "true"},
+    }
+    for name, extra in settings.items():
+        result = tmp / f"{name}.json"
+        worker("train", base(tiny_model_dir, tmp / "runs", name, **extra), tmp, result)
+        out[name] = json.loads(result.read_text())
     return out
 
 
-@pytest.mark.parametrize("method", ["rlsd", "grpo"])
+@pytest.mark.parametrize("method", ["rlsd", "grpo", "grpo-dynamic"])
 def test_two_processes_train_with_identical_weights(runs, method):
     result = runs[method]
     assert [s["step"] for s in result["steps"]] == [1, 2, 3]
@@ -118,7 +118,13 @@ def test_two_processes_train_with_identical_weights(runs, method):
         "checkpoint-3",
     ]
     samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 3 * 2 * 4  # the main process's 2 prompts x 4 samples per step
+    if method.endswith("-dynamic"):  # the main process's kept groups (1 or 2), or a round
+        per_step = [sum(x["step"] == r["step"] for x in samples) for r in rows]
+        assert all(n in (4, 8) for n in per_step), per_step
+        assert all(r["sampling/rounds"] == int(r["sampling/rounds"]) for r in rows)  # agreed
+        assert all(1 <= r["sampling/rounds"] <= 4 for r in rows)
+    else:
+        assert len(samples) == 3 * 2 * 4  # the main process's 2 prompts x 4 samples per step
     assert all(0.0 <= r["reward/accuracy"] <= 1.0 for r in rows)
     assert all(r["perf/peak_mem_scope"] == "run" for r in rows)  # text passes the reduction
 

@@ -482,6 +482,19 @@ def test_steps_to_target_is_where_the_curve_stays_at_the_target():
     assert steps_to_stay(steps, [0.75] * 5, None) is None and steps_to_stay([], [], 0.7) is None
 
 
+def test_compute_to_target_is_the_runs_mean_flops_up_to_that_step():
+    from rlsd.report.study import tflop_to_target
+
+    runs = [
+        [{"step": s, "compute/flops": 1e12} for s in range(1, 5)],
+        [{"step": s, "compute/flops": 3e12} for s in range(1, 5)],
+    ]
+    assert tflop_to_target(runs, 2) == pytest.approx((2 + 6) / 2)
+    assert tflop_to_target(runs, None) is None and tflop_to_target([], 2) is None
+    runs[1][0] = {"step": 1}  # a run that did not log its compute
+    assert tflop_to_target(runs, 2) is None
+
+
 def test_peak_memory_counts_only_what_runs_measured_for_themselves():
     rows = [
         {"perf/peak_mem_mb": 900.0},  # logged before the per-run reset: may be another run's

@@ -152,7 +152,7 @@ def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatc
     body = tok("12 + 7", add_special_tokens=False)["input_ids"]
     answer = tok("Answer: 19", add_special_tokens=False)["input_ids"]
 
-    def fixed_rollout(run, step, recs):
+    def fixed_rollout(run, step, recs, round_=0):
         prompts, _ = left_pad([run.renderer.student_ids(r) for r in recs], tok.pad_token_id)
         rows = [
             think + body[: 1 + i % 3] + close + answer + [tok.eos_token_id]

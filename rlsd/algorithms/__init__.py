@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "advantages": ("group_advantages", "group_outcomes"),
+    "advantages": ("group_advantages", "group_outcomes", "mixed_groups"),
     "distill": ("opsd_token_advantages", "sampled_forward_token_advantages", "token_divergence"),
     "masking": ("masked", "teacher_gap"),
     "method": ("METHODS", "Method", "method_for"),

@@ -72,3 +72,15 @@ def group_outcomes(correct: torch.Tensor, group_size: int) -> dict[str, float]:
         "all_wrong": (hits == 0).float().mean().item(),
         "mixed": ((hits > 0) & (hits < group_size)).float().mean().item(),
     }
+
+
+def mixed_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """rewards (B*G,) laid out group by group -> (B,) True where the group's rewards differ:
+    the groups that carry a policy gradient (any other has A = 0 under every baseline). Dynamic
+    sampling keeps these (DAPO, arXiv 2503.14476)."""
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}"
+        )
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    return ~grouped.eq(grouped[:, :1]).all(dim=1)

@@ -21,7 +21,7 @@ import torch
 
 T = TypeVar("T")
 MAXIMA = ("perf/", "completion/length_max", "train/nonfinite")  # the slowest / largest process
-SUMS = ("perf/completion_tokens_per_second",)
+SUMS = ("perf/completion_tokens_per_second", "compute/")  # each process's own work adds up
 TOKEN_WEIGHTED = ("policy/entropy", "policy/clip_frac", "teacher/", "rlsd/", "opsd/")
 
 

@@ -37,6 +37,27 @@ class Batch:
         )
 
 
+def concat_batches(batches: list[Batch], pad_id: int) -> Batch:
+    """Batches of different widths stacked row-wise: prompts padded on the left to the widest,
+    completions on the right (padding has mask False and id `pad_id`)."""
+    p_width = max(b.prompt_ids.shape[1] for b in batches)
+    c_width = max(b.completion_ids.shape[1] for b in batches)
+    pad = torch.nn.functional.pad
+
+    def left(x: torch.Tensor, value: int | bool) -> torch.Tensor:
+        return pad(x, (p_width - x.shape[1], 0), value=value)
+
+    def right(x: torch.Tensor, value: int | bool) -> torch.Tensor:
+        return pad(x, (0, c_width - x.shape[1]), value=value)
+
+    return Batch(
+        torch.cat([left(b.prompt_ids, pad_id) for b in batches]),
+        torch.cat([left(b.prompt_mask, False) for b in batches]),
+        torch.cat([right(b.completion_ids, pad_id) for b in batches]),
+        torch.cat([right(b.completion_mask, False) for b in batches]),
+    )
+
+
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lists of ids -> (ids, mask) tensors, padded on the left to the longest."""
     width = max(len(s) for s in seqs)

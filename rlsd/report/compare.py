@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.compute import flops_to_step
 from ..engine.runfiles import read_jsonl
 from ..schema.config import ConfigError, load_config, to_dict
 from ..step.tracking import flat_config
@@ -248,7 +249,9 @@ def summary(groups: dict[str, Group], target: float | None) -> tuple[list[dict],
     table = []
     for label, group in groups.items():
         runs = group.runs
-        done = [h for r in runs if target is not None and (h := time_to_target(r, target))]
+        reached = [(r, h) for r in runs if target is not None and (h := time_to_target(r, target))]
+        done = [h for _, h in reached]
+        flops = [f for r, h in reached if (f := flops_to_step(r.rows, h[0])) is not None]
         evals = [h for r in runs if (h := held_out(r)) is not None]
         mems = [max(vals) for r in runs if (vals := r.series("perf/peak_mem_mb")[1])]
         table.append(
@@ -262,6 +265,7 @@ def summary(groups: dict[str, Group], target: float | None) -> tuple[list[dict],
                 "reached": f"{len(done)}/{len(runs)}" if target is not None else "-",
                 "steps_to_target": mean_std([float(s) for s, _ in done]) if done else None,
                 "seconds_to_target": mean_std([t for _, t in done]) if done else None,
+                "tflop_to_target": mean_std([f / 1e12 for f in flops]) if flops else None,
                 "peak_mem_mb": max(mems) if mems else None,
             }
         )
@@ -289,6 +293,7 @@ def table_cells(table: list[dict], target: float | None) -> tuple[list[str], lis
         f"reached {fmt(target)}" if target is not None else "reached (no target)",
         "steps to it",
         "seconds to it",
+        "TFLOP to it",
         "peak MB",
     ]
     rows = [
@@ -302,6 +307,7 @@ def table_cells(table: list[dict], target: float | None) -> tuple[list[str], lis
             row["reached"],
             fmt(row["steps_to_target"], 1),
             fmt(row["seconds_to_target"], 0),
+            fmt(row["tflop_to_target"], 1),
             fmt(row["peak_mem_mb"], 0),
         ]
         for row in table

@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 from ..commands.study import Cell, Study, eval_path, finished, grid, run_dir
+from ..engine.compute import flops_to_step
 from ..engine.runfiles import read_jsonl, write_atomic
 from .compare import FINAL_WINDOW, final_value, load_run, write_compare
 from .study_markdown import GROUPS, summary_markdown
@@ -250,6 +251,7 @@ def arm_summary(
         )
         if reach and per_run
         else None,
+        "tflop_to_target": tflop_to_target(per_run, reach),
         "seconds_per_step": statistics.median(step_s) if step_s else None,
         "peak_mem_mb": run_peak_mb(rows),
         "learning_groups": learning_groups(rows),
@@ -262,6 +264,15 @@ def arm_summary(
         "diagnostics_curves": diag_curves,
         "eval_items": len(evals[steps[-1]][0]) if steps else 0,
     }
+
+
+def tflop_to_target(per_run: list[list[dict[str, Any]]], reach: int | None) -> float | None:
+    """The runs' mean estimated training compute (TFLOP, `compute/flops`) up to the step where
+    the arm's curve stays at the target; None when it never does or a run did not log it."""
+    if not reach or not per_run:
+        return None
+    spent = [flops_to_step(rows, reach) for rows in per_run]
+    return None if None in spent else statistics.mean(spent) / 1e12
 
 
 def curve_auc(evals: dict[int, list[list[float]]]) -> float | None:

@@ -39,6 +39,7 @@ def summary_row(arm: str, a: dict[str, Any], pass_k: int) -> str:
         _pct(a["learning_groups"]),
         "-" if a["steps_to_target"] is None else str(a["steps_to_target"]),
         "-" if a["seconds_to_target"] is None else str(round(a["seconds_to_target"])),
+        "-" if a.get("tflop_to_target") is None else f"{a['tflop_to_target']:.1f}",
         "-" if a["seconds_per_step"] is None else str(round(a["seconds_per_step"], 1)),
         "-" if not a["peak_mem_mb"] else str(round(a["peak_mem_mb"])),
         _pct(a["leak_echo"]),
@@ -160,6 +161,8 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
         "differed, the only ones that carry a gradient; *target*: the "
         f"{study.reference_arm} arm's final accuracy; *steps to target*: the first "
         "evaluation step from which the mean curve stays at or above it to the end; "
+        "*TFLOP to target*: the runs' estimated training compute up to that step "
+        "(`compute/flops`; - for runs from before it was logged); "
         "echo / answer-first: the leakage check on the last evaluation's completions; "
         "*peak MB*: the largest of the runs' "
         "own peaks (resident set on CPU, allocated on CUDA), runs that could only log the "
@@ -192,6 +195,7 @@ def summary_markdown(study: Study, result: dict[str, Any]) -> str:
             "learning groups %",
             "steps to target",
             "s to target",
+            "TFLOP to target",
             "s/step",
             "peak MB",
             "echo %",

@@ -309,6 +309,15 @@ def _check_method(cfg: Config, changed: set[str]) -> None:
     for key, needed in (("teacher.model", "external"), ("teacher.sync_every", "sync")):
         if key in changed and mode != needed:
             raise ConfigError(f"{key}: only applies to teacher.mode={needed}, not {mode}")
+    if cfg.rollout.dynamic_sampling and method.dense:
+        dense = ", ".join(m.name for m in registered.values() if m.dense)
+        raise ConfigError(
+            f"rollout.dynamic_sampling: {method.name} learns from every completion ({dense} "
+            "do), so dropping the groups whose rewards are equal would drop what it learns "
+            "from; turn it off, or choose grpo or rlsd"
+        )
+    if "rollout.max_rounds" in changed and not cfg.rollout.dynamic_sampling:
+        raise ConfigError("rollout.max_rounds: only applies with rollout.dynamic_sampling true")
 
 
 def _cuda_device(device: str) -> bool:

@@ -294,6 +294,21 @@ class RolloutConfig:
         "model.generate. The default stays own until static and graph are measured on a GPU.",
         choices=("own", "static", "graph", "generate"),
     )
+    dynamic_sampling: bool = opt(
+        False,
+        "Keep drawing rounds of train.prompts_per_step prompts (G samples each) until the step "
+        "holds prompts_per_step groups whose rewards differ, as DAPO does: a group whose rewards "
+        "are all equal carries no gradient under grpo and rlsd, so it is dropped before the "
+        "teacher and the update. A step that has not filled up after rollout.max_rounds trains "
+        "on the mixed groups it found (none: it trains nothing, as without the sampler). Not "
+        "for opsd, grpo_opsd and opd, which learn from every completion.",
+    )
+    max_rounds: int = opt(
+        4,
+        "With rollout.dynamic_sampling: the most rounds of prompts_per_step prompts one step "
+        "draws (each round costs a generation pass).",
+        low=1,
+    )
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 
 from ..engine.context import Context
 from ..engine.data import Record
-from ..engine.rollout import Batch
+from ..engine.rollout import Batch, concat_batches
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,49 @@ class Rollout:
 
     def record_of(self, row: int) -> Record:
         return self.records[row // self.group]
+
+    def take_groups(self, keep: torch.Tensor) -> Rollout:
+        """The rollout of the groups where `keep` (B,) is True, in order."""
+        rows = keep.repeat_interleave(self.group)  # (N,)
+        index = rows.nonzero().flatten().tolist()
+        return replace(
+            self,
+            records=[r for r, k in zip(self.records, keep.tolist()) if k],
+            batch=self.batch.select(rows),
+            texts=[self.texts[i] for i in index],
+            rewards=self.rewards[rows],
+            correct=[self.correct[i] for i in index],
+        )
+
+    @staticmethod
+    def merge(parts: list[Rollout], pad_id: int) -> Rollout:
+        """Several rounds' rollouts as one (their groups in order; see `merge_reward_metrics`)."""
+        return Rollout(
+            [r for part in parts for r in part.records],
+            concat_batches([part.batch for part in parts], pad_id),
+            [t for part in parts for t in part.texts],
+            torch.cat([part.rewards for part in parts]),
+            [c for part in parts for c in part.correct],
+            parts[0].group,
+            merge_reward_metrics([(part.metrics, len(part.texts)) for part in parts]),
+        )
+
+
+def merge_reward_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """The verifiers' metrics of several rounds, each given with its number of completions:
+    counts (`reward/errors`, `reward/timeouts`, `reward/unjudged`) add up, per-verifier means
+    (`reward/<name>/mean`) are weighted by completions, and `reward/error_frac` is recomputed."""
+    n = sum(count for _, count in parts)
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for metrics, _ in parts for k in metrics):
+        values = [(metrics[key], count) for metrics, count in parts if key in metrics]
+        if key.endswith("/mean"):
+            out[key] = sum(v * c for v, c in values) / max(sum(c for _, c in values), 1)
+        else:
+            out[key] = sum(v for v, _ in values)
+    if "reward/error_frac" in out:
+        out["reward/error_frac"] = min(out.get("reward/errors", 0.0) / max(n, 1), 1.0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -75,6 +118,7 @@ class Teaching:
     support_ids: torch.Tensor | None = None  # (n, T, k) their token ids (topk)
     ref_logps: torch.Tensor | None = None  # (n, T) frozen initial policy, for the KL penalty
     metrics: dict[str, float] = field(default_factory=dict)  # teacher/*, memory/*
+    scored: tuple[int, ...] = ()  # the length of every sequence the teacher passes forwarded
 
 
 @dataclass(frozen=True)

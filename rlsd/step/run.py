@@ -18,6 +18,7 @@ from accelerate import Accelerator, PartialState
 
 from ..algorithms.method import Method, method_for
 from ..engine.checkpoint import restore, save_checkpoint
+from ..engine.compute import Shape, model_shape
 from ..engine.context import ContextMemory
 from ..engine.data import (
     PromptRenderer,
@@ -79,6 +80,7 @@ class Run:
     evals: Any = field(default_factory=NullWriter)  # evals.jsonl: per-item held-out results
     mem_scope: str = "process"  # what perf/peak_mem_mb covers: "run" or the whole "process"
     memory: ContextMemory | None = None  # earlier successes per prompt (teacher.context memory)
+    shape: Shape | None = None  # the policy's size, for the FLOP estimate (engine/compute.py)
 
     @property
     def device(self) -> torch.device:
@@ -306,6 +308,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
         *logs,
     )
     run.start_step, run.mem_scope, run.memory = start, mem_scope, memory
+    run.shape = model_shape(policy.lm)
     if main and cfg.train.eval_every:
         run.evals = JsonlWriter(run_dir / "evals.jsonl")
     run.history = read_jsonl(run_dir / "metrics.jsonl") if main else []  # main's bar only

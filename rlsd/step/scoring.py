@@ -9,7 +9,7 @@ have one. The external teacher (OPD) and the KL reference see the student's own 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -103,14 +103,21 @@ def self_teacher_scores(
         for i, c in zip(index, chosen)
         if c is not None
     ]
+    scored = sequence_lengths(prompts, trained.select(has))
     if has.all():
         scores = scored_by(scorers, scorers.teacher, prompts, trained, method.support)
-        return Teaching(scores.logps, None, scores.support_vals, scores.support_ids)
+        return Teaching(scores.logps, None, scores.support_vals, scores.support_ids, scored=scored)
     assert method.support is None, "exact divergences need a context for every row"
     scores = scored_by(scorers, scorers.teacher, prompts, trained.select(has))
     logps = torch.zeros(has.shape[0], scores.logps.shape[1])  # (n, T)
     logps[has] = scores.logps
-    return Teaching(teacher_logps=logps, context_rows=has)
+    return Teaching(teacher_logps=logps, context_rows=has, scored=scored)
+
+
+def sequence_lengths(prompts: list[list[int]], completions: Batch) -> tuple[int, ...]:
+    """The length of each [prompt ; completion] a pass forwards (for the compute count)."""
+    lengths = completions.completion_mask.sum(1).tolist()
+    return tuple(len(p) + c for p, c in zip(prompts, lengths))
 
 
 def teach(
@@ -136,18 +143,15 @@ def teach(
             teaching = self_teacher_scores(scorers, method, rollout, index, contexts)
         elif index:  # OPD: the external teacher sees the student's own prompt
             scores = scored_by(scorers, teacher, plain, trained, method.support)
-            teaching = Teaching(scores.logps, None, scores.support_vals, scores.support_ids)
-    ref_logps = None
+            scored = sequence_lengths(plain, trained)
+            teaching = Teaching(
+                scores.logps, None, scores.support_vals, scores.support_ids, scored=scored
+            )
+    ref_logps, scored = None, teaching.scored
     if scorers.reference is not None and index:
         ref_logps = scored_by(scorers, scorers.reference, plain, trained).logps
-    return Teaching(
-        teaching.teacher_logps,
-        teaching.context_rows,
-        teaching.support_vals,
-        teaching.support_ids,
-        ref_logps,
-        metrics,
-    )
+        scored += sequence_lengths(plain, trained)
+    return replace(teaching, ref_logps=ref_logps, metrics=metrics, scored=scored)
 
 
 def remember_step(
