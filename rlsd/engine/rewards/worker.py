@@ -40,14 +40,25 @@ class WorkerError(RuntimeError):
     already "Type: message"."""
 
 
+def is_tensor(value: Any) -> bool:
+    """Whether `value` is a torch Tensor (or a subclass), told by its class: a worker need not
+    import torch to recognise one."""
+    return any(c.__name__ == "Tensor" and c.__module__ == "torch" for c in type(value).__mro__)
+
+
+TENSOR_HINT = "return plain floats (tensor.tolist())"
+
+
 def as_score(value: Any) -> float | None:
     """A verifier's return value as a float, None (cannot judge), or ScoreError.
 
     bool, int (when a float can hold it), Fraction, Decimal and numpy scalars convert; NaN,
-    infinities, strings and objects without a float value are errors.
+    infinities, strings, torch tensors and objects without a float value are errors.
     """
     if value is None:
         return None
+    if is_tensor(value):
+        raise ScoreError(f"returned a torch Tensor as a score: {TENSOR_HINT}")
     if isinstance(value, (str, bytes, bytearray, complex)) or not hasattr(value, "__float__"):
         raise ScoreError(f"returned {type(value).__name__}, not a number")
     try:
@@ -64,6 +75,9 @@ def call_verifier(fn: Callable, args: tuple, kwargs: dict) -> float | None:
     result = fn(*args, **kwargs)
     if inspect.isawaitable(result):
         result = asyncio.run(result)
+    if is_tensor(result):
+        shape = "x".join(map(str, getattr(result, "shape", ()))) or "0-d"
+        raise ScoreError(f"returned a torch Tensor ({shape}), not a list of scores: {TENSOR_HINT}")
     scores = list(result)
     if len(scores) != 1:
         raise ScoreError(f"returned {len(scores)} scores for 1 completion")
