@@ -83,3 +83,28 @@ def test_restating_a_default_is_not_refused():
     )
     assert cfg.algorithm.name == "grpo" and cfg.rlsd.lambda_ == 0.5
     assert set(cfg.explicit) == {"algorithm.name", "rlsd.lambda", "teacher.mode"}
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", "# nothing\n", "{}\n"])
+def test_an_emptied_run_config_is_reported_as_such_not_as_a_checkpoint_problem(
+    tmp_path, capsys, content
+):
+    """A run directory whose config.yaml was emptied (a full disk, an editor) while its
+    checkpoints are there: resuming it, by --resume or by the run's own command, names the
+    file and says what happened; its checkpoints and logs are left as they were."""
+    from rlsd.commands.cli import main
+
+    run_dir = tmp_path / "runs" / "t"
+    (run_dir / "checkpoint-2").mkdir(parents=True)
+    (run_dir / "checkpoint-2" / "trainer_state.json").write_text('{"step": 2}')
+    (run_dir / "latest").write_text("checkpoint-2\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (run_dir / "config.yaml").write_text(content)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    same_command = ["--output.dir", str(tmp_path / "runs"), "--output.run_name", "t"]
+    for command in (["train", "--resume", str(run_dir)], ["train", *same_command]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{run_dir / 'config.yaml'}: holds no settings" in err, err
+        assert "checkpoint" not in err.split("holds no settings")[1] and "\n" not in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -12,7 +12,9 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from ..schema.config import Config, load_config, to_yaml
+import yaml
+
+from ..schema.config import Config, ConfigError, load_config, to_yaml
 from .checkpoint import check_resumable, resume_checkpoint
 from .runfiles import jsonl_lines, write_atomic
 
@@ -39,8 +41,26 @@ def run_dir_for(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
             f"{run_dir}: already holds a run; resume it (drop --no-resume) "
             "or choose another output.run_name"
         )
-    check_resumable(load_config(run_dir / "config.yaml", saved=True), cfg, str(run_dir))
+    check_resumable(saved_config(run_dir), cfg, str(run_dir))
     return run_dir, resume_checkpoint(run_dir)  # None: died before its first checkpoint
+
+
+def saved_config(run_dir: Path) -> Config:
+    """The config a run directory saved. One that holds no settings (emptied by a full disk or
+    an editor) is refused as what it is: loaded, it would be the defaults, and resuming would
+    then fail on the checkpoints (another model's weights) or on a field that differs, neither
+    of which is the problem."""
+    path = run_dir / "config.yaml"
+    try:
+        empty = not yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        empty = False  # load_config says what is wrong with it
+    if empty:
+        raise ConfigError(
+            f"{path}: holds no settings (emptied?), so what the run computed is unknown; "
+            "restore the file from a copy, or move the run directory away to start afresh"
+        )
+    return load_config(path, saved=True)
 
 
 def generated_run_dir(cfg: Config) -> Path:
