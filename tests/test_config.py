@@ -108,3 +108,33 @@ def test_an_emptied_run_config_is_reported_as_such_not_as_a_checkpoint_problem(
         assert f"{run_dir / 'config.yaml'}: holds no settings" in err, err
         assert "checkpoint" not in err.split("holds no settings")[1] and "\n" not in err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.lr", "1e300", "train.lr: must be <= 1, got 1e+300"),
+        ("train.lr", "5", "train.lr: must be <= 1, got 5.0"),
+        ("sft.lr", "2", "sft.lr: must be <= 1, got 2.0"),
+        ("train.steps", "1e30", "train.steps: must be <= 1e+09, got 1e+30"),
+        ("rollout.max_new_tokens", "1e12", "rollout.max_new_tokens: must be <= 1e+09"),
+        ("reward.timeout", "1e300", "reward.timeout: must be <= 1e+09"),
+        ("reward.none_value", "-1e300", "reward.none_value: must be >= -1e+09"),
+    ],
+)
+def test_absurd_values_are_refused_naming_the_field(key, value, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {key: value})
+    assert str(exc.value).startswith(f"command line: {message}")
+
+
+def test_every_committed_config_and_study_cell_is_within_the_bounds():
+    from rlsd.commands.study import grid, load_study
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if not path.name.startswith("study-"):
+            load_config(path)
+            continue
+        study = load_study(path)
+        for cell in grid(study):
+            load_config(study.base, cell.overrides)

@@ -191,6 +191,21 @@ def _check_range(section_name: str, section: Any, explicit: dict[str, str]) -> N
             raise ConfigError(f"{where}: must be >= {meta['low']}, got {value}")
         if meta.get("high") is not None and value > meta["high"]:
             raise ConfigError(f"{where}: must be <= {meta['high']}, got {value}")
+        _check_size(value, meta, where)
+
+
+ABSURD = 1e9  # no number of a field without its own `high` exceeds this in size
+
+
+def _check_size(value: Any, meta: dict, where: str) -> None:
+    """Refuse a number beyond ABSURD (`--train.steps 1e30`, `--reward.timeout 1e300`) in a
+    field without its own upper bound: it would overflow, hang or train on garbage later."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or abs(value) <= ABSURD:
+        return
+    if value > 0 and meta.get("high") is None:
+        raise ConfigError(f"{where}: must be <= {ABSURD:g}, got {value:g}")
+    if value < 0 and meta.get("low") is None:
+        raise ConfigError(f"{where}: must be >= {-ABSURD:g}, got {value:g}")
 
 
 def _changed_keys(cfg: Config) -> set[str]:

@@ -253,7 +253,10 @@ class TrainConfig:
         1, "Optimizer steps per pass: the batch is split into this many parts.", low=1
     )
     lr: float = opt(
-        5e-4, "AdamW learning rate (constant; 5e-4 suits LoRA, ~1e-5 full fine-tuning).", low=0
+        5e-4,
+        "AdamW learning rate (constant; 5e-4 suits LoRA, ~1e-5 full fine-tuning).",
+        low=0,
+        high=1,
     )
     weight_decay: float = opt(0.0, "AdamW weight decay.", low=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping by global norm (0 = off).", low=0)
@@ -287,7 +290,7 @@ class SftConfig:
 
     steps: int = opt(100, "Optimizer steps of the warm start.", low=1)
     batch_size: int = opt(16, "Records per step (micro-batched by train.micro_batch_size).", low=1)
-    lr: float = opt(2e-4, "AdamW learning rate of the warm start (suits LoRA).", low=0)
+    lr: float = opt(2e-4, "AdamW learning rate of the warm start (suits LoRA).", low=0, high=1)
 
 
 @dataclass
