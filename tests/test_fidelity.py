@@ -144,3 +144,62 @@ def test_config_defaults_are_not_shared():
     assert b.data.task_params["operators"] == ["+", "-"]
     assert "lm_head" not in b.model.lora_target_modules
     assert Config().data.task_params["operators"] == ["+", "-"]
+
+
+def training_loss(cfg, logps, mask, old, token_adv, ref=None):
+    """The loss and the log-prob gradient of one micro-batch as training computes it
+    (`update.micro_batch_loss`), with a stand-in scorer that returns `logps`."""
+    from types import SimpleNamespace
+
+    from rlsd.engine.rollout import Batch
+    from rlsd.step.records import Rows
+    from rlsd.step.update import Policy, micro_batch_loss
+
+    n, width = mask.shape
+    leaf = logps.clone().requires_grad_(True)
+    prompt = torch.ones(n, 1, dtype=torch.long)
+    batch = Batch(prompt, prompt.bool(), torch.ones(n, width, dtype=torch.long), mask)
+    rows = Rows(batch, token_adv[:, 0], ref_logps=ref, old_logps=old, token_adv=token_adv)
+    policy = Policy(
+        lambda ids, attn, c_mask, share_prefix: leaf[:, : c_mask.shape[1]],
+        None,
+        SimpleNamespace(device=torch.device("cpu")),
+        0,
+    )
+    sums = {"clipped": 0.0, "dual_clipped": 0.0, "policy/kl_ref": 0.0}
+    normaliser = float(mask.sum())
+    loss, _, _ = micro_batch_loss(policy, method_for(cfg), cfg, 1, rows, normaliser, sums)
+    loss.backward()
+    return loss.detach(), leaf.grad, sums
+
+
+@pytest.mark.parametrize("pad", [float("-inf"), float("inf"), float("nan")])
+def test_the_kl_penalty_ignores_infinite_pads(pad):
+    """The k3 KL term to the reference, with +/-inf or NaN at a padded position of the policy's
+    and the reference's log-probs: the same loss and a finite, equal gradient (its arithmetic
+    is masked before it is computed, as in every other pure function)."""
+    cfg = load_config(None, {"algorithm.name": "grpo", "algorithm.kl_coef": "0.1"})
+    seq_adv, clean, ref_clean, mask = padded_case(-7.0)
+    _, dirty, ref_dirty, _ = padded_case(pad)
+    token_adv = seq_adv[:, None].expand_as(mask).clone()
+    want = training_loss(cfg, clean, mask, clean, token_adv, ref_clean)
+    got = training_loss(cfg, dirty, mask, clean, token_adv, ref_dirty)
+    assert torch.isfinite(got[1]).all() and got[2]["policy/kl_ref"] > 0
+    torch.testing.assert_close(got[:2], want[:2])
+    assert got[2] == pytest.approx(want[2])
+
+
+def test_a_direct_call_of_the_policy_loss_equals_trainings_loss():
+    """The pure function's defaults are the config's: called with the clip bounds alone it
+    gives the loss training computes under the default config, dual clip (3.0) included."""
+    cfg = Config()
+    gen = torch.Generator().manual_seed(5)
+    logps = -torch.rand(4, 5, generator=gen, dtype=torch.float64)
+    old = logps - 2.0 * torch.rand(4, 5, generator=gen, dtype=torch.float64)  # ratios up to e^2
+    token_adv = -torch.rand(4, 5, generator=gen, dtype=torch.float64)  # penalised tokens
+    mask = torch.tensor([[True] * 5, [True] * 4 + [False], [True] * 2 + [False] * 3, [True] * 5])
+    alg = cfg.algorithm
+    trained, _, sums = training_loss(cfg, logps, mask, old, token_adv)
+    assert sums["dual_clipped"] > 0  # the case exercises the dual clip
+    direct, _ = clipped_policy_loss(logps, old, token_adv, mask, alg.eps_low, alg.eps_high)
+    torch.testing.assert_close(direct, trained)

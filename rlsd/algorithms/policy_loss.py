@@ -35,6 +35,8 @@ import torch
 from .masking import masked
 from .registry import AGGREGATIONS
 
+DUAL_CLIP = 3.0  # algorithm.dual_clip's default (tests/test_fidelity.py checks they agree)
+
 
 def loss_normaliser(mode: str, completion_mask: torch.Tensor, max_new_tokens: int) -> float:
     """The denominator of `mode` for a step whose completions have this (N, T) mask."""
@@ -73,9 +75,11 @@ def clipped_policy_loss(
     eps_high: float,
     agg: str = "token_mean",
     normaliser: float | None = None,
-    dual_clip: float = 0.0,
+    dual_clip: float = DUAL_CLIP,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(N, T) tensors -> scalar loss and metrics (clip fractions over completion tokens)."""
+    """(N, T) tensors -> scalar loss and metrics (clip fractions over completion tokens). The
+    dual clip defaults to the config's (`algorithm.dual_clip`), so a direct call with the clip
+    bounds alone gives training's loss; pass 0 to turn it off."""
     if dual_clip and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be 0 (off) or > 1, got {dual_clip}")
     mask = completion_mask.bool()

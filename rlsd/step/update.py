@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..algorithms import aggregate, clipped_policy_loss, loss_normaliser
+from ..algorithms import aggregate, clipped_policy_loss, loss_normaliser, masked
 from ..algorithms.method import Method
 from ..engine.distributed import anywhere, total
 from ..engine.rollout import Batch, join
@@ -44,9 +44,13 @@ class Policy:
         return self.accelerator.device
 
 
-def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(policy || reference) on sampled tokens (>= 0)."""
-    r = ref_logps - logps
+def k3_kl(
+    logps: torch.Tensor, ref_logps: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference) on sampled tokens (>= 0), 0 outside
+    `completion_mask`: both inputs are masked before the arithmetic, so an infinite log-prob
+    at a padded position gives neither a NaN value nor a NaN gradient."""
+    r = masked(ref_logps, completion_mask) - masked(logps, completion_mask)  # (N, T)
     return torch.exp(r) - r - 1.0
 
 
@@ -148,7 +152,8 @@ def micro_batch_loss(
         loss = loss + method.divergence_weight * kl
         sums["opsd/kl_exact"] = sums.get("opsd/kl_exact", 0.0) + kl.item()
     if part.ref_logps is not None:
-        kl = aggregate(k3_kl(logps, part.ref_logps.to(device)), c_mask, alg.loss_agg, normaliser)
+        kl_t = k3_kl(logps, part.ref_logps.to(device), c_mask)  # (mb, T)
+        kl = aggregate(kl_t, c_mask, alg.loss_agg, normaliser)
         loss = loss + alg.kl_coef * kl
         sums["policy/kl_ref"] += kl.item()
     tokens = c_mask.sum().item()
