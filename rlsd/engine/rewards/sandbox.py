@@ -23,10 +23,13 @@ trace it or reach the descriptor on which the judge reports to the trainer. The 
 judge, which never executes candidate code: each function of the candidate they call is a proxy
 that sends the arguments to the candidate process and brings back the result as plain data
 (None, bool, int, float, complex, str, bytes, and lists, tuples, sets and dicts of them, decoded
-by the judge into fresh built-in objects). Exiting early, printing anything, patching builtins,
-`exec` or the test function, atexit or `__del__` tricks and objects whose `__eq__` is always
-true all happen in a process the verdict does not come from. The judge writes the verdict with a
-nonce the trainer made; no verdict (the candidate killed or stopped the judge) is a fail.
+by the judge into fresh built-in objects); an exception it raises arrives as the built-in type
+of that name (else RuntimeError), StopIteration as RuntimeError (PEP 479: raised inside a
+test's map() or filter() it would end the iteration and pass the test). Exiting early,
+printing anything, patching builtins, `exec` or the test function, atexit or `__del__` tricks
+and objects whose `__eq__` is always true all happen in a process the verdict does not come
+from. The judge writes the verdict with a nonce the trainer made; no verdict (the candidate
+killed or stopped the judge) is a fail.
 
 `code_sandbox: none` (the opt-out where bubblewrap cannot run) keeps the resource limits, the
 judge and the unprivileged uid when the trainer is root, but no namespaces and no file-system

@@ -127,6 +127,9 @@ def _run_tests(job: dict, send_fd: int, recv_fd: int) -> int:
             cls = getattr(builtins, str(kind), None)
             if not (isinstance(cls, type) and issubclass(cls, Exception)):
                 cls = RuntimeError
+            if issubclass(cls, (StopIteration, StopAsyncIteration)):  # as PEP 479 does: raised
+                # inside map(), filter() or a for loop it would end the iteration and pass
+                raise RuntimeError(f"the candidate raised {kind}: {message}")
             raise cls(str(message))
 
         call.__name__ = call.__qualname__ = name
