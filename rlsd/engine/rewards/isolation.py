@@ -2,9 +2,9 @@
 
 `VerifierPool` wraps a pebble `ProcessPool` that is started once (lazily, on the first batch),
 reused for every step, and closed with `close()`. Each completion is one task with a wall-clock
-limit (`reward.timeout`): past it the worker is killed (SIGTERM with its default action, so it
-dies at once even inside C code; pebble follows with SIGKILL 3 s later should code in the worker
-have changed that) and the pool starts a new worker. A worker:
+limit (`reward.timeout`): past it the worker is killed with SIGKILL at once (`_kill_worker`:
+not pebble's SIGTERM and 3 s grace, which a verifier that ignores SIGTERM turned into 3 s of a
+stalled pool per worker) and the pool starts a new worker. A worker:
 
 - is forked from the multiprocessing fork server (a fresh interpreter, not a copy of the
   trainer: it holds none of its memory), with the verifier libraries preloaded there so that a
@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -148,6 +149,23 @@ def _context() -> Any:
     return _WorkerContext()
 
 
+def _kill_worker(manager: Any, worker_id: int) -> bool:
+    """pebble's `maybe_stop_worker` for a worker whose item timed out or was cancelled, with
+    SIGKILL at once. pebble's own sends SIGTERM and waits up to 3 s before SIGKILL, in the one
+    thread that also notices every other time-out and starts the replacements: a verifier that
+    ignores SIGTERM held the whole pool 3 s per worker, one after another. A worker has nothing
+    to clean up (its directory goes with the pool's). As in pebble, only while holding the
+    channel's lock (a worker killed mid-transaction would leave it locked for good); False,
+    to be tried again on the manager's next round, when a worker holds it."""
+    with manager.workers_channel.lock(block=False) as locked:
+        worker = manager.workers.pop(worker_id, None) if locked else None
+        if worker is not None:
+            with contextlib.suppress(OSError):
+                os.kill(worker.pid, signal.SIGKILL)
+            worker.join(1.0)  # (at once, bar a process stuck in the kernel)
+        return locked
+
+
 def _absolute(spec: str) -> str:
     target, _, name = spec.rpartition(":")
     return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec
@@ -211,6 +229,7 @@ class VerifierPool:
             channel.recv = lambda: _safe_recv(channel)
 
         manager.create_channels = create_restricted_channels
+        manager.maybe_stop_worker = lambda worker_id: _kill_worker(manager, worker_id)
         return pool
 
     def _get(self) -> Any:
@@ -259,6 +278,9 @@ class VerifierPool:
 
     @staticmethod
     def _stop(pool: Any) -> None:
+        for pid in list(pool._pool_manager.worker_manager.workers):  # no SIGTERM grace either
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         pool.stop()
         with contextlib.suppress(Exception):
             pool.join(timeout=10)
