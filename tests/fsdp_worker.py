@@ -98,19 +98,19 @@ def pause_in_step(step: int, marker: str) -> None:
     be killed (torchrun starts each worker in a session of its own)."""
     original = trainer.optimise
 
-    def optimise_and_pause(run, now, *args):
+    def optimise_and_pause(policy, method, cfg, now, *args):
         if now == step:
-            step_fn = run.optimizer.step
+            step_fn = policy.optimizer.step
 
             def step_then_sleep(*a, **kw):
                 step_fn(*a, **kw)
-                rank = run.accelerator.process_index
+                rank = policy.accelerator.process_index
                 Path(f"{marker}-{rank}").write_text(str(os.getpid()))
                 time.sleep(120)
                 raise SystemExit(f"rank {rank} was not killed in step {now}")
 
-            run.optimizer.step = step_then_sleep
-        return original(run, now, *args)
+            policy.optimizer.step = step_then_sleep
+        return original(policy, method, cfg, now, *args)
 
     trainer.optimise = optimise_and_pause
 
