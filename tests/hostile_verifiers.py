@@ -34,3 +34,9 @@ def hangs_on(prompts, completions, **columns):
     if "hang" in completions[0]:
         return ignores_sigterm(prompts, completions)
     return [1.0]
+
+
+def slow(prompts, completions, **columns):
+    """Within the per-completion limit, but slow: a step of many of them is not."""
+    time.sleep(0.6)
+    return [1.0]

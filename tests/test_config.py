@@ -138,3 +138,9 @@ def test_every_committed_config_and_study_cell_is_within_the_bounds():
         study = load_study(path)
         for cell in grid(study):
             load_config(study.base, cell.overrides)
+
+
+def test_a_step_timeout_below_the_completion_timeout_is_refused():
+    with pytest.raises(ConfigError, match="reward.step_timeout: 5.0 s must be 0 .* or at least"):
+        load_config(None, {"reward.step_timeout": "5"})
+    assert load_config(None, {"reward.step_timeout": "10"}).reward.step_timeout == 10.0

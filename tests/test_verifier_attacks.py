@@ -61,3 +61,43 @@ def test_verifiers_that_ignore_sigterm_do_not_hold_the_step():
         assert metrics["reward/hangs_on/mean"] == 1.0 and seconds < MARGIN, seconds
     finally:
         reward_fn.close()
+
+
+def test_a_wave_of_time_outs_cannot_queue_past_the_step_deadline():
+    """The attack run's case: 9 math completions that hold math-verify for minutes in a wave of
+    32, on 2 workers, under a 1 s limit. Each used to hold a worker for the whole limit in turn
+    (5 s here, 16 s under 2 s); the step's reward phase now ends by reward.step_timeout (by
+    default 3 x reward.timeout), the rest counted as time-outs, and the next step is scored."""
+    reward_fn = build_reward(RewardConfig(verifiers=["math"], timeout=LIMIT, workers=2))
+    right, hang = "Answer: \\frac{2}{4}", "Answer: 10^{10^{10}}"
+    completions = [hang if i % 3 == 1 and i < 27 else right for i in range(32)]
+    try:
+        pool = reward_fn.pools["b"]
+        assert score_math(reward_fn, [right] * 2)[0] == [1.0, 1.0]  # started before timing
+        before = pool.worker_pids()
+        start = time.monotonic()
+        rewards, _, metrics = score_math(reward_fn, completions)
+        seconds = time.monotonic() - start
+        assert seconds < 3 * LIMIT + MARGIN, seconds
+        assert metrics["reward/timeouts"] >= 9 and metrics["reward/errors"] == 0
+        assert all(r == 0.0 for r, c in zip(rewards, completions) if c == hang)
+        assert wait_gone(before, 2.0)  # the hung workers were killed, not left to run
+        assert score_math(reward_fn, [right, hang, right])[0] == [1.0, 0.0, 1.0]
+    finally:
+        reward_fn.close()
+
+
+def score_math(reward_fn, completions):
+    n = len(completions)
+    return reward_fn(["p"] * n, completions, {"answer": ["0.5"] * n})
+
+
+def test_the_step_deadline_holds_in_the_trainers_threads_too():
+    """reward.custom_in_process: waves of 2 threads, 0.6 s each, 8 completions (2.4 s): the
+    step's deadline (1 s here) ends the waiting; what was not scored counts as a time-out."""
+    reward_fn = hostile(
+        "slow", timeout=LIMIT, step_timeout=LIMIT, workers=2, custom_in_process=True
+    )
+    seconds, metrics = timed(reward_fn, ["x"] * 8)
+    assert seconds < LIMIT + 0.5, seconds
+    assert metrics["reward/timeouts"] == 6 and metrics["reward/slow/mean"] == 2 / 8

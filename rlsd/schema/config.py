@@ -255,6 +255,11 @@ def validate(cfg: Config) -> None:
             f"reward.code_timeout: {cfg.reward.code_timeout} s must be below "
             f"reward.timeout ({cfg.reward.timeout} s)"
         )
+    if 0 < cfg.reward.step_timeout < cfg.reward.timeout:
+        raise ConfigError(
+            f"reward.step_timeout: {cfg.reward.step_timeout} s must be 0 (3 x reward.timeout) "
+            f"or at least reward.timeout ({cfg.reward.timeout} s)"
+        )
     if "regex" in cfg.reward.verifiers:
         if not cfg.reward.pattern:
             raise ConfigError("reward.pattern: required by the regex verifier")

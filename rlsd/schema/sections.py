@@ -232,6 +232,14 @@ class RewardConfig:
         "Seconds a verifier may take per completion before it counts as a time-out (None).",
         low=0.001,
     )
+    step_timeout: float = opt(
+        0.0,
+        "Seconds the verifiers together may take over one step's completions, counted once "
+        "their worker pools are up (0 = 3 x reward.timeout): past it every completion not yet "
+        "scored counts as a time-out and the busy workers are killed, so a wave of time-outs "
+        "cannot queue (docs/verifiers.md).",
+        low=0,
+    )
     max_error_steps: int = opt(
         3,
         "Stop (with a checkpoint) after this many consecutive steps in which the verifiers "

@@ -21,10 +21,13 @@ cannot judge code stops at start-up with a ConfigError.
 
 Every verifier is called once per completion (a batch of one). A call that raises, returns
 something that is not one finite number, or runs out of time gives that completion None (counted
-in `reward/errors` or `reward/timeouts`), never a crash; the run goes on. Nothing is logged per
-completion: each call keeps its `Failures` per verifier (`RewardFn.failures`), and
-`RewardFn.warn_failures` logs one line per verifier and kind (how many, the first error, the
-record it came from). `RewardFn.close()`
+in `reward/errors` or `reward/timeouts`), never a crash; the run goes on. A call of the RewardFn
+(one step's completions, all verifiers) ends by `reward.step_timeout` (0: 3 x `reward.timeout`),
+counted once the worker pools are up: what is not scored by then counts as a time-out, and a
+pool with items left is discarded, its workers killed (`isolation.VerifierPool.run`).
+Nothing is logged per completion: each call keeps its `Failures` per verifier
+(`RewardFn.failures`), and `RewardFn.warn_failures` logs one line per verifier and kind (how
+many, the first error, the record it came from). `RewardFn.close()`
 stops the worker processes (they are also stopped when the RewardFn is garbage-collected or the
 interpreter exits).
 """
@@ -86,9 +89,10 @@ def failure_lines(
     noun: str = "completions",
     when: str = "",
     timeout: float | None = None,
+    step_timeout: float | None = None,
 ) -> list[str]:
     """One line per verifier and kind: how many items raised (the first one's error and
-    `item(index)`), and how many ran out of time."""
+    `item(index)`), and how many ran out of time (their own limit or the step's)."""
     lines = []
     for f in failures:
         if f.errors:
@@ -98,7 +102,10 @@ def failure_lines(
                 f"{reason} (first: {item(index)})"
             )
         if f.timeouts:
-            limit = f" ({timeout:g} s, reward.timeout)" if timeout else ""
+            limit = f" ({timeout:g} s, reward.timeout" if timeout else ""
+            if limit and step_timeout:
+                limit += f"; {step_timeout:g} s a step, reward.step_timeout"
+            limit += ")" if limit else ""
             lines.append(
                 f"verifier {f.verifier} ran out of time{limit} on {len(f.timeouts)} of "
                 f"{f.total} {noun}{when} (first: {item(f.timeouts[0])})"
@@ -122,13 +129,16 @@ def run_verifier(
     extra: dict[str, Any],
     timeout: float,
     workers: int,
+    deadline: float | None = None,
 ) -> list[Any]:
     """Per completion, in the trainer's threads: a float, None, an exception, or TIMEOUT.
 
     Completions are scored in waves of `workers` concurrent threads; each wave waits at most
-    `timeout` seconds. A call that holds the GIL (C code in sympy, the regex engine) blocks the
-    whole process past the timeout, and a hung thread is abandoned, never stopped: only the
-    verifiers that never evaluate model output and run in linear time are called here.
+    `timeout` seconds, and none waits past `deadline` (a `time.monotonic()` value: the step's;
+    the waves not started by then are TIMEOUT). A call that holds the GIL (C code in sympy, the
+    regex engine) blocks the whole process past the timeout, and a hung thread is abandoned,
+    never stopped: only the verifiers that never evaluate model output and run in linear time
+    are called here (and `code`, whose sandboxed runs end at `reward.code_timeout`).
     """
     n = len(completions)
     results: list[Any] = [TIMEOUT] * n
@@ -138,16 +148,25 @@ def run_verifier(
         results[i] = _call_one(fn, ([prompts[i]], [completions[i]]), {**row, **extra})
 
     for start in range(0, n, workers):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
         wave = [
             threading.Thread(target=work, args=(i,), daemon=True)
             for i in range(start, min(start + workers, n))
         ]
         for thread in wave:
             thread.start()
-        deadline = time.monotonic() + timeout
+        until = time.monotonic() + timeout
+        until = until if deadline is None else min(until, deadline)
         for thread in wave:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, until - time.monotonic()))
     return list(results)
+
+
+def step_limit(cfg: RewardConfig) -> float:
+    """Seconds the verifiers may take over one call's completions: `reward.step_timeout`, or
+    3 x `reward.timeout` when it is 0."""
+    return cfg.step_timeout or 3 * cfg.timeout
 
 
 def builtin_options(cfg: RewardConfig) -> dict[str, Any]:
@@ -202,6 +221,7 @@ class RewardFn:
         self.names = list(cfg.verifiers)
         self.weights = [float(w) for w in cfg.weights] or [1.0] * len(self.names)
         self.none_value, self.timeout = cfg.none_value, cfg.timeout
+        self.step_timeout = step_limit(cfg)
         # processes per pool, and threads for the in-process verifiers (`code`'s sandboxed runs
         # wait on their subprocesses: more of them at once pays even on few cores)
         self.workers = cfg.workers or default_workers()
@@ -264,15 +284,18 @@ class RewardFn:
         prompts: list[str],
         completions: list[str],
         columns: dict[str, list[Any]],
+        deadline: float,
     ) -> tuple[list[float | None], Failures]:
         if pool is None:
-            raw = run_verifier(fn, prompts, completions, columns, extra, self.timeout, self.threads)
+            raw = run_verifier(
+                fn, prompts, completions, columns, extra, self.timeout, self.threads, deadline
+            )
         else:
             items = [
                 (p, c, {k: [v[i]] for k, v in columns.items()})
                 for i, (p, c) in enumerate(zip(prompts, completions))
             ]
-            raw = pool.run(name, items, extra)
+            raw = pool.run(name, items, extra, deadline)
         scores: list[float | None] = []
         failed = Failures(name.rsplit(":", 1)[-1], len(raw))
         for i, value in enumerate(raw):
@@ -294,7 +317,14 @@ class RewardFn:
 
     def warn_failures(self, prefix: str = "", when: str = "") -> None:
         """Log the last call's failures: one line per verifier and kind, never one per item."""
-        for line in failure_lines(self.failures, self._item, when=when, timeout=self.timeout):
+        lines = failure_lines(
+            self.failures,
+            self._item,
+            when=when,
+            timeout=self.timeout,
+            step_timeout=self.step_timeout,
+        )
+        for line in lines:
             log.warning("%s%s", prefix, line)
 
     def __call__(
@@ -309,10 +339,15 @@ class RewardFn:
         }
         correct: list[bool] = []
         self.failures, self._last_rows = [], (prompts, columns.get("answer", []))
+        for pool in self.pools.values():  # the step's clock starts once the workers are up
+            pool.ready()
+        deadline = time.monotonic() + self.step_timeout
         for i, ((fn, extra, pool), name, weight) in enumerate(
             zip(self.fns, self.names, self.weights)
         ):
-            scores, failed = self._scores(fn, extra, pool, name, prompts, completions, columns)
+            scores, failed = self._scores(
+                fn, extra, pool, name, prompts, completions, columns, deadline
+            )
             if failed.errors or failed.timeouts:
                 self.failures.append(failed)
             metrics["reward/errors"] += len(failed.errors)

@@ -166,6 +166,29 @@ def _kill_worker(manager: Any, worker_id: int) -> bool:
         return locked
 
 
+def _kill_all(pool: Any) -> None:
+    """SIGKILL every worker of a pebble pool."""
+    for pid in list(pool._pool_manager.worker_manager.workers):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _outcome(future: Any, deadline: float) -> Any:
+    """An item's result once its future is done, or TIMEOUT when it timed out or is not done
+    by `deadline`."""
+    from pebble import ProcessExpired
+
+    try:
+        status, value = future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:  # its own time-out, or the deadline's
+        return TIMEOUT
+    except ProcessExpired as exc:
+        return WorkerError(f"the worker process died (exit code {exc.exitcode})")
+    except Exception as exc:  # (a broken pool: this item fails, not the run)
+        return WorkerError(f"verifier pool: {type(exc).__name__}: {exc}")
+    return value if status == "ok" else WorkerError(value)
+
+
 def _absolute(spec: str) -> str:
     target, _, name = spec.rpartition(":")
     return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec
@@ -190,6 +213,7 @@ class VerifierPool:
         self.memory_mb, self.confine, self.worker_items = memory_mb, confine, worker_items
         self.isolate = isolate and confine
         self._pool: Any = None
+        self._fresh = False  # started since the last `ready()`
         self._root: str | None = None
         self._lock = threading.Lock()
 
@@ -238,38 +262,51 @@ class VerifierPool:
                 self._stop(self._pool)  # broken (it happens after a worker died mid-write)
                 self._pool = None
             if self._pool is None:
-                self._pool = self._start()
+                self._pool, self._fresh = self._start(), True
             return self._pool
+
+    def ready(self) -> None:
+        """Start the pool if it is not running, and after a start wait (at most
+        STARTUP_ALLOWANCE) until a worker has answered: a step's deadline (`run`) counts from
+        here, not from the fork server's and the workers' start-up."""
+        pool = self._get()
+        if self._fresh:
+            self._fresh = False
+            with contextlib.suppress(Exception):  # (a pool that cannot start: `run` says so)
+                pool.schedule(os.getpid).result(timeout=STARTUP_ALLOWANCE)
 
     def schedule(self, fn: Callable, args: tuple, timeout: float | None = None) -> Any:
         return self._get().schedule(fn, args=args, timeout=timeout)
 
-    def run(self, name: str, items: list[tuple], extra: dict) -> list[Any]:
-        """Per item (prompt, completion, row): a float, None, an Exception, or TIMEOUT."""
-        from pebble import ProcessExpired
+    def run(
+        self, name: str, items: list[tuple], extra: dict, deadline: float | None = None
+    ) -> list[Any]:
+        """Per item (prompt, completion, row): a float, None, an Exception, or TIMEOUT.
 
+        Each item has `timeout` seconds from when a worker takes it. `deadline` (a
+        `time.monotonic()` value: the step's) ends the batch: the items not scored by then are
+        TIMEOUT and the pool is discarded, its workers killed at once (`_discard`). Without
+        one, a backstop: pebble times an item from when a worker takes it, so a pool that could
+        not start a worker at all would otherwise leave the batch waiting for ever."""
         spec = self.specs.get(name, name)
         futures = [self.schedule(score_item, (spec, *item, extra), self.timeout) for item in items]
-        # a backstop: pebble times an item from when a worker takes it, so a pool that could
-        # not start a worker at all would otherwise leave the batch waiting for ever
-        waves = -(-len(items) // self.workers) + 1
-        deadline = time.monotonic() + waves * (self.timeout + STARTUP_ALLOWANCE)
-        out: list[Any] = []
-        for future in futures:
-            try:
-                status, value = future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                future.cancel()  # a running item's worker is killed
-                out.append(TIMEOUT)
-                continue
-            except ProcessExpired as exc:
-                out.append(WorkerError(f"the worker process died (exit code {exc.exitcode})"))
-                continue
-            except Exception as exc:  # (a broken pool: this item fails, not the run)
-                out.append(WorkerError(f"verifier pool: {type(exc).__name__}: {exc}"))
-                continue
-            out.append(value if status == "ok" else WorkerError(value))
+        if deadline is None:
+            waves = -(-len(items) // self.workers) + 1
+            deadline = time.monotonic() + waves * (self.timeout + STARTUP_ALLOWANCE)
+        out = [_outcome(future, deadline) for future in futures]
+        if any(not future.done() for future in futures):
+            self._discard()  # what is left would hold the workers into the next step
         return out
+
+    def _discard(self) -> None:
+        """Stop the pool now, killing every worker (busy or not), and start afresh on the next
+        call: cancelling the items still queued would cost a worker each, as each is taken."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+            _kill_all(pool)
+            threading.Thread(target=self._stop, args=(pool,), daemon=True).start()
 
     def worker_pids(self) -> list[int]:
         if self._pool is None:
@@ -278,10 +315,8 @@ class VerifierPool:
 
     @staticmethod
     def _stop(pool: Any) -> None:
-        for pid in list(pool._pool_manager.worker_manager.workers):  # no SIGTERM grace either
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
         pool.stop()
+        _kill_all(pool)  # no SIGTERM grace (see `_kill_worker`)
         with contextlib.suppress(Exception):
             pool.join(timeout=10)
 
