@@ -20,20 +20,47 @@ from .decode_static import decode_static
 
 @dataclass
 class Batch:
-    """Padded id tensors for one step; rows are grouped: G consecutive rows share a prompt."""
+    """Padded id tensors for one step; rows are grouped: G consecutive rows share a prompt.
+
+    Two masks over the completion, never one: `completion_mask` marks the tokens the model
+    sampled, the ones trained and credited (the loss mask of every loss, KL, Delta, multiplier
+    and per-token statistic); `completion_attention` marks every real token the model attends
+    to, its own and, in an agent's episode, the tool and environment text between its turns.
+    None means they are the same tokens (a single completion)."""
 
     prompt_ids: torch.Tensor  # (N, P) left-padded
     prompt_mask: torch.Tensor  # (N, P) True on real prompt tokens
     completion_ids: torch.Tensor  # (N, T) right-padded
-    completion_mask: torch.Tensor  # (N, T) True on real completion tokens
+    completion_mask: torch.Tensor  # (N, T) True on the tokens the model sampled (trained)
+    completion_attention: torch.Tensor | None = None  # (N, T) every real token; None: the same
+
+    @property
+    def attention(self) -> torch.Tensor:
+        """(N, T) every real completion token: what a forward pass runs and attends to."""
+        return (
+            self.completion_mask if self.completion_attention is None else self.completion_attention
+        )
 
     def select(self, rows: torch.Tensor) -> Batch:
         """The batch restricted to the given row indices (or boolean row mask)."""
+        attention = self.completion_attention
         return Batch(
             self.prompt_ids[rows],
             self.prompt_mask[rows],
             self.completion_ids[rows],
             self.completion_mask[rows],
+            None if attention is None else attention[rows],
+        )
+
+    def cut(self, width: int) -> Batch:
+        """The batch with its completions cut at `width` columns."""
+        attention = self.completion_attention
+        return Batch(
+            self.prompt_ids,
+            self.prompt_mask,
+            self.completion_ids[:, :width],
+            self.completion_mask[:, :width],
+            None if attention is None else attention[:, :width],
         )
 
 
@@ -50,11 +77,13 @@ def concat_batches(batches: list[Batch], pad_id: int) -> Batch:
     def right(x: torch.Tensor, value: int | bool) -> torch.Tensor:
         return pad(x, (0, c_width - x.shape[1]), value=value)
 
+    separate = any(b.completion_attention is not None for b in batches)
     return Batch(
         torch.cat([left(b.prompt_ids, pad_id) for b in batches]),
         torch.cat([left(b.prompt_mask, False) for b in batches]),
         torch.cat([right(b.completion_ids, pad_id) for b in batches]),
         torch.cat([right(b.completion_mask, False) for b in batches]),
+        torch.cat([right(b.attention, False) for b in batches]) if separate else None,
     )
 
 

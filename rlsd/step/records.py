@@ -173,11 +173,7 @@ class Rows:
 
     def cut(self, width: int) -> Rows:
         """The rows with every per-token field cut at `width` completion columns."""
-        b = self.batch
-        batch = Batch(
-            b.prompt_ids, b.prompt_mask, b.completion_ids[:, :width], b.completion_mask[:, :width]
-        )
-        return replace(self._map(lambda x: x[:, :width], True), batch=batch)
+        return replace(self._map(lambda x: x[:, :width], True), batch=self.batch.cut(width))
 
 
 @dataclass(frozen=True)

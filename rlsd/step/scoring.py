@@ -81,7 +81,7 @@ def scored_by(
         t_ids,
         t_mask,
         trained.completion_ids,
-        trained.completion_mask,
+        trained.attention,  # every real token: an episode's tool text is attended, not trained
         scorers.device,
         topk,
         scorers.share_prefix,
@@ -116,7 +116,7 @@ def self_teacher_scores(
 
 def sequence_lengths(prompts: list[list[int]], completions: Batch) -> tuple[int, ...]:
     """The length of each [prompt ; completion] a pass forwards (for the compute count)."""
-    lengths = completions.completion_mask.sum(1).tolist()
+    lengths = completions.attention.sum(1).tolist()  # an episode's tool text is forwarded too
     return tuple(len(p) + c for p, c in zip(prompts, lengths))
 
 

@@ -222,9 +222,9 @@ def grade(run: Run, recs: list[Record], batch: Batch) -> Rollout:
 def generation_cost(shape: Shape, batch: Batch, group: int) -> dict[str, float]:
     """Tokens sampled and the FLOPs of sampling them (each prompt prefilled once per group)."""
     prompts = batch.prompt_mask[::group].sum(1).tolist()  # (B,)
-    lengths = batch.completion_mask.sum(1).view(-1, group).tolist()  # (B, G)
+    lengths = batch.attention.sum(1).view(-1, group).tolist()  # (B, G) all an episode ran
     return {
-        "compute/generated_tokens": float(sum(map(sum, lengths))),
+        "compute/generated_tokens": float(batch.completion_mask.sum()),  # sampled by the model
         "compute/generation_flops": sum(
             generation_flops(shape, p, c) for p, c in zip(prompts, lengths)
         ),
@@ -237,7 +237,7 @@ def training_cost(
     """Tokens forwarded by the teacher (and the KL reference) and forwarded and backpropagated
     by the policy, and their FLOPs; the step's total FLOPs add the generation's."""
     batch = rows.batch
-    lengths = (batch.prompt_mask.sum(1) + batch.completion_mask.sum(1)).tolist()
+    lengths = (batch.prompt_mask.sum(1) + batch.attention.sum(1)).tolist()
     passes = cfg.train.ppo_epochs if update is not None else 0
     old = update is not None and (cfg.train.ppo_epochs > 1 or cfg.train.mini_batches > 1)
     policy = training_flops(shape, lengths, passes) + (scoring_flops(shape, lengths) if old else 0)

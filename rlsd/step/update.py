@@ -58,7 +58,7 @@ def _scoring_inputs(batch: Batch, rows: slice, device: torch.device, width: int 
     """A pass's inputs: prompts trimmed of shared left padding, completions cut at `width`
     columns (None: all)."""
     p_ids, p_mask = trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
-    c_ids, c_mask = batch.completion_ids[rows, :width], batch.completion_mask[rows, :width]
+    c_ids, c_mask = batch.completion_ids[rows, :width], batch.attention[rows, :width]
     ids, attn = join(p_ids, p_mask, c_ids, c_mask)
     return ids.to(device), attn.to(device), c_mask.to(device)
 
@@ -72,7 +72,7 @@ def current_logps(policy: Policy, cfg: Config, batch: Batch) -> torch.Tensor:
     scorer = policy.accelerator.unwrap_model(policy.scorer)
     for s in range(0, batch.completion_ids.shape[0], mb):
         rows, width = slice(s, s + mb), batch.completion_ids.shape[1]
-        args = _scoring_inputs(batch, rows, policy.device, used_width(batch.completion_mask[rows]))
+        args = _scoring_inputs(batch, rows, policy.device, used_width(batch.attention[rows]))
         out.append(widen(scorer(*args, share_prefix=share).cpu(), width))
     return torch.cat(out) if out else torch.zeros(0, batch.completion_ids.shape[1])
 
@@ -120,18 +120,19 @@ def micro_batch_loss(
     longest completion; the log-probs and advantages come back at the batch's width."""
     device, alg, scorer = policy.device, cfg.algorithm, policy.scorer
     full = part.batch.completion_ids.shape[1]
-    part = part.cut(used_width(part.batch.completion_mask))
-    ids, attn, c_mask = _scoring_inputs(part.batch, slice(None), device)
+    part = part.cut(used_width(part.batch.attention))
+    ids, attn, seen = _scoring_inputs(part.batch, slice(None), device)  # seen: every real token
+    c_mask = part.batch.completion_mask.to(device)  # the model's own tokens: what is trained
     exact_kl, share = None, cfg.train.share_prefix
     if part.support_vals is None:
-        logps = scorer(ids, attn, c_mask, share_prefix=share)  # (mb, T)
+        logps = scorer(ids, attn, seen, share_prefix=share)  # (mb, T)
     else:  # opsd.divergence full / topk: the exact per-token KL from the same pass
         support = (
             part.support_vals.to(device),
             None if part.support_ids is None else part.support_ids.to(device),
         )
         reverse = method.reverse_divergence
-        logps, exact_kl = scorer(ids, attn, c_mask, support, reverse, share_prefix=share)
+        logps, exact_kl = scorer(ids, attn, seen, support, reverse, share_prefix=share)
     old = logps.detach() if part.old_logps is None else part.old_logps.to(device)
     token_adv = (
         credit(method, step, part, old) if part.token_adv is None else part.token_adv.to(device)
@@ -159,6 +160,7 @@ def micro_batch_loss(
     tokens = c_mask.sum().item()
     sums["clipped"] += m["policy/clip_frac"] * tokens
     sums["dual_clipped"] += m["policy/dual_clip_frac"] * tokens
+    logps = logps.masked_fill(~c_mask, 0.0)  # 0 off the model's tokens, as at padding
     return loss, widen(logps, full), widen(token_adv, full)
 
 
