@@ -1,16 +1,20 @@
 """What an attack run found in the verifier pools, each asserted on its harm outside the worker:
 a user verifier's torch tensors are errors with a message (not time-outs); verifiers that
-ignore SIGTERM are killed at once, so the step does not wait past reward.timeout."""
+ignore SIGTERM are killed at once, so the step does not wait past reward.timeout; a wave of
+time-outs ends at the step's deadline (reward.step_timeout); a confined completion changes no
+file's metadata and no other process's limits or scheduling, and holds no capability."""
 
+import os
 import time
 
 import pytest
 
 from rlsd.engine.rewards import build_reward
-from rlsd.engine.rewards.isolation import wait_gone
+from rlsd.engine.rewards.isolation import isolated, wait_gone
 from rlsd.schema.config import RewardConfig
 
 from .conftest import TESTS_DIR
+from .hostile_verifiers import capabilities
 
 HOSTILE = TESTS_DIR / "hostile_verifiers.py"
 LIMIT = 1.0  # reward.timeout of the attacks
@@ -101,3 +105,105 @@ def test_the_step_deadline_holds_in_the_trainers_threads_too():
     seconds, metrics = timed(reward_fn, ["x"] * 8)
     assert seconds < LIMIT + 0.5, seconds
     assert metrics["reward/timeouts"] == 6 and metrics["reward/slow/mean"] == 2 / 8
+
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, NODUMP = 0x80086601, 0x40086602, 0x40
+SHM_KEY = 0x524C5344  # a System V shared memory segment a payload would leave behind
+
+
+def shm_segments():
+    with open("/proc/sysvipc/shm") as fh:
+        return [line.split()[:2] for line in fh if line.split()[0] == str(SHM_KEY)]
+
+
+def file_flags(path):
+    import array
+    import fcntl
+
+    flags = array.array("l", [0])
+    with open(path, "rb") as fh:
+        fcntl.ioctl(fh.fileno(), FS_IOC_GETFLAGS, flags)
+    return flags[0]
+
+
+def state_of(path, pid):
+    """What the payloads go for: a file's mode, owner, times, extended attributes and flags, and
+    another process's limits, priority and CPUs (a stand-in for the trainer)."""
+    st = os.stat(path)
+    with open(f"/proc/{pid}/limits") as fh:
+        limits = fh.read()
+    return {
+        "file": (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns),
+        "xattrs": sorted(os.listxattr(path)),
+        "flags": file_flags(path),
+        "limits": limits,
+        "nice": os.getpriority(os.PRIO_PROCESS, pid),
+        "cpus": os.sched_getaffinity(pid),
+        "shm": shm_segments(),
+    }
+
+
+def metadata_payloads(path, pid):
+    os_, res = "__import__('os')", "__import__('resource')"
+    setflags = (
+        f"__import__('fcntl').ioctl({os_}.open('{path}', 0), {FS_IOC_SETFLAGS}, "
+        f"__import__('array').array('l', [{NODUMP}]))"
+    )
+    return [
+        f"{os_}.chmod('{path}', 0o777)",
+        f"{os_}.fchmod({os_}.open('{path}', 0), 0o777)",
+        f"{os_}.chown('{path}', 65534, 65534)",
+        f"{os_}.lchown('{path}', 65534, 65534)",
+        f"{os_}.utime('{path}', (0, 0))",
+        f"{os_}.setxattr('{path}', 'user.rlsd', b'1')",
+        f"{os_}.removexattr('{path}', 'user.keep')",
+        setflags,
+        f"{res}.prlimit({pid}, {res}.RLIMIT_NOFILE, (7, 7))",
+        f"{os_}.setpriority({os_}.PRIO_PROCESS, {pid}, 19)",
+        f"{os_}.setpriority({os_}.PRIO_PGRP, {pid}, 19)",  # (its own group: harmless if it lands)
+        f"{os_}.sched_setaffinity({pid}, {{0}})",
+        f"{os_}.truncate('{path}', 0)",
+        f"__import__('ctypes').CDLL(None).shmget({SHM_KEY}, 4096, 0o1600)",
+    ]
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_confined_completion_changes_no_file_metadata_and_no_other_process(tmp_path, isolate):
+    """What an eval'd answer could do to the rest of the machine without writing a file: make
+    a file (~/.ssh, /etc/shadow, a checkpoint) world-writable, give it away, backdate it,
+    change its extended attributes or flags, empty it; starve the trainer of descriptors, renice
+    it or pin it to one CPU; leave shared memory behind. Each is a reasoning-gym answer that
+    spiral_matrix's scorer evals. (Never aim one at PRIO_USER: before the fix it reniced every
+    process of the user.)"""
+    import subprocess
+
+    import reasoning_gym
+
+    victim = tmp_path / "victim"
+    victim.write_text("secret")
+    os.chmod(victim, 0o600)
+    os.setxattr(victim, "user.keep", b"1")
+    trainer = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    cfg = RewardConfig(verifiers=["reasoning_gym"], isolate_completions=isolate, workers=2)
+    reward_fn = build_reward(cfg)
+    entry = reasoning_gym.create_dataset("spiral_matrix", size=1, seed=0)[0]
+    try:
+        before = state_of(victim, trainer.pid)
+        payloads = [f"Answer: {p}" for p in metadata_payloads(victim, trainer.pid)]
+        n = len(payloads)
+        rewards, _, _ = reward_fn(
+            ["p"] * n, payloads, {"answer": ["1"] * n, "metadata": [{"entry": entry}] * n}
+        )
+        after = state_of(victim, trainer.pid)
+        caps = reward_fn.pools["b"].schedule(isolated, (capabilities,)).result(timeout=60)
+    finally:
+        reward_fn.close()
+        trainer.kill()
+        trainer.wait()
+        for _, shmid in shm_segments():  # (left by a payload that got through)
+            subprocess.run(["ipcrm", "-m", shmid], check=False)
+    assert rewards == [0.0] * n
+    assert after == before
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == 0, caps
+    if os.geteuid() == 0:
+        assert caps["CapBnd"] == 0, caps

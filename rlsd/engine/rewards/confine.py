@@ -1,19 +1,30 @@
 """Kernel-enforced confinement of a verifier worker process (Linux; best effort elsewhere).
 
 A worker that scores model output with a built-in verifier calls `confine(workdir)` once, after it
-has imported everything it needs (or `confine(workdir, sealed=False)`, Landlock only, when it
-forks a process per completion: each of those calls `seal()`, the seccomp part, first). From
-then on the kernel (not Python) refuses it, and everything
-it could start:
+has imported everything it needs (or `confine(workdir, sealed=False)`, Landlock and no
+capabilities only, when it forks a process per completion: each of those calls `seal()`, the
+seccomp part, first). From then on the kernel (not Python) refuses it, and everything it could
+start:
 
 - Landlock (Linux >= 5.13): creating, writing, truncating, renaming or removing files anywhere but
   `workdir` (and writing /dev/null), executing programs, TCP bind/connect (ABI >= 4), signalling
   or connecting to abstract unix sockets of processes outside the worker (ABI >= 6), and ptrace /
-  /proc/PID/mem / environ of other processes (the trainer included).
-- seccomp (x86_64, aarch64): execve, fork/vfork and clone of anything but a thread, socket /
-  socketpair (no network of any kind, no unix sockets), ptrace, process_vm_readv/writev, and
-  kill/tgkill of any process but itself fail with EPERM.
-- no_new_privs, so no set-uid program can lift either.
+  /proc/PID/mem / environ of other processes (the trainer included), mounting.
+- no capabilities (`drop_capabilities`): a trainer run as root holds them all, and Landlock and
+  seccomp leave what they grant (loading kernel modules, setting the clock, rebooting, raising
+  its own limits, chattr +i) alone. The bounding, ambient, effective, permitted and inheritable
+  sets are emptied; the process stays uid 0.
+- seccomp (x86_64, aarch64), failing with EPERM: execve, fork/vfork and clone of anything but a
+  thread, socket / socketpair (no network of any kind, no unix sockets), ptrace,
+  process_vm_readv/writev; every signal to another process (kill and tgkill but to itself,
+  tkill, rt_sigqueueinfo, rt_tgsigqueueinfo, pidfd_send_signal, fcntl F_SETOWN / F_SETOWN_EX /
+  F_SETSIG) and file leases (F_SETLEASE); file metadata, which Landlock
+  does not cover (chmod, chown, utime families, every xattr call, and the ioctls that set a
+  file's flags, fsxattr, version or fs-verity) and truncate(2) by path; prlimit, setpriority,
+  ioprio_set and the sched_set* calls aimed at any process but itself (the trainer's limits,
+  priority, CPUs); and what outlives the process: System V IPC, POSIX message queues and the
+  kernel's keyrings (add_key, request_key, keyctl).
+- no_new_privs, so no set-uid program can lift any of it.
 
 Reading files is not restricted (the worker must read Python's libraries). Each part is applied
 when the kernel offers it; `confine` returns the names of the parts that took effect.
@@ -27,25 +38,80 @@ import platform
 import struct
 import sys
 
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 24, 47, 4
+# ioctl commands that change a file's attributes: FS_IOC_SETFLAGS (and its 32-bit form: chattr,
+# +i / +a as root), FS_IOC_FSSETXATTR, FS_IOC_SETVERSION (both forms), FS_IOC_ENABLE_VERITY (makes
+# a file read-only for good)
+_FILE_IOCTLS = (0x40086602, 0x40046602, 0x401C5820, 0x40087602, 0x40047602, 0x40806685)
+# fcntl commands: F_SETOWN, F_SETOWN_EX, F_SETSIG (SIGIO, or any signal, sent to a process it
+# names: Landlock scopes it only from ABI 6), F_SETLEASE (holds back others who open the file)
+_FCNTLS = (8, 15, 10, 1024)
+_OWN = (0, "self")  # a process argument that names this process (0: the caller)
 _SYS = {  # syscall numbers: landlock (same on every architecture), seccomp, and what is refused
     "x86_64": {
         "seccomp": 317,
+        "capset": 126,
         "arch": 0xC000003E,
-        "deny": [41, 53, 57, 58, 59, 322, 101, 310, 311, 200],  # socket socketpair fork vfork
-        # execve execveat ptrace process_vm_readv process_vm_writev tkill
+        "deny": [
+            *(41, 53, 57, 58, 59, 322),  # socket socketpair fork vfork execve execveat
+            *(101, 310, 311),  # ptrace process_vm_readv process_vm_writev
+            *(200, 129, 297, 424),  # tkill rt_sigqueueinfo rt_tgsigqueueinfo pidfd_send_signal
+            *(90, 91, 268, 452),  # chmod fchmod fchmodat fchmodat2
+            *(92, 93, 94, 260),  # chown fchown lchown fchownat
+            *(132, 235, 261, 280),  # utime utimes futimesat utimensat
+            *range(188, 200),  # (l|f)(set|get|list|remove)xattr
+            *(463, 464, 465, 466),  # (set|get|list|remove)xattrat (Linux 6.13)
+            76,  # truncate (by path: Landlock refuses it only from ABI 3, Linux 6.2)
+            *(29, 30, 31, *range(64, 72), 220),  # System V shared memory, semaphores,
+            *range(240, 246),  # message queues, POSIX message queues (all outlive the process)
+            *(248, 249, 250),  # add_key request_key keyctl (the user's keyrings outlive it too)
+        ],
         "clone": 56,
         "clone3": 435,
-        "kill": [62, 234],  # kill, tgkill: allowed for the worker itself only
+        "ioctl": 16,
+        "fcntl": 72,
+        "own": {  # allowed only on this process: (argument, allowed values), all must hold
+            62: [(0, ("self",))],  # kill
+            234: [(0, ("self",))],  # tgkill (of its own threads)
+            302: [(0, _OWN)],  # prlimit64
+            141: [(0, (0,)), (1, _OWN)],  # setpriority(PRIO_PROCESS, itself)
+            251: [(0, (1,)), (1, _OWN)],  # ioprio_set(IOPRIO_WHO_PROCESS, itself)
+            142: [(0, _OWN)],  # sched_setparam
+            144: [(0, _OWN)],  # sched_setscheduler
+            203: [(0, _OWN)],  # sched_setaffinity
+            314: [(0, _OWN)],  # sched_setattr
+        },
         "x32": True,
     },
     "aarch64": {
         "seccomp": 277,
+        "capset": 91,
         "arch": 0xC00000B7,
-        "deny": [198, 199, 221, 281, 117, 270, 271, 130],
+        "deny": [
+            *(198, 199, 221, 281, 117, 270, 271),
+            *(130, 138, 240, 424),
+            *(52, 53, 452, 54, 55, 88),  # fchmod fchmodat fchmodat2 fchownat fchown utimensat
+            *range(5, 17),
+            *(463, 464, 465, 466),
+            45,
+            *range(180, 198),  # POSIX message queues, System V IPC
+            *(217, 218, 219),
+        ],
         "clone": 220,
         "clone3": 435,
-        "kill": [129, 131],
+        "ioctl": 29,
+        "fcntl": 25,
+        "own": {
+            129: [(0, ("self",))],
+            131: [(0, ("self",))],
+            261: [(0, _OWN)],
+            140: [(0, (0,)), (1, _OWN)],
+            30: [(0, (1,)), (1, _OWN)],
+            118: [(0, _OWN)],
+            119: [(0, _OWN)],
+            122: [(0, _OWN)],
+            274: [(0, _OWN)],
+        },
         "x32": False,
     },
 }
@@ -105,32 +171,61 @@ def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
 
+_LD, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_ALLOW, _KILL_PROCESS = 0x7FFF0000, 0x80000000
+_EPERM, _ENOSYS = 0x00050000 | 1, 0x00050000 | 38
+
+
+def _argument(index: int) -> bytes:
+    """Load the low 32 bits of a syscall argument (seccomp_data.args[index], little-endian)."""
+    return _bpf(_LD, 16 + 8 * index)
+
+
+def _only(number: int, rules: list, pid: int) -> list[bytes]:
+    """Syscall `number` allowed only when every (argument, values) rule holds, its argument
+    one of the values ("self": this process's pid); EPERM otherwise."""
+    body = []
+    for index, values in rules:
+        values = [pid if v == "self" else v for v in values]
+        body.append(_argument(index))  # a match jumps over the rest and the refusal
+        body += [_bpf(_JEQ, v, len(values) - j, 0) for j, v in enumerate(values)]
+        body.append(_bpf(_RET, _EPERM))
+    body.append(_bpf(_RET, _ALLOW))
+    return [_bpf(_JEQ, number, 0, len(body)), *body]
+
+
+def _refused_when(number: int, index: int, values: tuple) -> list[bytes]:
+    """Syscall `number` refused (EPERM) when argument `index` is one of `values`."""
+    body = [_argument(index)]  # a match jumps over the rest and the allowance
+    body += [_bpf(_JEQ, v, len(values) - j, 0) for j, v in enumerate(values)]
+    body += [_bpf(_RET, _ALLOW), _bpf(_RET, _EPERM)]
+    return [_bpf(_JEQ, number, 0, len(body)), *body]
+
+
 def _seccomp_program(table: dict, pid: int) -> list[bytes]:
-    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-    allow, kill_process = 0x7FFF0000, 0x80000000
-    eperm, enosys = 0x00050000 | 1, 0x00050000 | 38
-    prog = [_bpf(ld, 4), _bpf(jeq, table["arch"], 1, 0), _bpf(ret, kill_process), _bpf(ld, 0)]
+    """The filter: another architecture's calls kill the process; the `deny` calls, clone but
+    for threads, the `own` calls aimed at another process, the file-attribute ioctls and the
+    signalling fcntls fail with EPERM; clone3 with ENOSYS (libc falls back to clone); everything
+    else is allowed."""
+    prog = [_bpf(_LD, 4), _bpf(_JEQ, table["arch"], 1, 0), _bpf(_RET, _KILL_PROCESS)]
+    prog.append(_bpf(_LD, 0))
     if table["x32"]:
-        prog += [_bpf(jge, 0x40000000, 0, 1), _bpf(ret, eperm)]
+        prog += [_bpf(_JGE, 0x40000000, 0, 1), _bpf(_RET, _EPERM)]
     for number in table["deny"]:
-        prog += [_bpf(jeq, number, 0, 1), _bpf(ret, eperm)]
-    prog += [_bpf(jeq, table["clone3"], 0, 1), _bpf(ret, enosys)]  # libc falls back to clone
+        prog += [_bpf(_JEQ, number, 0, 1), _bpf(_RET, _EPERM)]
+    prog += [_bpf(_JEQ, table["clone3"], 0, 1), _bpf(_RET, _ENOSYS)]
     prog += [  # clone: threads only (CLONE_THREAD in the flags, the first argument)
-        _bpf(jeq, table["clone"], 0, 4),
-        _bpf(ld, 16),
-        _bpf(jset, 0x00010000, 0, 1),
-        _bpf(ret, allow),
-        _bpf(ret, eperm),
+        _bpf(_JEQ, table["clone"], 0, 4),
+        _argument(0),
+        _bpf(_JSET, 0x00010000, 0, 1),
+        _bpf(_RET, _ALLOW),
+        _bpf(_RET, _EPERM),
     ]
-    for number in table["kill"]:  # kill(pid, sig) / tgkill(tgid, tid, sig): only this process
-        prog += [
-            _bpf(jeq, number, 0, 4),
-            _bpf(ld, 16),
-            _bpf(jeq, pid, 0, 1),
-            _bpf(ret, allow),
-            _bpf(ret, eperm),
-        ]
-    return [*prog, _bpf(ret, allow)]
+    for number, rules in table["own"].items():
+        prog += _only(number, rules, pid)
+    prog += _refused_when(table["ioctl"], 1, _FILE_IOCTLS)
+    prog += _refused_when(table["fcntl"], 1, _FCNTLS)
+    return [*prog, _bpf(_RET, _ALLOW)]
 
 
 def _seccomp() -> bool:
@@ -148,19 +243,50 @@ def _no_new_privs() -> bool:
     return sys.platform.startswith("linux") and _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
 
 
+def _capability_sets() -> dict[str, int]:
+    """This process's capability sets as the kernel reports them (CapEff, CapPrm, ...)."""
+    with open("/proc/self/status") as fh:
+        return {k: int(v, 16) for k, v in (ln.split(":", 1) for ln in fh) if k.startswith("Cap")}
+
+
+def drop_capabilities() -> bool:
+    """Give up every capability for good (a trainer run as root holds them all): the bounding
+    set first (while CAP_SETPCAP is still held), the ambient set, then the effective, permitted
+    and inheritable sets (capset). The process stays uid 0, so it still owns root's files: the
+    metadata calls that owning allows are refused by seccomp. True when none is left to use."""
+    table = _SYS.get(platform.machine())
+    if table is None or not os.path.exists("/proc/self/status"):
+        return False
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as fh:
+            last = int(fh.read())
+    except (OSError, ValueError):
+        last = 63
+    for cap in range(last + 1):  # (EPERM without CAP_SETPCAP: then the sets below are empty)
+        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    _syscall(table["capset"], header, bytes(24))  # two words of (effective, permitted, inh.)
+    sets = _capability_sets()
+    return sets.get("CapEff", 1) == sets.get("CapPrm", 1) == sets.get("CapAmb", 0) == 0
+
+
 def confine(workdir: str, sealed: bool = True) -> list[str]:
     """Confine this process (and all it may start) as the module docstring says; with
-    `sealed=False` Landlock only, for a worker that must still fork its scoring processes (each
-    then calls `seal()`)."""
+    `sealed=False` Landlock and no capabilities only, for a worker that must still fork its
+    scoring processes (each then calls `seal()`)."""
     applied: list[str] = []
     if not _no_new_privs():
         return applied
     if _landlock(workdir):
         applied.append(f"landlock-abi{landlock_abi()}")
+    if drop_capabilities():
+        applied.append("no-capabilities")
     return applied + (seal() if sealed else [])
 
 
 def seal() -> list[str]:
-    """The seccomp part alone (no processes, sockets, programs, tracing, signals to others):
-    for a scoring process forked from a Landlock-confined worker."""
+    """The seccomp part alone (no processes, sockets, programs, tracing, signals to others, file
+    metadata, no changing another process's limits or scheduling): for a scoring process forked
+    from a Landlock-confined worker."""
     return ["seccomp"] if _no_new_privs() and _seccomp() else []
