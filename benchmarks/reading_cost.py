@@ -16,7 +16,7 @@ import ast
 import sys
 from pathlib import Path
 
-LOOP = ("trainer", "records", "scoring", "update", "diagnostics", "run")
+LOOP = ("trainer", "sampling", "records", "scoring", "update", "diagnostics", "run")
 
 
 def loop_files(root: Path) -> list[Path]:

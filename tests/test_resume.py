@@ -227,9 +227,9 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_overrid
 def test_out_of_memory_is_reported_with_sizes_and_keeps_the_checkpoint(
     tiny_overrides, monkeypatch, capsys
 ):
-    from rlsd.step import trainer
+    from rlsd.step import sampling
 
-    real = trainer.sample_completions
+    real = sampling.sample_completions
     calls = []
 
     def flaky(*args, **kwargs):
@@ -238,7 +238,7 @@ def test_out_of_memory_is_reported_with_sizes_and_keeps_the_checkpoint(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "sample_completions", flaky)
+    monkeypatch.setattr(sampling, "sample_completions", flaky)
     code = main(["train", *argv(tiny_overrides), "--train.steps", "4", "--output.save_every", "1"])
     err = capsys.readouterr().err
     assert code == 1

@@ -18,7 +18,7 @@ from rlsd.engine.compute import (
 from rlsd.engine.data import PromptStream, Record
 from rlsd.engine.rollout import Batch, concat_batches
 from rlsd.schema.config import ConfigError, load_config
-from rlsd.step import trainer
+from rlsd.step import sampling, trainer
 from rlsd.step.records import Rollout, merge_reward_metrics
 from rlsd.step.trainer import running_totals, setup, train
 
@@ -91,16 +91,19 @@ def test_reward_metrics_of_several_rounds_add_counts_and_weigh_means():
 def patterned(monkeypatch, mixed_when):
     """Replace the verifiers' rewards by a pattern of the record: [1, 0, 0, 0] (a mixed group)
     where `mixed_when(record)`, else all 0 (a unanimous group)."""
-    real = trainer.grade
+    real = sampling.grade
 
     def grade(run, recs, batch):
         out = real(run, recs, batch)
         g = out.group
         rewards = torch.tensor([float(mixed_when(r) and k == 0) for r in recs for k in range(g)])
-        metrics = {**out.metrics, **trainer.outcome_metrics(rewards, [bool(x) for x in rewards], g)}
+        metrics = {
+            **out.metrics,
+            **sampling.outcome_metrics(rewards, [bool(x) for x in rewards], g),
+        }
         return Rollout(recs, batch, out.texts, rewards, [bool(x) for x in rewards], g, metrics)
 
-    monkeypatch.setattr(trainer, "grade", grade)
+    monkeypatch.setattr(sampling, "grade", grade)
 
 
 def dynamic_run(tiny_overrides, **extra):

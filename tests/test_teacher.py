@@ -199,7 +199,7 @@ def _steps(overrides: dict, monkeypatch, trim: bool) -> tuple[list[dict], dict, 
     """Two training steps; with `trim` off every pass runs the batch's whole width. Also
     returns, per pass that could be cut, whether it was."""
     import rlsd.engine.teacher
-    import rlsd.step.trainer
+    import rlsd.step.sampling
     import rlsd.step.update
 
     real, cuts = rlsd.engine.teacher.used_width, []
@@ -211,7 +211,7 @@ def _steps(overrides: dict, monkeypatch, trim: bool) -> tuple[list[dict], dict, 
 
     for module in (rlsd.engine.teacher, rlsd.step.update):
         monkeypatch.setattr(module, "used_width", recorded)
-    monkeypatch.setattr(rlsd.step.trainer, "sample_completions", stopping_early)
+    monkeypatch.setattr(rlsd.step.sampling, "sample_completions", stopping_early)
     run = setup(load_config(None, overrides))
     metrics = [train_step(run, step) for step in (1, 2)]
     monkeypatch.undo()

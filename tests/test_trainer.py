@@ -135,7 +135,7 @@ def test_micro_batches_give_the_same_gradient_as_one_batch(tiny_overrides):
 @pytest.mark.parametrize("thought_only", ["false", "true"])
 def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatch, thought_only):
     from rlsd.engine.rollout import completion_mask_from, left_pad
-    from rlsd.step import trainer
+    from rlsd.step import sampling, trainer
 
     cfg = load_config(
         None,
@@ -164,7 +164,7 @@ def test_credit_is_split_between_reasoning_and_answer(tiny_overrides, monkeypatc
         p_ids = prompts.repeat_interleave(4, 0)
         return Batch(p_ids, p_ids != tok.pad_token_id, c_ids, c_mask)
 
-    monkeypatch.setattr(trainer, "sample", fixed_rollout)
+    monkeypatch.setattr(sampling, "sample", fixed_rollout)
     metrics = trainer.train_step(run, 1)
     assert "rlsd/multiplier_mean_thought" in metrics and "rlsd/multiplier_mean_answer" in metrics
     # the credit split: every completion ends in "Answer: 19", so both token groups have tokens
