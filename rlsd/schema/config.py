@@ -32,6 +32,7 @@ from .sections import (  # noqa: F401 (re-exported: import the schema from here)
     AlgorithmConfig,
     Config,
     DataConfig,
+    EnvConfig,
     ModelConfig,
     OpsdConfig,
     OutputConfig,
@@ -45,6 +46,7 @@ from .sections import (  # noqa: F401 (re-exported: import the schema from here)
     opt,
     section_types,
 )
+from .sections_env import env_problem
 
 
 class ConfigError(ValueError):
@@ -279,6 +281,9 @@ def validate(cfg: Config) -> None:
             f"or 0 to turn it off, got {cfg.algorithm.dual_clip}"
         )
     _check_trackers(cfg.output.trackers)
+    problem = env_problem(cfg.env, _changed_keys(cfg))
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def _check_options(registered: dict[str, Any], method: Any, changed: set[str]) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..algorithms.registry import method_sections
+from .sections_env import EnvConfig
 from .sections_training import (  # noqa: F401 (re-exported with the rest of the schema)
     AGGREGATIONS,
     CONTEXT_SOURCES,
@@ -332,6 +333,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)  # agents (issue 36): sections_env.py
     # the sections registered methods add, name -> section (read as `cfg.<name>`); a field, so
     # that `dataclasses.replace` and `==` carry it like the sections above
     added_sections: dict[str, Any] = field(default_factory=dict, repr=False)
