@@ -1,7 +1,7 @@
 """The training loop, top to bottom: rollout -> reward -> advantages -> teacher -> loss -> step.
 
-Each stage returns a typed record that the next one takes (`records.py`): `sample` and `grade`
-give the step's `Rollout`, `assign_credit` its `Credit` (group advantages and the rows that carry
+Each stage returns a typed record that the next one takes (`records.py`): `draw` (`sampling.py`:
+one round of prompts, or dynamic sampling's rounds) gives the step's `Rollout`, `assign_credit` its `Credit` (group advantages and the rows that carry
 a gradient), `find_contexts` the self-teacher's `Contexts`, `teach` the teacher's `Teaching`,
 `optimise` the `Update`. What the method is (its teacher, which rows it trains, its token credit)
 is asked of its object (`run.method`, from `algorithms/method.py`); nothing here branches on a
