@@ -388,3 +388,16 @@ def test_the_calculator_runs_batches_of_episodes_with_a_tiny_model():
     assert one.finals == ("Answer: 579",) and one.turns == (2,)
     env_text = tok.decode(one.batch.completion_ids[0][~one.batch.completion_mask[0]])
     assert "<tool_response>\n579\n</tool_response>" in env_text
+
+
+def test_the_docs_env_section_loads(tmp_path):
+    """docs/agents.md's `env` block is a valid config."""
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).parent.parent / "docs" / "agents.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", docs, re.DOTALL) if "env:" in b)
+    path = tmp_path / "agent.yaml"
+    path.write_text(block)
+    cfg = load_config(str(path), {})
+    assert cfg.env.environment == "calculator" and cfg.env.max_turns == 8
