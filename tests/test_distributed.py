@@ -94,6 +94,12 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
         "rlsd": {"algorithm.name": "rlsd"},
         "grpo": {"algorithm.name": "grpo"},
         "grpo-dynamic": {"algorithm.name": "grpo", "rollout.dynamic_sampling": "true"},
+        "grpo-curriculum": {
+            "algorithm.name": "grpo",
+            "curriculum.enabled": "true",
+            "curriculum.min_visits": "1",
+            "data.size": "8",
+        },
     }
     for name, extra in settings.items():
         result = tmp / f"{name}.json"
@@ -102,7 +108,7 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("method", ["rlsd", "grpo", "grpo-dynamic"])
+@pytest.mark.parametrize("method", ["rlsd", "grpo", "grpo-dynamic", "grpo-curriculum"])
 def test_two_processes_train_with_identical_weights(runs, method):
     result = runs[method]
     assert [s["step"] for s in result["steps"]] == [1, 2, 3]

@@ -39,6 +39,7 @@ def weights(run_dir: Path, step: int) -> dict:
         {"teacher.mode": "sync", "teacher.sync_every": "3"},
         {"model.lora": "false", "teacher.mode": "frozen"},
         {"algorithm.name": "grpo", "rollout.dynamic_sampling": "true"},  # extra draws per step
+        {"curriculum.enabled": "true", "data.size": "8", "curriculum.min_visits": "1"},  # skips
     ],
 )
 def test_resume_continues_bit_identically(tiny_overrides, extra):

@@ -235,3 +235,85 @@ def test_running_totals_continue_from_the_last_logged_step():
         "compute/generated_tokens_total": 3.0,  # a history without the total starts at 0
     }
     assert running_totals([], now)["compute/flops_total"] == 7.0
+
+
+# --- the pass-rate curriculum ---------------------------------------------------------------
+
+
+def test_pass_rates_settle_skip_and_recheck_by_hand():
+    from rlsd.engine.curriculum import PassRates
+
+    rates = PassRates(capacity=2, window=2)
+    settled = {"low": 0.0, "high": 1.0, "min_visits": 2, "recheck_every": 2}
+    rates.observe("a", 1.0)
+    assert not rates.skips("a", **settled)  # seen once: not settled yet
+    rates.observe("a", 1.0)
+    assert rates.skips("a", **settled) and rates.skips("a", **settled)  # solved twice
+    assert not rates.skips("a", **settled)  # after 2 skips: sampled again (a fresh look)
+    rates.observe("a", 0.5)  # [1.0, 0.5]: the window keeps the last 2, mean 0.75
+    assert not rates.skips("a", **settled)
+    rates.observe("b", 0.0)
+    rates.observe("b", 0.0)
+    assert rates.skips("b", **settled)  # failed twice
+    assert not rates.skips("unknown", **settled)
+    rates.observe("c", 0.5)  # a third prompt: the least recently updated ("a") goes
+    assert [e["key"] for e in rates.state_dict()] == ["b", "c"]
+    copy = PassRates(2, 2)
+    copy.load_state_dict(json.loads(json.dumps(rates.state_dict())))
+    assert copy.state_dict() == rates.state_dict()
+    loose = {**settled, "high": 0.7}  # a mean of 0.75 counts as solved under high 0.7
+    rates.observe("c", 1.0)
+    assert rates.skips("c", **loose) and not rates.skips("c", **settled)
+
+
+def test_the_curriculum_stops_drawing_solved_prompts(tiny_overrides, monkeypatch):
+    def solved(record):  # even answers: every completion correct; odd: one in four
+        return int(record.answer) % 2 == 0
+
+    real = sampling.grade
+
+    def grade(run, recs, batch):
+        out = real(run, recs, batch)
+        g = out.group
+        correct = [solved(r) or k == 0 for r in recs for k in range(g)]
+        rewards = torch.tensor([float(c) for c in correct])
+        metrics = {**out.metrics, **sampling.outcome_metrics(rewards, correct, g)}
+        return Rollout(recs, batch, out.texts, rewards, correct, g, metrics)
+
+    monkeypatch.setattr(sampling, "grade", grade)
+    over = {
+        **tiny_overrides,
+        "algorithm.name": "grpo",
+        "data.size": "12",
+        "curriculum.enabled": "true",
+        "curriculum.recheck_every": "0",
+        "curriculum.min_visits": "1",  # settled after one group
+        "curriculum.window": "1",
+    }
+    run = setup(load_config(None, over))
+    evens = {r.prompt for r in run.records if solved(r)}
+    assert evens and len(evens) < len(run.records)
+    drawn = []
+    real_learn = trainer.learn
+
+    def spy(run_, step, rollout, times):
+        drawn.append([r.prompt for r in rollout.records])
+        return real_learn(run_, step, rollout, times)
+
+    monkeypatch.setattr(trainer, "learn", spy)
+    metrics = [trainer.train_step(run, step) for step in range(1, 13)]
+    seen: dict[str, int] = {}
+    cap = 3 * run.cfg.train.prompts_per_step  # skips a round may make before it takes any
+    for step, prompts in enumerate(drawn):
+        capped = metrics[step]["curriculum/skipped"] >= cap
+        for prompt in prompts:
+            if prompt in evens and not capped:
+                assert prompt not in seen, (step, prompt)  # never again once solved
+            seen[prompt] = seen.get(prompt, 0) + 1
+    assert sum(m["curriculum/skipped"] for m in metrics) > 0
+    assert sum(m["curriculum/skipped"] < cap for m in metrics) >= len(metrics) // 2  # checked
+    assert metrics[-1]["curriculum/size"] == len({p for ps in drawn for p in ps})
+    with pytest.raises(ConfigError, match="curriculum.low: 0.5 must be below"):
+        load_config(None, {**over, "curriculum.low": "0.5", "curriculum.high": "0.5"})
+    with pytest.raises(ConfigError, match="curriculum.window: only applies"):
+        load_config(None, {**tiny_overrides, "curriculum.window": "3"})

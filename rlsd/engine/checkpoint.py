@@ -37,6 +37,7 @@ from .sharding import shard_optimizer_state
 
 if TYPE_CHECKING:  # the types restore() fills, for the reader only
     from .context import ContextMemory
+    from .curriculum import PassRates
     from .data import PromptStream
     from .teacher import Teacher
 
@@ -396,6 +397,7 @@ def restore(
     teacher: Teacher | None,
     lora: bool,
     memory: ContextMemory | None = None,
+    pass_rates: PassRates | None = None,
 ) -> int:
     """Load a checkpoint into the freshly built run; returns the first step still to run.
     The frozen teacher was copied from the initial weights before this, so it stays the
@@ -417,6 +419,8 @@ def restore(
                 teacher.load_state(saved.state.get("teacher_synced_at", 0), saved.teacher)
             if memory is not None:
                 memory.load_state_dict(saved.state.get("context_memory", []))
+            if pass_rates is not None:  # a run saved before the curriculum starts it empty
+                pass_rates.load_state_dict(saved.state.get("pass_rates", []))
         except (DamagedCheckpoint, ValueError, KeyError, TypeError, RuntimeError) as exc:
             problem = str(exc) if isinstance(exc, DamagedCheckpoint) else f"{candidate}: {exc}"
             problems.append(problem)

@@ -269,7 +269,9 @@ def validate(cfg: Config) -> None:
             re.compile(cfg.reward.pattern)
         except re.error as exc:
             raise ConfigError(f"reward.pattern: not a valid regular expression: {exc}") from None
-    _check_method(cfg, _changed_keys(cfg))  # keys set by the user *and* unlike the default
+    changed = _changed_keys(cfg)  # keys set by the user *and* unlike the default
+    _check_method(cfg, changed)
+    _check_curriculum(cfg, changed)
     rows = cfg.train.prompts_per_step * cfg.rollout.num_generations
     if cfg.train.mini_batches > rows:
         raise ConfigError(
@@ -343,6 +345,21 @@ def _check_method(cfg: Config, changed: set[str]) -> None:
         )
     if "rollout.max_rounds" in changed and not cfg.rollout.dynamic_sampling:
         raise ConfigError("rollout.max_rounds: only applies with rollout.dynamic_sampling true")
+
+
+def _check_curriculum(cfg: Config, changed: set[str]) -> None:
+    """The curriculum's thresholds leave a band of prompts to train on, and its settings are
+    only set when it is on."""
+    c = cfg.curriculum
+    if c.enabled and not c.low < c.high:
+        raise ConfigError(
+            f"curriculum.low: {c.low} must be below curriculum.high ({c.high}), or every prompt "
+            "is settled"
+        )
+    if not c.enabled:
+        for key in sorted(changed):
+            if key.startswith("curriculum.") and key != "curriculum.enabled":
+                raise ConfigError(f"{key}: only applies with curriculum.enabled true")
 
 
 def _cuda_device(device: str) -> bool:

@@ -27,6 +27,7 @@ from .sections_training import (  # noqa: F401 (re-exported with the rest of the
     CONTEXT_SOURCES,
     TRACKERS,
     AlgorithmConfig,
+    CurriculumConfig,
     OpsdConfig,
     OutputConfig,
     RlsdConfig,
@@ -334,6 +335,7 @@ class Config:
     sft: SftConfig = field(default_factory=SftConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     env: EnvConfig = field(default_factory=EnvConfig)  # agents (issue 36): sections_env.py
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     # the sections registered methods add, name -> section (read as `cfg.<name>`); a field, so
     # that `dataclasses.replace` and `==` carry it like the sections above
     added_sections: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -285,6 +285,32 @@ class TrainConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    """Skip prompts whose recent groups were all solved or all failed (rlsd/engine/curriculum.py):
+    such a group carries no gradient under grpo and rlsd. Off by default."""
+
+    enabled: bool = opt(False, "Skip settled prompts when drawing a step's prompts.")
+    low: float = opt(
+        0.0,
+        "A prompt whose mean recent pass rate is at or below this is settled (failed).",
+        low=0,
+        high=1,
+    )
+    high: float = opt(
+        1.0,
+        "A prompt whose mean recent pass rate is at or above this is settled (solved).",
+        low=0,
+        high=1,
+    )
+    window: int = opt(2, "Groups of a prompt remembered (its recent pass rates).", low=1)
+    min_visits: int = opt(2, "Groups seen before a prompt can be settled.", low=1)
+    recheck_every: int = opt(
+        4, "After this many skips a settled prompt is sampled again (0: never).", low=0
+    )
+    capacity: int = opt(100_000, "Prompts remembered at most (the least recent go).", low=1)
+
+
+@dataclass
 class SftConfig:
     """`rlsd sft` only (the supervised warm start on worked solutions); `rlsd train` ignores it."""
 

@@ -20,6 +20,7 @@ from ..algorithms.method import Method, method_for
 from ..engine.checkpoint import restore, save_checkpoint
 from ..engine.compute import Shape, model_shape
 from ..engine.context import ContextMemory
+from ..engine.curriculum import PassRates
 from ..engine.data import (
     PromptRenderer,
     PromptStream,
@@ -81,6 +82,7 @@ class Run:
     mem_scope: str = "process"  # what perf/peak_mem_mb covers: "run" or the whole "process"
     memory: ContextMemory | None = None  # earlier successes per prompt (teacher.context memory)
     shape: Shape | None = None  # the policy's size, for the FLOP estimate (engine/compute.py)
+    pass_rates: PassRates | None = None  # each prompt's recent pass rates (curriculum.enabled)
 
     @property
     def device(self) -> torch.device:
@@ -277,9 +279,13 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     memory = None
     if method.teacher == "privileged" and "memory" in cfg.teacher.context:
         memory = ContextMemory(cfg.teacher.memory_size)
+    c = cfg.curriculum
+    pass_rates = PassRates(c.capacity, c.window) if c.enabled else None
     start = 1
     if ckpt is not None:
-        start = restore(ckpt, policy.lm, optimizer, stream, teacher, cfg.model.lora, memory)
+        start = restore(
+            ckpt, policy.lm, optimizer, stream, teacher, cfg.model.lora, memory, pass_rates
+        )
     main = accelerator.is_main_process
     if main:
         open_run_dir(cfg, run_dir, start)
@@ -308,6 +314,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
         *logs,
     )
     run.start_step, run.mem_scope, run.memory = start, mem_scope, memory
+    run.pass_rates = pass_rates
     run.shape = model_shape(policy.lm)
     if main and cfg.train.eval_every:
         run.evals = JsonlWriter(run_dir / "evals.jsonl")
@@ -333,6 +340,7 @@ def save(run: Run, step: int) -> Path:
                 "data": run.stream.state_dict(),
                 "teacher_synced_at": synced_at,
                 **({"context_memory": run.memory.state_dict()} if run.memory is not None else {}),
+                **({"pass_rates": run.pass_rates.state_dict()} if run.pass_rates else {}),
             },
             tensors,
             run.cfg.output.keep_last,

@@ -37,11 +37,12 @@ def draw(run: Run, step: int, times: dict[str, float]) -> Rollout:
     dynamic, size = cfg.rollout.dynamic_sampling, acc.num_processes
     share = cfg.train.prompts_per_step // size  # the groups this process trains at most
     drawn, kept, have, spent, rounds = [], [], 0, {"generate": 0.0, "reward": 0.0}, 0
+    skipped = 0
     for round_ in range(cfg.rollout.max_rounds if dynamic else 1):
         rounds += 1
-        recs = shard(
-            [run.records[i] for i in run.stream.next(cfg.train.prompts_per_step)], *world(acc)
-        )
+        ids, passed = next_prompts(run, cfg.train.prompts_per_step)
+        skipped += passed
+        recs = shard([run.records[i] for i in ids], *world(acc))
         if have < share:
             start = time.perf_counter()
             batch = sample(run, step, recs, round_)
@@ -60,13 +61,55 @@ def draw(run: Run, step: int, times: dict[str, float]) -> Rollout:
             break
     times["reward"] = time.perf_counter()
     times["generate"] = times["reward"] - spent["reward"]
+    settled = remember_pass_rates(run, drawn, skipped)
     if not dynamic:
-        return drawn[0]
+        return replace(drawn[0], metrics={**drawn[0].metrics, **settled})
     pad = run.tokenizer.pad_token_id
     rollout = Rollout.merge(kept, pad) if kept else drawn[-1]  # none mixed: trains nothing
     graded = merge_reward_metrics([(r.metrics, len(r.texts)) for r in drawn])  # all it saw
     found = sampling_metrics(drawn, rollout, have, rounds, share)
-    return replace(rollout, metrics={**graded, **found})
+    return replace(rollout, metrics={**graded, **found, **settled})
+
+
+def next_prompts(run: Run, count: int) -> tuple[list[int], int]:
+    """`count` prompt indices from the run's stream and how many were skipped on the way: with
+    `curriculum.enabled`, prompts whose recent pass rate is settled are passed over, at most
+    3 x count of them (then the next ones are taken as they come). Every process keeps the same
+    pass rates, so every process skips the same prompts and the stream stays in step."""
+    rates, c = run.pass_rates, run.cfg.curriculum
+    if rates is None:
+        return run.stream.next(count), 0
+    chosen, skipped = [], 0
+    while len(chosen) < count:
+        [index] = run.stream.next(1)
+        key = run.renderer.student_text(run.records[index])
+        if skipped < 3 * count and rates.skips(key, c.low, c.high, c.min_visits, c.recheck_every):
+            skipped += 1
+        else:
+            chosen.append(index)
+    return chosen, skipped
+
+
+def remember_pass_rates(run: Run, drawn: list[Rollout], skipped: int) -> dict[str, float]:
+    """Record every drawn group's pass rate (from every process, in rank order, so every
+    process keeps the same store); the `curriculum/*` metrics. Nothing without the curriculum."""
+    if run.pass_rates is None:
+        return {}
+    seen = [
+        (
+            run.renderer.student_text(record),
+            sum(r.correct[g * r.group : (g + 1) * r.group]) / r.group,
+        )
+        for r in drawn
+        for g, record in enumerate(r.records)
+    ]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        seen = gather_object(seen)
+    for key, rate in seen:
+        run.pass_rates.observe(key, rate)
+    return {"curriculum/skipped": float(skipped), "curriculum/size": float(len(run.pass_rates))}
 
 
 def sampling_metrics(

@@ -1,17 +1,17 @@
 """The training loop, top to bottom: rollout -> reward -> advantages -> teacher -> loss -> step.
 
 Each stage returns a typed record that the next one takes (`records.py`): `draw` (`sampling.py`:
-one round of prompts, or dynamic sampling's rounds) gives the step's `Rollout`, `assign_credit` its `Credit` (group advantages and the rows that carry
-a gradient), `find_contexts` the self-teacher's `Contexts`, `teach` the teacher's `Teaching`,
-`optimise` the `Update`. What the method is (its teacher, which rows it trains, its token credit)
-is asked of its object (`run.method`, from `algorithms/method.py`); nothing here branches on a
-method's name. By default one optimisation pass runs per rollout batch, so the "old" log-probs
-of the PPO ratio are the detached current ones (no extra forward pass); `train.ppo_epochs` /
-`train.mini_batches` make several (see `update.py`). Groups whose rewards are all equal have
-zero advantage and, with no KL term, zero gradient: under the verifier-driven methods they are
-skipped before the teacher and the policy forward, which is exact. The loss is normalised by
-the token count of the whole step, so gradient accumulation over micro-batches gives the same
-update as one big batch.
+one round of prompts, or dynamic sampling's rounds) gives the step's `Rollout`, `assign_credit`
+its `Credit` (group advantages and the rows that carry a gradient), `find_contexts` the self-
+teacher's `Contexts`, `teach` the teacher's `Teaching`, `optimise` the `Update`. What the method
+is (its teacher, which rows it trains, its token credit) is asked of its object (`run.method`,
+from `algorithms/method.py`); nothing here branches on a method's name. By default one
+optimisation pass runs per rollout batch, so the "old" log-probs of the PPO ratio are the
+detached current ones (no extra forward pass); `train.ppo_epochs` / `train.mini_batches` make
+several (see `update.py`). Groups whose rewards are all equal have zero advantage and, with no
+KL term, zero gradient: under the verifier-driven methods they are skipped before the teacher
+and the policy forward, which is exact. The loss is normalised by the token count of the whole
+step, so gradient accumulation over micro-batches gives the same update as one big batch.
 """
 
 from __future__ import annotations
