@@ -31,9 +31,10 @@ def test_the_env_section_defaults_to_no_environment():
 
 
 def test_a_built_in_or_a_spec_loads():
-    cfg = load_config(None, {"env.environment": "calculator", "env.max_turns": "4"})
+    grpo = {"algorithm.name": "grpo"}  # agents train with grpo for now
+    cfg = load_config(None, {**grpo, "env.environment": "calculator", "env.max_turns": "4"})
     assert cfg.env.active and cfg.env.max_turns == 4
-    cfg = load_config(None, {"env.tools": "[tools.py:lookup, pkg.mod:f]"})
+    cfg = load_config(None, {**grpo, "env.tools": "[tools.py:lookup, pkg.mod:f]"})
     assert cfg.env.tools == ["tools.py:lookup", "pkg.mod:f"]
 
 
@@ -336,6 +337,7 @@ def test_the_calculator_runs_batches_of_episodes_with_a_tiny_model():
     cfg = load_config(
         None,
         {
+            "algorithm.name": "grpo",
             "env.environment": "calculator",
             "env.max_turns": "3",
             "env.max_turn_tokens": "16",

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +19,13 @@ import jinja2
 
 from ..schema.config import ConfigError, DataConfig
 from .context import Context
+from .record import Record
 
 log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """Bad data: the message names the file, line and field at fault."""
-
-
-@dataclass
-class Record:
-    prompt: str
-    answer: str
-    solution: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def reasoning_gym_records(task: str, params: dict, size: int, seed: int) -> list[Record]:
@@ -286,6 +278,10 @@ def load_records(cfg: DataConfig) -> list[Record]:
         return with_worked_solutions(records) if cfg.solutions == "worked" else records
     if cfg.source == "humaneval":
         return humaneval_records()
+    if cfg.source == "calculator":  # the calculator agent's tasks (rlsd/engine/envs/calculator.py)
+        from .envs.calculator import calculator_records
+
+        return calculator_records(cfg.size, cfg.seed)
     return file_records(cfg.path, cfg.prompt_column, cfg.answer_column, cfg.solution_column)
 
 

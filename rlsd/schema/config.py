@@ -286,6 +286,11 @@ def validate(cfg: Config) -> None:
     problem = env_problem(cfg.env, _changed_keys(cfg))
     if problem is not None:
         raise ConfigError(problem)
+    if cfg.env.active and methods()[cfg.algorithm.name].teacher is not None:
+        raise ConfigError(
+            f"algorithm.name: {cfg.algorithm.name} with an environment is not supported yet "
+            "(its teacher does not score trajectories yet); train agents with grpo for now"
+        )
 
 
 def _check_options(registered: dict[str, Any], method: Any, changed: set[str]) -> None:

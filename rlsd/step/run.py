@@ -30,6 +30,7 @@ from ..engine.data import (
     split_heldout,
 )
 from ..engine.distributed import from_main
+from ..engine.envs.rollout import EnvSetup, build_environment
 from ..engine.logprobs import TokenScorer
 from ..engine.models import (
     base_model,
@@ -83,6 +84,7 @@ class Run:
     memory: ContextMemory | None = None  # earlier successes per prompt (teacher.context memory)
     shape: Shape | None = None  # the policy's size, for the FLOP estimate (engine/compute.py)
     pass_rates: PassRates | None = None  # each prompt's recent pass rates (curriculum.enabled)
+    env: EnvSetup | None = None  # the agent's environment (env.environment or env.tools)
 
     @property
     def device(self) -> torch.device:
@@ -315,6 +317,7 @@ def setup(cfg: Config, resume: bool = True) -> Run:
     )
     run.start_step, run.mem_scope, run.memory = start, mem_scope, memory
     run.pass_rates = pass_rates
+    run.env = build_environment(cfg.env) if cfg.env.active else None
     run.shape = model_shape(policy.lm)
     if main and cfg.train.eval_every:
         run.evals = JsonlWriter(run_dir / "evals.jsonl")

@@ -18,6 +18,7 @@ from ..algorithms import group_outcomes, mixed_groups
 from ..engine.compute import Shape, generation_flops
 from ..engine.data import Record
 from ..engine.distributed import anywhere, shard, world
+from ..engine.envs.rollout import EpisodeRollout, episode_rewards, sample_episodes
 from ..engine.rollout import Batch, sample_completions
 from ..engine.sharding import gathered
 from .records import Rollout, merge_reward_metrics
@@ -45,9 +46,10 @@ def draw(run: Run, step: int, times: dict[str, float]) -> Rollout:
         recs = shard([run.records[i] for i in ids], *world(acc))
         if have < share:
             start = time.perf_counter()
-            batch = sample(run, step, recs, round_)
+            played = play(run, step, recs, round_) if run.env is not None else None
+            batch = played.batch if played is not None else sample(run, step, recs, round_)
             graded = time.perf_counter()
-            rollout = grade(run, recs, batch)
+            rollout = grade(run, recs, batch, played)
             run.reward_fn.warn_failures(f"step {step}: ", " this step")  # a line per verifier
             spent["generate"] += graded - start
             spent["reward"] += time.perf_counter() - graded
@@ -144,11 +146,16 @@ def outcome_metrics(rewards: torch.Tensor, correct: list[bool], group: int) -> d
     }
 
 
-def sample(run: Run, step: int, recs: list[Record], round_: int = 0) -> Batch:
-    """G completions of each prompt, from a resumable sampling stream (one per process and
-    round; a step's first round is seeded as before dynamic sampling existed)."""
+def seed_round(run: Run, step: int, round_: int) -> None:
+    """A resumable sampling stream, one per process and round (a step's first round is seeded
+    as before dynamic sampling existed)."""
     rank, size = world(run.accelerator)
     torch.manual_seed((run.cfg.train.seed * 1_000_003 + step) * size + rank + round_ * 2**40)
+
+
+def sample(run: Run, step: int, recs: list[Record], round_: int = 0) -> Batch:
+    """G completions of each prompt."""
+    seed_round(run, step, round_)
     prompts = [run.renderer.student_ids(r) for r in recs]
     with gathered(*run.models):  # FSDP2: whole weights to decode with (train_step gathered them)
         return sample_completions(
@@ -156,14 +163,42 @@ def sample(run: Run, step: int, recs: list[Record], round_: int = 0) -> Batch:
         )
 
 
-def grade(run: Run, recs: list[Record], batch: Batch) -> Rollout:
-    """The completions decoded and scored by the verifiers."""
+def play(run: Run, step: int, recs: list[Record], round_: int = 0) -> EpisodeRollout:
+    """G episodes of the run's environment on each record (`env.*`): turn by turn, the
+    environment's replies attended but not trained (the batch's two masks)."""
+    seed_round(run, step, round_)
+    r = run.cfg.rollout
+    with gathered(*run.models):  # FSDP2: whole weights to decode with (train_step gathered them)
+        return sample_episodes(
+            run.lm,
+            run.tokenizer,
+            recs,
+            run.env,
+            r.num_generations,
+            run.cfg.env,
+            stop_ids=run.stop_ids,
+            pad_id=run.tokenizer.pad_token_id,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            system_prompt=run.cfg.data.system_prompt,
+        )
+
+
+def grade(
+    run: Run, recs: list[Record], batch: Batch, played: EpisodeRollout | None = None
+) -> Rollout:
+    """The completions (an episode's final answer) scored by the verifiers; an episode's
+    reward adds the environment's (`env.reward_weight`, `env.truncated_reward`)."""
     group = run.cfg.rollout.num_generations
     rows = [r for r in recs for _ in range(group)]
-    texts = run.tokenizer.batch_decode(
-        [ids[mask].tolist() for ids, mask in zip(batch.completion_ids, batch.completion_mask)],
-        skip_special_tokens=True,
-    )
+    if played is None:
+        texts = run.tokenizer.batch_decode(
+            [ids[mask].tolist() for ids, mask in zip(batch.completion_ids, batch.completion_mask)],
+            skip_special_tokens=True,
+        )
+    else:
+        texts = list(played.finals)
     columns = {
         "answer": [r.answer for r in rows],
         "solution": [r.solution for r in rows],
@@ -173,6 +208,9 @@ def grade(run: Run, recs: list[Record], batch: Batch) -> Rollout:
     rewards, correct, metrics = run.reward_fn(prompts, texts, columns)
     # 1.0 when verifiers failed as often as there are completions (one failing on every one)
     metrics["reward/error_frac"] = min(metrics.get("reward/errors", 0.0) / max(len(texts), 1), 1.0)
+    if played is not None:
+        rewards = episode_rewards(rewards, played, run.cfg.env)
+        metrics.update(played.metrics)
     rewards = torch.tensor(rewards, dtype=torch.float32)
     metrics.update(outcome_metrics(rewards, correct, group))
     metrics.update(generation_cost(run.shape, batch, group))

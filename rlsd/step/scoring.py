@@ -132,8 +132,8 @@ def teach(
     teacher's metrics (and the sync teacher refreshed first when due)."""
     teaching, metrics = Teaching(), {}
     index = credit.index
-    plain = [scorers.renderer.student_ids(rollout.record_of(i)) for i in index]
     trained = rollout.batch.select(credit.rows)
+    plain = [ids[mask].tolist() for ids, mask in zip(trained.prompt_ids, trained.prompt_mask)]
     teacher = scorers.teacher
     if teacher is not None:
         teacher.maybe_sync(step)

@@ -308,6 +308,8 @@ def train(cfg: Config, resume: bool = True) -> Path:
         run.samples.close()
         run.evals.close()
         run.reward_fn.close()  # the verifier pool's worker processes
+        if run.env is not None:
+            run.env.close()  # the tools' worker processes
         for tracker in run.accelerator.trackers:  # not end_training: it ends the process group
             tracker.finish()
     return run.run_dir

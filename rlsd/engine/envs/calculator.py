@@ -27,7 +27,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from ..data import Record
+from ..record import Record
 from .calls import render_call, response_texts
 from .episode import Episode, run_episode
 from .tools import ToolBox, tool_environment
