@@ -131,13 +131,14 @@ def test_absurd_values_are_refused_naming_the_field(key, value, message):
 def test_every_committed_config_and_study_cell_is_within_the_bounds():
     from rlsd.commands.study import grid, load_study
 
+    loaded = []  # load_config raises ConfigError on a value out of bounds
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         if not path.name.startswith("study-"):
-            load_config(path)
+            loaded.append(load_config(path))
             continue
         study = load_study(path)
-        for cell in grid(study):
-            load_config(study.base, cell.overrides)
+        loaded += [load_config(study.base, cell.overrides) for cell in grid(study)]
+    assert len(loaded) > 20 and all(cfg.train.lr <= 1 for cfg in loaded)
 
 
 def test_a_step_timeout_below_the_completion_timeout_is_refused():

@@ -93,8 +93,8 @@ def patterned(monkeypatch, mixed_when):
     where `mixed_when(record)`, else all 0 (a unanimous group)."""
     real = sampling.grade
 
-    def grade(run, recs, batch):
-        out = real(run, recs, batch)
+    def grade(run, recs, batch, played=None):
+        out = real(run, recs, batch, played)
         g = out.group
         rewards = torch.tensor([float(mixed_when(r) and k == 0) for r in recs for k in range(g)])
         metrics = {
@@ -272,8 +272,8 @@ def test_the_curriculum_stops_drawing_solved_prompts(tiny_overrides, monkeypatch
 
     real = sampling.grade
 
-    def grade(run, recs, batch):
-        out = real(run, recs, batch)
+    def grade(run, recs, batch, played=None):
+        out = real(run, recs, batch, played)
         g = out.group
         correct = [solved(r) or k == 0 for r in recs for k in range(g)]
         rewards = torch.tensor([float(c) for c in correct])
