@@ -122,3 +122,17 @@ def test_sft_command_refuses_data_without_solutions(tiny_overrides, capsys):
     code = main(["sft", *argv({**tiny_overrides, "sft.steps": "1"})])
     assert code == 2 and "no record has a usable solution" in capsys.readouterr().err
     assert not (Path(tiny_overrides["output.dir"]) / "t" / "model").exists()
+
+
+def test_an_emptied_sft_config_is_refused_as_such(tiny_overrides):
+    """As `rlsd train` does: an sft run whose config.yaml was emptied is not resumed as the
+    defaults (it would fail on the checkpoint, or train another run on top of this one)."""
+    from rlsd.schema.config import ConfigError
+
+    over = {**tiny_overrides, **CHAIN, "sft.steps": "2", "output.run_name": "sft-empty"}
+    run_dir = sft(load_config(None, over))
+    (run_dir / "config.yaml").write_text("")
+    kept = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(ConfigError, match="config.yaml: holds no settings"):
+        sft(load_config(None, over))
+    assert sorted(p.name for p in run_dir.iterdir()) == kept  # nothing written or removed

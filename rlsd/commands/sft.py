@@ -31,7 +31,7 @@ import torch
 
 from ..engine.data import PromptRenderer, PromptStream, Record, load_records, split_heldout
 from ..engine.rollout import join, left_pad
-from ..schema.config import Config, ConfigError, load_config, to_yaml
+from ..schema.config import Config, ConfigError, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,11 @@ def sft_run_dir(cfg: Config) -> Path:
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     """The checkpoint to continue from (None: a new run); a changed config is refused."""
     from ..engine.checkpoint import check_resumable, resume_checkpoint
+    from ..engine.rundir import saved_config
 
     if not (run_dir / "config.yaml").is_file():
         return None
-    check_resumable(load_config(run_dir / "config.yaml", saved=True), cfg, str(run_dir))
+    check_resumable(saved_config(run_dir), cfg, str(run_dir))  # an emptied file is refused
     return resume_checkpoint(run_dir)
 
 
