@@ -2,7 +2,6 @@
 thought_only run without reasoning spans warns and stops, the credit is computed once a step,
 and the pure functions depend on nothing above them."""
 
-import ast
 import json
 import logging
 from pathlib import Path
@@ -137,16 +136,9 @@ def test_each_method_is_declared_once():
 
 def imports_of(path: Path) -> set[str]:
     """The rlsd modules a file imports (relative imports resolved)."""
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            name = ".".join(p for p in (base, node.module or "") if p)
-            out.add(name)
-        elif isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
-    return {name for name in out if name.startswith("rlsd")}
+    from benchmarks.reading_cost import imported_modules
+
+    return imported_modules(path, ROOT)
 
 
 def test_the_pure_functions_depend_on_nothing_above_them():
